@@ -1,0 +1,309 @@
+"""TOML -> frozen `Config`. A wrong key, type or value fails in one line naming it.
+
+Every field here is documented, with its default, in config.example.toml (a test
+checks that they agree).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+
+ENV_VAR = "S4E_GATEWAY_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_ADDRESS = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
+
+
+def parse_duration(text: str) -> int:
+    """"30s" / "15m" / "2h" / "5d" -> seconds; "0" -> 0."""
+    if text.strip() == "0":
+        return 0
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f'expected a duration like "30s", "15m", "2h" or "5d", got {text!r}')
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'expected "host:port", got {text!r}')
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: str = "127.0.0.1:2525"
+    hostname: str = "localhost"
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    timeout: str = "5m"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    lmtp_socket: Path | None = None
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.listen)[1]
+
+    @property
+    def timeout_seconds(self) -> int:
+        return parse_duration(self.timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class AddressesConfig:
+    intake: str = "serwis@s4e.pl"
+    crm: str = "crm@s4e.pl"
+    staff_domains: tuple[str, ...] = ("s4e.pl",)
+    notify: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    database: Path = Path("var/gateway.db")
+    attachments: Path = Path("var/attachments")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    transport: str = ""  # "" = "smtp" when a relay is set, else "maildir"
+    relay: str = ""
+    starttls: bool = False
+    username: str = ""
+    password_file: Path | None = None
+    maildir: Path = Path("var/outbox")
+    retry_first: str = "1m"
+    retry_max: str = "1h"
+    give_up_after: str = "5d"
+
+    @property
+    def effective_transport(self) -> str:
+        return self.transport or ("smtp" if self.relay else "maildir")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = ""  # off when empty
+
+
+@dataclass(frozen=True, slots=True)
+class TicketsConfig:
+    language: str = "pl"
+    reply_policy: str = "reporter"
+    closed_action: str = "reply"
+    rating_window: str = "14d"
+    max_auto_replies_per_hour: int = 20
+    phone_numbers: tuple[str, ...] = ("(0-12) 444-65-00", "801 090 101")
+    contracts: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    addresses: AddressesConfig = field(default_factory=AddressesConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    source: Path | None = None  # the file it was read from; None = built-in defaults
+
+
+_SECTIONS: dict[str, type] = {
+    "smtp": SmtpConfig,
+    "addresses": AddressesConfig,
+    "storage": StorageConfig,
+    "outbound": OutboundConfig,
+    "metrics": MetricsConfig,
+    "tickets": TicketsConfig,
+}
+
+# Which keys hold what kind of value; everything else is a plain str.
+_INTS = {"max_message_size", "max_recipients", "max_auto_replies_per_hour"}
+_BOOLS = {"starttls"}
+_PATHS = {"tls_cert", "tls_key", "lmtp_socket", "database", "attachments",
+          "password_file", "maildir", "contracts"}
+_LISTS = {"staff_domains", "notify", "phone_numbers"}
+_CHOICES = {
+    ("outbound", "transport"): ("smtp", "maildir"),
+    ("tickets", "language"): ("pl", "en"),
+    ("tickets", "reply_policy"): ("reporter", "domain", "any"),
+    ("tickets", "closed_action"): ("reply", "reject"),
+}
+_DURATIONS = {"timeout", "retry_first", "retry_max", "give_up_after", "rating_window"}
+_HOSTPORTS = {("smtp", "listen"), ("outbound", "relay"), ("metrics", "listen")}
+_EMAILS = {("addresses", "intake"), ("addresses", "crm")}
+
+
+def _convert(section: str, key: str, value: Any, base: Path) -> Any:
+    """Check one value's type and content; raise ValueError with the reason."""
+    if key in _INTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {type(value).__name__}")
+        if value < 0 or (key != "max_auto_replies_per_hour" and value == 0):
+            raise ValueError(f"must be positive, got {value}")
+        return value
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {type(value).__name__}")
+        return value
+    if key in _LISTS:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        items = tuple(v.strip() for v in value)
+        if key == "notify":
+            for item in items:
+                if not _ADDRESS.match(item):
+                    raise ValueError(f"not an e-mail address: {item!r}")
+        if key == "staff_domains":
+            items = tuple(v.lower().lstrip("@") for v in items)
+        return items
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    if key in _PATHS:
+        if not value:
+            return None if key not in ("database", "attachments", "maildir") else _fail("must not be empty")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base / path
+    if (section, key) in _CHOICES:
+        choices = _CHOICES[(section, key)]
+        if value not in choices and not (key == "transport" and value == ""):
+            raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    if key in _DURATIONS:
+        seconds = parse_duration(value)
+        if seconds == 0 and key != "rating_window":
+            raise ValueError("must be longer than 0")
+    if (section, key) in _HOSTPORTS and value:
+        parse_hostport(value)
+    if (section, key) in _EMAILS:
+        if not _ADDRESS.match(value):
+            raise ValueError(f"not an e-mail address: {value!r}")
+        value = value.lower()
+    return value
+
+
+def _fail(reason: str) -> Any:
+    raise ValueError(reason)
+
+
+def _build_section(name: str, table: Any, base: Path) -> Any:
+    cls = _SECTIONS[name]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: expected a table [{name}]")
+    known = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key")
+        try:
+            values[key] = _convert(name, key, value, base)
+        except ValueError as err:
+            raise ConfigError(f"{name}.{key}: {err}") from None
+    return cls(**values)
+
+
+def _resolve_defaults(config: Config, base: Path) -> Config:
+    """Make the default relative paths relative to `base` too."""
+    storage = config.storage
+    outbound = config.outbound
+    if not storage.database.is_absolute():
+        storage = replace(storage, database=base / storage.database)
+    if not storage.attachments.is_absolute():
+        storage = replace(storage, attachments=base / storage.attachments)
+    if not outbound.maildir.is_absolute():
+        outbound = replace(outbound, maildir=base / outbound.maildir)
+    return replace(config, storage=storage, outbound=outbound)
+
+
+def _check_consistency(config: Config) -> None:
+    smtp, outbound = config.smtp, config.outbound
+    if (smtp.tls_cert is None) != (smtp.tls_key is None):
+        raise ConfigError("smtp.tls_key: tls_cert and tls_key must be set together")
+    if outbound.effective_transport == "smtp" and not outbound.relay:
+        raise ConfigError('outbound.relay: required when transport = "smtp"')
+    if outbound.username and outbound.password_file is None:
+        raise ConfigError("outbound.password_file: required when username is set")
+    if parse_duration(outbound.retry_max) < parse_duration(outbound.retry_first):
+        raise ConfigError("outbound.retry_max: must not be shorter than retry_first")
+    if config.addresses.intake == config.addresses.crm:
+        raise ConfigError("addresses.crm: must differ from addresses.intake")
+
+
+def load_config(path: Path | None) -> Config:
+    """Read `path`, or return the built-in defaults (paths under ./var/) when None."""
+    if path is None:
+        return _resolve_defaults(Config(), Path.cwd())
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: config file not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    base = path.resolve().parent
+    sections = {}
+    for name, table in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown section")
+        sections[name] = _build_section(name, table, base)
+    config = _resolve_defaults(Config(**sections, source=path.resolve()), base)
+    _check_consistency(config)
+    return config
+
+
+def config_path_from(arg: str | None) -> Path | None:
+    """--config wins, then $S4E_GATEWAY_CONFIG, then the built-in defaults."""
+    if arg:
+        return Path(arg)
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else None
+
+
+def risky_settings(config: Config) -> list[str]:
+    """Warnings for settings that work but are probably a mistake."""
+    warnings = []
+    if not is_loopback(config.smtp.host):
+        warnings.append(
+            f"smtp.listen: {config.smtp.listen} is not a loopback address; "
+            "make sure only your MTA (or the world, if this is the MX) can reach it")
+    outbound = config.outbound
+    if outbound.effective_transport == "smtp" and outbound.relay:
+        host = parse_hostport(outbound.relay)[0]
+        if not outbound.starttls and not is_loopback(host):
+            warnings.append(
+                f"outbound.starttls: relay {outbound.relay} is not on loopback and "
+                "STARTTLS is off: customer mail would cross the network in clear text")
+    if config.smtp.max_message_size > 50 * 1024 * 1024:
+        warnings.append(
+            "smtp.max_message_size: larger than 50 MiB, more than most relays accept "
+            "(Postfix message_size_limit defaults to 10 MiB)")
+    if config.metrics.listen and not is_loopback(parse_hostport(config.metrics.listen)[0]):
+        warnings.append(f"metrics.listen: {config.metrics.listen} is not a loopback address")
+    return warnings

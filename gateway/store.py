@@ -1,0 +1,437 @@
+"""The only aiosqlite user: migrations, inbound messages, tickets, held mail, outbox.
+
+Every connection runs SQLite in WAL mode with `synchronous=FULL`, so a commit is on
+disk (the WAL fsync'd) before it returns: an acknowledged message survives power loss,
+not only a crash of this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway.errors import SchemaTooNewError, StoreError
+from gateway.model import Inbound
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 10_000
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat()
+
+
+# --- migrations -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> tuple[Migration, ...]:
+    """The numbered .sql files shipped with the package, in order."""
+    found = []
+    for entry in resources.files("gateway.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise StoreError(f"migrations are not numbered 0001..{len(found):04d}: {versions}")
+    return tuple(found)
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a script into complete statements (sqlite3 knows where one ends)."""
+    statements, buffer = [], ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+            ln.strip().startswith("--") or not ln.strip() for ln in buffer.splitlines()):
+        raise StoreError(f"incomplete SQL statement at the end of a migration: {buffer[:60]!r}")
+    return statements
+
+
+async def connect(path: Path) -> aiosqlite.Connection:
+    """A connection in autocommit mode: transactions are explicit BEGIN/COMMIT."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = await aiosqlite.connect(path, isolation_level=None)
+    except sqlite3.Error as err:
+        raise StoreError(f"{path}: cannot open database: {err}") from None
+    conn.row_factory = aiosqlite.Row
+    try:
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+        if mode and mode[0][0].lower() != "wal":
+            log.warning("database %s: journal_mode is %s, not WAL", path, mode[0][0])
+        await conn.execute("PRAGMA synchronous = FULL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as err:
+        await conn.close()
+        raise StoreError(f"{path}: cannot use database: {err}") from None
+    return conn
+
+
+async def schema_version(conn: aiosqlite.Connection) -> int:
+    rows = await conn.execute_fetchall(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
+    if not rows:
+        return 0
+    rows = await conn.execute_fetchall("SELECT max(version) FROM schema_version")
+    return rows[0][0] or 0
+
+
+async def migrate(conn: aiosqlite.Connection) -> list[str]:
+    """Apply the migrations the database lacks, each in its own transaction.
+
+    Refuses a database newer than the code. Safe against a concurrent migrate: the
+    version is read again under the write lock.
+    """
+    migrations = load_migrations()
+    latest = migrations[-1].version if migrations else 0
+    applied: list[str] = []
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+    for migration in migrations:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = await schema_version(conn)
+            if current > latest:
+                raise SchemaTooNewError(
+                    f"database schema version {current} is newer than this gateway "
+                    f"(knows up to {latest}): upgrade s4e-gateway, do not downgrade")
+            if migration.version <= current:
+                await conn.execute("ROLLBACK")
+                continue
+            for statement in split_statements(migration.sql):
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, iso(utcnow())))
+            await conn.execute("COMMIT")
+            applied.append(migration.name)
+            log.info("migration %s applied", migration.name)
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+    current = await schema_version(conn)
+    if current > latest:
+        raise SchemaTooNewError(
+            f"database schema version {current} is newer than this gateway "
+            f"(knows up to {latest}): upgrade s4e-gateway, do not downgrade")
+    return applied
+
+
+async def check_schema(conn: aiosqlite.Connection) -> None:
+    """For commands that must not migrate: the schema must be exactly current."""
+    migrations = load_migrations()
+    latest = migrations[-1].version if migrations else 0
+    current = await schema_version(conn)
+    if current > latest:
+        raise SchemaTooNewError(
+            f"database schema version {current} is newer than this gateway "
+            f"(knows up to {latest}): upgrade s4e-gateway, do not downgrade")
+    if current < latest:
+        raise StoreError(
+            f"database schema version {current} is older than this gateway ({latest}): "
+            "run `s4e-gateway migrate`")
+
+
+# --- intake -----------------------------------------------------------------------
+
+_TRACE_HEADERS = frozenset({
+    b"received", b"return-path", b"delivered-to", b"x-original-to", b"x-envelope-to",
+    b"x-received", b"arc-seal", b"arc-message-signature", b"arc-authentication-results",
+    b"authentication-results", b"received-spf", b"x-spam-status", b"x-spam-score",
+    b"x-spam-flag", b"x-virus-scanned",
+})
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+
+
+def header_block(raw: bytes) -> bytes:
+    match = _HEADER_END.search(raw)
+    return raw[:match.start()] if match else raw
+
+
+def extract_message_id(raw: bytes) -> str:
+    """The Message-ID header's `<...>`, cheaply, from the header block; "" if none."""
+    match = _MESSAGE_ID.search(header_block(raw)[:256 * 1024])
+    if not match:
+        return ""
+    value = re.sub(rb"\s+", b"", match.group(1))
+    angle = re.search(rb"<[^<>]+>", value)
+    text = (angle.group(0) if angle else value).decode("ascii", "replace")
+    return text[:998]
+
+
+def dedup_key(raw: bytes, message_id: str) -> str:
+    """Identifies "the same message delivered again": its Message-ID and content,
+    ignoring the trace headers each hop adds (Received, Return-Path...)."""
+    end = _HEADER_END.search(raw)
+    head, body = (raw[:end.start()], raw[end.end():]) if end else (raw, b"")
+    digest = hashlib.sha256(message_id.encode("utf-8", "replace") + b"\0")
+    keep = True
+    for line in re.split(rb"\r?\n", head):
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                digest.update(line.strip() + b"\n")
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        keep = name not in _TRACE_HEADERS
+        if keep:
+            digest.update(line.rstrip() + b"\n")
+    digest.update(b"\0")
+    digest.update(body.replace(b"\r\n", b"\n"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    id: int
+    duplicate: bool
+
+
+class IntakeWriter:
+    """Commits accepted messages with group commit.
+
+    Sessions hand their message over and wait; the writer takes everything queued
+    since its last commit into one fsync'd transaction as soon as it is free (no
+    fixed wait, so a lone sender is not slowed down). Each session is answered only
+    after the transaction holding its own message committed.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection, on_commit: Any = None) -> None:
+        self._conn = conn
+        self._queue: asyncio.Queue[tuple[Inbound, asyncio.Future[Stored]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._on_commit = on_commit
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="intake-writer")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(StoreError("gateway shutting down"))
+
+    async def store(self, inbound: Inbound) -> Stored:
+        if self._task is None or self._task.done():
+            raise StoreError("intake writer is not running")
+        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        await self._queue.put((inbound, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            live = [(item, fut) for item, fut in batch if not fut.done()]
+            if not live:
+                continue
+            try:
+                results = await self._write(item for item, _ in live)
+            except asyncio.CancelledError:
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(StoreError("gateway shutting down"))
+                raise
+            except Exception as err:  # noqa: BLE001 - every failure becomes a 451
+                if len(live) == 1:
+                    live[0][1].set_exception(err)
+                    continue
+                # One bad message must not fail its neighbours: retry one by one.
+                log.warning("group commit of %d messages failed (%s); retrying singly",
+                            len(live), err)
+                for item, fut in live:
+                    try:
+                        (result,) = await self._write([item])
+                    except Exception as single:  # noqa: BLE001
+                        if not fut.done():
+                            fut.set_exception(single)
+                    else:
+                        if not fut.done():
+                            fut.set_result(result)
+                if self._on_commit:
+                    self._on_commit()
+                continue
+            for (_, fut), result in zip(live, results):
+                if not fut.done():
+                    fut.set_result(result)
+            if self._on_commit:
+                self._on_commit()
+
+    async def _write(self, items: Iterable[Inbound]) -> list[Stored]:
+        conn = self._conn
+        results = []
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for inbound in items:
+                results.append(await _insert_inbound(conn, inbound))
+            await conn.execute("COMMIT")
+        except BaseException:
+            try:
+                await conn.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+        return results
+
+
+async def _insert_inbound(conn: aiosqlite.Connection, inbound: Inbound) -> Stored:
+    message_id = extract_message_id(inbound.raw)
+    key = dedup_key(inbound.raw, message_id)
+    rows = await conn.execute_fetchall(
+        "INSERT INTO inbound (message_id, dedup_key, sha256, size, peer, mail_from,"
+        " rcpt_tos, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+        (message_id, key, hashlib.sha256(inbound.raw).hexdigest(), len(inbound.raw),
+         inbound.peer, inbound.mail_from, json.dumps(list(inbound.rcpt_tos)),
+         iso(inbound.received_at)))
+    if rows:
+        row_id = rows[0][0]
+        await conn.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)",
+                           (row_id, inbound.raw))
+        return Stored(row_id, duplicate=False)
+    # Delivered before: keep one copy, but remember every address it was sent to.
+    (existing,) = await conn.execute_fetchall(
+        "SELECT id, rcpt_tos, state FROM inbound WHERE dedup_key = ?", (key,))
+    known = json.loads(existing["rcpt_tos"])
+    merged = known + [r for r in inbound.rcpt_tos if r not in known]
+    if merged != known and existing["state"] == "queued":
+        await conn.execute("UPDATE inbound SET rcpt_tos = ? WHERE id = ?",
+                           (json.dumps(merged), existing["id"]))
+    return Stored(existing["id"], duplicate=True)
+
+
+# --- inbound queue ----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class InboundRow:
+    id: int
+    message_id: str
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    received_at: str
+    size: int
+    state: str
+    attempts: int
+    outcome: str | None
+    ticket: int | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> InboundRow:
+        return cls(row["id"], row["message_id"], row["mail_from"],
+                   tuple(json.loads(row["rcpt_tos"])), row["received_at"], row["size"],
+                   row["state"], row["attempts"], row["outcome"], row["ticket"], row["error"])
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "message_id": self.message_id, "mail_from": self.mail_from,
+                "rcpt_tos": list(self.rcpt_tos), "received_at": self.received_at,
+                "size": self.size, "outcome": self.outcome,
+                "ticket": None if self.ticket is None else f"{self.ticket:06d}"}
+
+
+_INBOUND_COLUMNS = ("id, message_id, mail_from, rcpt_tos, received_at, size, state,"
+                    " attempts, outcome, ticket, error")
+
+
+async def recover_inbound(conn: aiosqlite.Connection) -> int:
+    """Rows a crash left mid-way go back to the queue."""
+    cursor = await conn.execute(
+        "UPDATE inbound SET state = 'queued' WHERE state = 'processing'")
+    return cursor.rowcount
+
+
+async def claim_inbound(conn: aiosqlite.Connection) -> InboundRow | None:
+    """Take the oldest queued message (in arrival order) for processing."""
+    rows = await conn.execute_fetchall(
+        "UPDATE inbound SET state = 'processing', attempts = attempts + 1"
+        " WHERE id = (SELECT id FROM inbound WHERE state = 'queued' ORDER BY id LIMIT 1)"
+        f" AND state = 'queued' RETURNING {_INBOUND_COLUMNS}")
+    return InboundRow.from_row(rows[0]) if rows else None
+
+
+async def read_raw(conn: aiosqlite.Connection, inbound_id: int) -> bytes:
+    rows = await conn.execute_fetchall("SELECT raw FROM inbound_raw WHERE id = ?", (inbound_id,))
+    if not rows:
+        raise StoreError(f"inbound message {inbound_id}: raw bytes missing")
+    return bytes(rows[0][0])
+
+
+async def mark_inbound(conn: aiosqlite.Connection, inbound_id: int, *, state: str,
+                       outcome: str | None, ticket: int | None = None,
+                       error: str | None = None, report: str | None = None) -> None:
+    await conn.execute(
+        "UPDATE inbound SET state = ?, outcome = ?, ticket = ?, error = ?,"
+        " report = coalesce(?, report), processed_at = ? WHERE id = ?",
+        (state, outcome, ticket, error, report, iso(utcnow()), inbound_id))
+
+
+async def list_inbound(conn: aiosqlite.Connection, outcome: str | None = None,
+                       limit: int | None = None) -> list[InboundRow]:
+    sql = f"SELECT {_INBOUND_COLUMNS} FROM inbound"
+    params: list[Any] = []
+    if outcome:
+        sql += " WHERE outcome = ?"
+        params.append(outcome)
+    sql += " ORDER BY id"
+    if limit:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [InboundRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
+
+
+async def get_inbound(conn: aiosqlite.Connection, inbound_id: int) -> InboundRow | None:
+    rows = await conn.execute_fetchall(
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE id = ?", (inbound_id,))
+    return InboundRow.from_row(rows[0]) if rows else None
+
+
+async def requeue_inbound(conn: aiosqlite.Connection, inbound_id: int) -> bool:
+    cursor = await conn.execute(
+        "UPDATE inbound SET state = 'queued', attempts = 0 WHERE id = ?"
+        " AND state != 'processing'", (inbound_id,))
+    return cursor.rowcount == 1
+
+
+async def count_inbound_by_state(conn: aiosqlite.Connection) -> dict[str, int]:
+    rows = await conn.execute_fetchall("SELECT state, count(*) FROM inbound GROUP BY state")
+    return {r[0]: r[1] for r in rows}

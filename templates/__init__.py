@@ -1,0 +1,1 @@
+"""Jinja2 templates per language, shipped as package data (gateway.templates)."""

@@ -1,0 +1,108 @@
+"""The daemon as operators run it: `python -m gateway serve` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import INTAKE, make_mail, smtp_send
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_daemon(tmp_path: Path, port: int) -> subprocess.Popen:
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[smtp]\nlisten = "127.0.0.1:{port}"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited: {proc.stderr.read().decode()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                if sock.recv(100).startswith(b"220"):
+                    return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("daemon did not start listening")
+
+
+def test_serve_takes_mail_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_daemon(tmp_path, port)
+    try:
+        smtp_send(port, "jan@example.com", [INTAKE], make_mail(message_id="<one@example.com>"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+    db = sqlite3.connect(tmp_path / "var/gateway.db")
+    assert db.execute("SELECT message_id FROM inbound").fetchall() == [("<one@example.com>",)]
+    db.close()
+
+
+def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
+    proc = start_daemon(tmp_path, free_port())
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+
+
+def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_daemon(tmp_path, port)
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        for i in range(400):  # bounded
+            if stop.is_set():
+                return
+            mid = f"<c{n}.m{i}@example.com>"
+            try:
+                smtp_send(port, "load@example.com", [INTAKE],
+                          make_mail(message_id=mid, body="log line\n" * 50))
+            except (OSError, Exception):  # the server died under us: fine, not acknowledged
+                return
+            with lock:
+                acknowledged.append(mid)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(acknowledged) < 60 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(acknowledged) >= 60
+
+    proc = start_daemon(tmp_path, port)  # restart: the store opens and resumes
+    try:
+        db = sqlite3.connect(tmp_path / "var/gateway.db")
+        stored = {row[0] for row in db.execute("SELECT message_id FROM inbound")}
+        db.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    lost = [mid for mid in acknowledged if mid not in stored]
+    assert lost == [], f"{len(lost)} acknowledged messages lost"

@@ -164,6 +164,14 @@ async def check_schema(conn: aiosqlite.Connection) -> None:
             "run `s4e-gateway migrate`")
 
 
+async def setting(conn: aiosqlite.Connection, key: str, create: Any) -> str:
+    """A value kept with the data, made by `create()` the first time it is asked for."""
+    await conn.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)",
+                       (key, create()))
+    rows = await conn.execute_fetchall("SELECT value FROM settings WHERE key = ?", (key,))
+    return rows[0][0]
+
+
 # --- intake -----------------------------------------------------------------------
 
 _TRACE_HEADERS = frozenset({
@@ -435,3 +443,161 @@ async def requeue_inbound(conn: aiosqlite.Connection, inbound_id: int) -> bool:
 async def count_inbound_by_state(conn: aiosqlite.Connection) -> dict[str, int]:
     rows = await conn.execute_fetchall("SELECT state, count(*) FROM inbound GROUP BY state")
     return {r[0]: r[1] for r in rows}
+
+
+# --- outbox -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    ticket: int | None
+    inbound_id: int | None
+    kind: str
+    message_id: str
+    mail_from: str
+    rcpt_to: str
+    subject: str
+    auto: bool
+    status: str
+    attempts: int
+    next_attempt_at: str
+    last_error: str | None
+    queued_at: str
+    created_at: str
+    sent_at: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> OutboxRow:
+        return cls(row["id"], row["ticket"], row["inbound_id"], row["kind"], row["message_id"],
+                   row["mail_from"], row["rcpt_to"], row["subject"], bool(row["auto"]),
+                   row["status"], row["attempts"], row["next_attempt_at"], row["last_error"],
+                   row["queued_at"], row["created_at"], row["sent_at"])
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "ticket": None if self.ticket is None else f"{self.ticket:06d}",
+                "kind": self.kind, "from": self.mail_from, "to": self.rcpt_to,
+                "subject": self.subject, "message_id": self.message_id, "status": self.status,
+                "attempts": self.attempts, "next_attempt_at": self.next_attempt_at,
+                "last_error": self.last_error, "created_at": self.created_at,
+                "sent_at": self.sent_at}
+
+
+_OUTBOX_COLUMNS = ("id, ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject, auto,"
+                   " status, attempts, next_attempt_at, last_error, queued_at, created_at, sent_at")
+
+
+async def enqueue_outbox(conn: aiosqlite.Connection, *, ticket: int | None,
+                         inbound_id: int | None, kind: str, message_id: str, mail_from: str,
+                         rcpt_to: str, subject: str, auto: bool, raw: bytes,
+                         now: datetime) -> int:
+    """Queue one composed mail; call inside the transaction of the change causing it."""
+    rows = await conn.execute_fetchall(
+        "INSERT INTO outbox (ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject,"
+        " auto, next_attempt_at, queued_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " RETURNING id",
+        (ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject, int(auto),
+         iso(now), iso(now), iso(now)))
+    outbox_id = rows[0][0]
+    await conn.execute("INSERT INTO outbox_raw (id, raw) VALUES (?, ?)", (outbox_id, raw))
+    return outbox_id
+
+
+async def recover_outbox(conn: aiosqlite.Connection) -> int:
+    """Rows a crash left "sending" go back to due. The relay may have taken the mail
+    already: it goes again with the same Message-ID, the same mail, never another."""
+    cursor = await conn.execute(
+        "UPDATE outbox SET status = 'pending' WHERE status = 'sending'")
+    return cursor.rowcount
+
+
+async def claim_due_outbox(conn: aiosqlite.Connection, now: datetime) -> OutboxRow | None:
+    rows = await conn.execute_fetchall(
+        "UPDATE outbox SET status = 'sending', attempts = attempts + 1"
+        " WHERE id = (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+        "             ORDER BY next_attempt_at, id LIMIT 1)"
+        f" AND status = 'pending' RETURNING {_OUTBOX_COLUMNS}", (iso(now),))
+    return OutboxRow.from_row(rows[0]) if rows else None
+
+
+async def next_outbox_due(conn: aiosqlite.Connection) -> datetime | None:
+    rows = await conn.execute_fetchall(
+        "SELECT min(next_attempt_at) FROM outbox WHERE status = 'pending'")
+    return datetime.fromisoformat(rows[0][0]) if rows and rows[0][0] else None
+
+
+async def read_outbox_raw(conn: aiosqlite.Connection, outbox_id: int) -> bytes:
+    rows = await conn.execute_fetchall("SELECT raw FROM outbox_raw WHERE id = ?", (outbox_id,))
+    if not rows:
+        raise StoreError(f"outbox {outbox_id}: raw bytes missing")
+    return bytes(rows[0][0])
+
+
+async def mark_outbox_sent(conn: aiosqlite.Connection, outbox_id: int, now: datetime) -> None:
+    await conn.execute(
+        "UPDATE outbox SET status = 'sent', sent_at = ?, last_error = NULL WHERE id = ?",
+        (iso(now), outbox_id))
+
+
+async def mark_outbox_retry(conn: aiosqlite.Connection, outbox_id: int, next_at: datetime,
+                            error: str) -> None:
+    await conn.execute(
+        "UPDATE outbox SET status = 'pending', next_attempt_at = ?, last_error = ? WHERE id = ?",
+        (iso(next_at), error[:1000], outbox_id))
+
+
+async def mark_outbox_failed(conn: aiosqlite.Connection, outbox_id: int, error: str) -> None:
+    await conn.execute(
+        "UPDATE outbox SET status = 'failed', last_error = ? WHERE id = ?",
+        (error[:1000], outbox_id))
+
+
+async def retry_outbox(conn: aiosqlite.Connection, outbox_id: int, now: datetime) -> bool:
+    """An operator's `outbox retry`: a failed (or bounced) row is due again now, with a
+    fresh give_up_after window."""
+    cursor = await conn.execute(
+        "UPDATE outbox SET status = 'pending', next_attempt_at = ?, queued_at = ?"
+        " WHERE id = ? AND status IN ('failed', 'bounced')", (iso(now), iso(now), outbox_id))
+    return cursor.rowcount == 1
+
+
+async def get_outbox(conn: aiosqlite.Connection, outbox_id: int) -> OutboxRow | None:
+    rows = await conn.execute_fetchall(
+        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (outbox_id,))
+    return OutboxRow.from_row(rows[0]) if rows else None
+
+
+async def list_outbox(conn: aiosqlite.Connection, status: str | None = None) -> list[OutboxRow]:
+    sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox"
+    params: list[Any] = []
+    if status:
+        sql += " WHERE status = ?"
+        params.append(status)
+    sql += " ORDER BY id"
+    return [OutboxRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
+
+
+async def outbox_depth(conn: aiosqlite.Connection) -> tuple[int, str | None]:
+    """How many mails wait to be sent, and since when the oldest waits."""
+    rows = await conn.execute_fetchall(
+        "SELECT count(*), min(queued_at) FROM outbox WHERE status IN ('pending', 'sending')")
+    return rows[0][0], rows[0][1]
+
+
+class Tx:
+    """`async with Tx(conn):` BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any error."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    async def __aenter__(self) -> aiosqlite.Connection:
+        await self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            await self.conn.execute("COMMIT")
+        else:
+            try:
+                await self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass

@@ -135,6 +135,7 @@ CREATE TABLE outbox (
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at TEXT NOT NULL,
     last_error      TEXT,
+    queued_at       TEXT NOT NULL,          -- start of the current retry series (give_up_after)
     created_at      TEXT NOT NULL,
     sent_at         TEXT
 );

@@ -144,6 +144,9 @@ class Report:
     bounced_ids: tuple[str, ...]  # for a DSN: Message-IDs of the mail it reports on
     rating: int | None  # 1-5 from the new text ("Ocena: 4", a lone digit...), else None
     notes: tuple[str, ...] = ()  # what the parser had to cut or could not read
+    # The fields the customer gave under a label (not guessed from the signature, the
+    # From name or free text): only these may correct a ticket's values later.
+    labelled: frozenset[str] = frozenset()
 
     @property
     def auto_generated(self) -> bool:

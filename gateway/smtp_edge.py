@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -20,7 +21,8 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from gateway.config import Config
 from gateway.model import Inbound
-from gateway.store import IntakeWriter, Stored
+from gateway.errors import StoreError
+from gateway.store import IntakeWriter
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,11 @@ DATA_CHUNK = 256 * 1024
 DATA_TERMINATOR = b"\r\n.\r\n"
 
 # Decides, from the message's headers alone, whether it must be refused at the end of
-# DATA (crm@ mail on a closed ticket with closed_action = "reject"). Returns the SMTP
-# reply to send instead of 250, or None to accept.
-RejectCheck = Callable[[Inbound], Awaitable[str | None]]
+# DATA (crm@ mail on a closed ticket with closed_action = "reject"). Gets the message
+# and whether the client asked for SMTPUTF8; returns the SMTP reply to send instead of
+# 250, or None to accept.
+RejectCheck = Callable[[Inbound, bool], Awaitable[str | None]]
+OUTCOME_REJECTED = "closed_rejected"
 
 
 class GatewayEnvelope(Envelope):
@@ -236,25 +240,32 @@ class IntakeHandler:
             raw=raw,
             received_at=datetime.now(timezone.utc),
         )
+        refusal = await self._refusal(inbound, bool(envelope.smtp_utf8))
         try:
-            stored = await self.writer.store(inbound)
-        except Exception:  # noqa: BLE001 - any failure must make the sender retry
-            log.exception("storing message from %r failed; answered 451", session.peer)
+            stored = await self.writer.store(inbound, OUTCOME_REJECTED if refusal else None)
+        except (sqlite3.OperationalError, StoreError) as err:
+            # Locked or full database: expected in operation, no traceback.
+            log.error("storing message from %s failed, answered 451: %s",
+                      inbound.peer, err)
             return self._reply(REPLY_TRY_LATER)
-        return self._reply(await self._final_reply(inbound, stored))
-
-    async def _final_reply(self, inbound: Inbound, stored: Stored) -> str:
-        if self.reject_check and not stored.duplicate:
-            try:
-                refusal = await self.reject_check(inbound)
-            except Exception:  # noqa: BLE001 - stored already: accept, route later
-                log.exception("inbound %d: closed-ticket check failed; accepted", stored.id)
-                refusal = None
-            if refusal:
-                return refusal
+        except Exception:  # noqa: BLE001 - any failure must make the sender retry
+            log.exception("storing message from %s failed, answered 451", inbound.peer)
+            return self._reply(REPLY_TRY_LATER)
+        if refusal:
+            log.info("inbound %d refused: mail on a closed ticket", stored.id)
+            return self._reply(refusal)
         log.info("inbound %d queued (%d bytes)%s", stored.id, len(inbound.raw),
                  " duplicate delivery" if stored.duplicate else "")
-        return REPLY_QUEUED.format(id=stored.id)
+        return self._reply(REPLY_QUEUED.format(id=stored.id))
+
+    async def _refusal(self, inbound: Inbound, utf8: bool) -> str | None:
+        if self.reject_check is None:
+            return None
+        try:
+            return await self.reject_check(inbound, utf8)
+        except Exception:  # noqa: BLE001 - when in doubt accept: the router decides later
+            log.exception("closed-ticket check failed; message accepted")
+            return None
 
     async def handle_exception(self, error: Exception) -> str:
         # Never aiosmtpd's "500 Error: (Exception) ...": permanent and leaks internals.

@@ -222,6 +222,12 @@ def dedup_key(raw: bytes, message_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Pending:
+    inbound: Inbound
+    outcome: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Stored:
     id: int
     duplicate: bool
@@ -238,7 +244,7 @@ class IntakeWriter:
 
     def __init__(self, conn: aiosqlite.Connection, on_commit: Any = None) -> None:
         self._conn = conn
-        self._queue: asyncio.Queue[tuple[Inbound, asyncio.Future[Stored]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Pending, asyncio.Future[Stored]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._on_commit = on_commit
 
@@ -258,11 +264,13 @@ class IntakeWriter:
             if not future.done():
                 future.set_exception(StoreError("gateway shutting down"))
 
-    async def store(self, inbound: Inbound) -> Stored:
+    async def store(self, inbound: Inbound, outcome: str | None = None) -> Stored:
+        """Commit `inbound`; with an `outcome` it is stored as already routed (mail
+        refused at the end of DATA is kept for the record, never processed)."""
         if self._task is None or self._task.done():
             raise StoreError("intake writer is not running")
         future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
-        await self._queue.put((inbound, future))
+        await self._queue.put((Pending(inbound, outcome), future))
         return await future
 
     async def _run(self) -> None:
@@ -274,7 +282,7 @@ class IntakeWriter:
             if not live:
                 continue
             try:
-                results = await self._write(item for item, _ in live)
+                results = await self._write([item for item, _ in live])
             except asyncio.CancelledError:
                 for _, fut in live:
                     if not fut.done():
@@ -305,13 +313,13 @@ class IntakeWriter:
             if self._on_commit:
                 self._on_commit()
 
-    async def _write(self, items: Iterable[Inbound]) -> list[Stored]:
+    async def _write(self, items: Iterable[Pending]) -> list[Stored]:
         conn = self._conn
         results = []
         await conn.execute("BEGIN IMMEDIATE")
         try:
-            for inbound in items:
-                results.append(await _insert_inbound(conn, inbound))
+            for item in items:
+                results.append(await _insert_inbound(conn, item.inbound, item.outcome))
             await conn.execute("COMMIT")
         except BaseException:
             try:
@@ -322,16 +330,19 @@ class IntakeWriter:
         return results
 
 
-async def _insert_inbound(conn: aiosqlite.Connection, inbound: Inbound) -> Stored:
+async def _insert_inbound(conn: aiosqlite.Connection, inbound: Inbound,
+                          outcome: str | None) -> Stored:
     message_id = extract_message_id(inbound.raw)
     key = dedup_key(inbound.raw, message_id)
     rows = await conn.execute_fetchall(
         "INSERT INTO inbound (message_id, dedup_key, sha256, size, peer, mail_from,"
-        " rcpt_tos, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " rcpt_tos, received_at, state, outcome, processed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
         (message_id, key, hashlib.sha256(inbound.raw).hexdigest(), len(inbound.raw),
          inbound.peer, inbound.mail_from, json.dumps(list(inbound.rcpt_tos)),
-         iso(inbound.received_at)))
+         iso(inbound.received_at), "done" if outcome else "queued", outcome,
+         iso(inbound.received_at) if outcome else None))
     if rows:
         row_id = rows[0][0]
         await conn.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)",
@@ -555,7 +566,7 @@ async def retry_outbox(conn: aiosqlite.Connection, outbox_id: int, now: datetime
     """An operator's `outbox retry`: a failed (or bounced) row is due again now, with a
     fresh give_up_after window."""
     cursor = await conn.execute(
-        "UPDATE outbox SET status = 'pending', next_attempt_at = ?, queued_at = ?"
+        "UPDATE outbox SET status = 'pending', next_attempt_at = ?, queued_at = ?, attempts = 0"
         " WHERE id = ? AND status IN ('failed', 'bounced')", (iso(now), iso(now), outbox_id))
     return cursor.rowcount == 1
 
@@ -601,3 +612,231 @@ class Tx:
                 await self.conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+
+# --- tickets ----------------------------------------------------------------------
+
+TICKET_MIN, TICKET_MAX = 100_000, 999_999  # six digits without a leading zero
+
+
+@dataclass(frozen=True, slots=True)
+class TicketRow:
+    number: int
+    status: str
+    subject: str
+    reporter_name: str | None
+    reporter_email: str
+    reporter_phone: str | None
+    install_address: str | None
+    description: str | None
+    serial_number: str | None
+    commcell_id: str | None
+    missing: tuple[str, ...]
+    participants: tuple[str, ...]
+    linked_to: int | None
+    phone_confirmation_required: bool
+    phone_confirmed: bool
+    rating: int | None
+    reporter_bounced: bool
+    resolved_at: str | None
+    closed_at: str | None
+    closed_reason: str | None
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def from_row(cls, row: Any) -> TicketRow:
+        return cls(
+            row["number"], row["status"], row["subject"], row["reporter_name"],
+            row["reporter_email"], row["reporter_phone"], row["install_address"],
+            row["description"], row["serial_number"], row["commcell_id"],
+            tuple(json.loads(row["missing"])), tuple(json.loads(row["participants"])),
+            row["linked_to"], bool(row["phone_confirmation_required"]),
+            bool(row["phone_confirmed"]), row["rating"], bool(row["reporter_bounced"]),
+            row["resolved_at"], row["closed_at"], row["closed_reason"], row["created_at"],
+            row["updated_at"])
+
+
+async def get_ticket(conn: aiosqlite.Connection, number: int) -> TicketRow | None:
+    rows = await conn.execute_fetchall("SELECT * FROM tickets WHERE number = ?", (number,))
+    return TicketRow.from_row(rows[0]) if rows else None
+
+
+async def list_tickets(conn: aiosqlite.Connection, status: str | None = None) -> list[TicketRow]:
+    sql, params = "SELECT * FROM tickets", []
+    if status:
+        sql += " WHERE status = ?"
+        params.append(status)
+    sql += " ORDER BY created_at, number"
+    return [TicketRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
+
+
+async def ticket_for_message_ids(conn: aiosqlite.Connection,
+                                 message_ids: Iterable[str]) -> int | None:
+    """The ticket a message we sent or received for it belongs to (newest id first)."""
+    for message_id in message_ids:
+        rows = await conn.execute_fetchall(
+            "SELECT ticket FROM ticket_messages WHERE message_id = ? ORDER BY id DESC LIMIT 1",
+            (message_id,))
+        if rows:
+            return rows[0][0]
+    return None
+
+
+async def create_ticket(conn: aiosqlite.Connection, *, values: dict[str, Any],
+                        now: datetime, draw: Any) -> int:
+    """Insert a ticket under a fresh random number. `draw()` gives a candidate; numbers
+    are never reused (tickets are never deleted) and a taken one is simply drawn again,
+    so concurrent creators cannot collide (the PRIMARY KEY decides)."""
+    columns = ", ".join(["number", *values, "created_at", "updated_at"])
+    marks = ", ".join("?" * (len(values) + 3))
+    for _ in range(1000):
+        number = draw()
+        rows = await conn.execute_fetchall(
+            f"INSERT INTO tickets ({columns}) VALUES ({marks})"
+            " ON CONFLICT (number) DO NOTHING RETURNING number",
+            (number, *values.values(), iso(now), iso(now)))
+        if rows:
+            return rows[0][0]
+    raise StoreError("no free ticket number found (the number space is nearly full)")
+
+
+async def update_ticket(conn: aiosqlite.Connection, number: int, now: datetime,
+                        **values: Any) -> None:
+    sets = ", ".join(f"{name} = ?" for name in values)
+    await conn.execute(f"UPDATE tickets SET {sets}, updated_at = ? WHERE number = ?",
+                       (*values.values(), iso(now), number))
+
+
+async def add_ticket_message(conn: aiosqlite.Connection, *, ticket: int, direction: str,
+                             from_addr: str, to_addrs: Iterable[str], subject: str,
+                             message_id: str, date: datetime, body: str = "",
+                             inbound_id: int | None = None,
+                             outbox_id: int | None = None) -> None:
+    await conn.execute(
+        "INSERT INTO ticket_messages (ticket, direction, inbound_id, outbox_id, from_addr,"
+        " to_addrs, subject, message_id, body, date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (ticket, direction, inbound_id, outbox_id, from_addr, json.dumps(list(to_addrs)),
+         subject, message_id, body, iso(date)))
+
+
+async def ticket_messages(conn: aiosqlite.Connection, ticket: int) -> list[Any]:
+    return list(await conn.execute_fetchall(
+        "SELECT * FROM ticket_messages WHERE ticket = ? ORDER BY date, id", (ticket,)))
+
+
+async def add_history(conn: aiosqlite.Connection, *, ticket: int, from_status: str | None,
+                      to_status: str, actor: str, note: str | None, now: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO ticket_history (ticket, from_status, to_status, actor, note, at)"
+        " VALUES (?, ?, ?, ?, ?, ?)", (ticket, from_status, to_status, actor, note, iso(now)))
+
+
+async def ticket_history(conn: aiosqlite.Connection, ticket: int) -> list[Any]:
+    return list(await conn.execute_fetchall(
+        "SELECT * FROM ticket_history WHERE ticket = ? ORDER BY id", (ticket,)))
+
+
+async def replace_attachments(conn: aiosqlite.Connection, *, inbound_id: int,
+                              ticket: int | None, items: Iterable[dict[str, Any]]) -> None:
+    """The attachments of one inbound message (idempotent for reprocessing)."""
+    await conn.execute("DELETE FROM attachments WHERE inbound_id = ?", (inbound_id,))
+    for item in items:
+        await conn.execute(
+            "INSERT INTO attachments (id, ticket, inbound_id, filename, content_type, size,"
+            " sha256, is_log) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (item["id"], ticket, inbound_id, item["filename"], item["content_type"],
+             item["size"], item["sha256"], int(item["is_log"])))
+
+
+async def ticket_attachments(conn: aiosqlite.Connection, ticket: int) -> list[Any]:
+    return list(await conn.execute_fetchall(
+        "SELECT * FROM attachments WHERE ticket = ? ORDER BY rowid", (ticket,)))
+
+
+async def processed_with_message_id(conn: aiosqlite.Connection, message_id: str,
+                                    exclude_id: int) -> InboundRow | None:
+    """An earlier inbound message with this Message-ID that was already routed."""
+    rows = await conn.execute_fetchall(
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE message_id = ? AND id != ?"
+        " AND state = 'done' AND outcome IS NOT NULL AND outcome NOT IN ('duplicate', 'failed')"
+        " ORDER BY id LIMIT 1", (message_id, exclude_id))
+    return InboundRow.from_row(rows[0]) if rows else None
+
+
+async def ticket_of_inbound(conn: aiosqlite.Connection, inbound_id: int) -> int | None:
+    rows = await conn.execute_fetchall(
+        "SELECT ticket FROM ticket_messages WHERE inbound_id = ? LIMIT 1", (inbound_id,))
+    return rows[0][0] if rows else None
+
+
+async def answered(conn: aiosqlite.Connection, inbound_id: int, kind: str) -> bool:
+    rows = await conn.execute_fetchall(
+        "SELECT 1 FROM outbox WHERE inbound_id = ? AND kind = ? LIMIT 1", (inbound_id, kind))
+    return bool(rows)
+
+
+async def auto_replies_since(conn: aiosqlite.Connection, address: str, since: datetime) -> int:
+    rows = await conn.execute_fetchall(
+        "SELECT count(*) FROM outbox WHERE rcpt_to = ? AND auto = 1 AND created_at >= ?",
+        (address, iso(since)))
+    return rows[0][0]
+
+
+async def mark_bounced(conn: aiosqlite.Connection, message_ids: Iterable[str]) -> list[int]:
+    """A DSN reports on mail we sent: mark it bounced and flag the ticket's reporter
+    address. Returns the tickets concerned."""
+    tickets = []
+    for message_id in message_ids:
+        rows = await conn.execute_fetchall(
+            "UPDATE outbox SET status = 'bounced' WHERE message_id = ? RETURNING ticket",
+            (message_id,))
+        for (ticket,) in rows:
+            if ticket is not None:
+                await conn.execute(
+                    "UPDATE tickets SET reporter_bounced = 1 WHERE number = ?", (ticket,))
+                tickets.append(ticket)
+    return tickets
+
+
+async def contract_hours(conn: aiosqlite.Connection, device_ids: Iterable[str]) -> int | None:
+    """The shortest repair time of the contracts covering any of these devices."""
+    best = None
+    for device_id in device_ids:
+        rows = await conn.execute_fetchall(
+            "SELECT repair_hours FROM contracts WHERE device_id = ?", (device_id.strip(),))
+        if rows and (best is None or rows[0][0] < best):
+            best = rows[0][0]
+    return best
+
+
+# --- held -------------------------------------------------------------------------
+
+async def add_held(conn: aiosqlite.Connection, *, inbound_id: int, ticket: int | None,
+                   sender: str, subject: str, reason: str, now: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO held (inbound_id, ticket, sender, subject, reason, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (inbound_id) DO UPDATE SET"
+        " ticket = excluded.ticket, reason = excluded.reason, status = 'held', decided_at = NULL",
+        (inbound_id, ticket, sender, subject, reason, iso(now)))
+
+
+async def list_held(conn: aiosqlite.Connection, status: str | None = "held") -> list[Any]:
+    sql, params = "SELECT * FROM held", []
+    if status:
+        sql += " WHERE status = ?"
+        params.append(status)
+    return list(await conn.execute_fetchall(sql + " ORDER BY id", params))
+
+
+async def get_held(conn: aiosqlite.Connection, held_id: int) -> Any | None:
+    rows = await conn.execute_fetchall("SELECT * FROM held WHERE id = ?", (held_id,))
+    return rows[0] if rows else None
+
+
+async def decide_held(conn: aiosqlite.Connection, held_id: int, status: str,
+                      now: datetime) -> bool:
+    cursor = await conn.execute(
+        "UPDATE held SET status = ?, decided_at = ? WHERE id = ? AND status = 'held'",
+        (status, iso(now), held_id))
+    return cursor.rowcount == 1

@@ -141,6 +141,7 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
 CREATE INDEX outbox_rcpt ON outbox (rcpt_to, auto, created_at);
+CREATE INDEX outbox_inbound ON outbox (inbound_id);
 
 CREATE TABLE outbox_raw (
     id  INTEGER PRIMARY KEY REFERENCES outbox (id),

@@ -121,3 +121,141 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+# --- the desk: the gateway as customers and engineers meet it -------------------------
+
+REPORT_BODY = """Dzień dobry,
+
+1. Imię i nazwisko osoby zgłaszającej problem: Jan Kowalski
+2. Dane kontaktowe osoby zgłaszającej (mail, telefon): jan@example.com, tel. 600 100 200
+3. Adres instalacji sprzętu – realizacji naprawy: ul. Prosta 1, 30-001 Kraków
+4. Opis problemu: Serwer nie uruchamia się po aktualizacji.
+5. Numer seryjny urządzenia / numer Commcell ID: SN-12345
+
+Pozdrawiam
+Jan Kowalski
+"""
+
+
+def run_cli_sync(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from gateway import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+class Desk:
+    """A running gateway plus the ways a test looks at it: what customers send,
+    what the CLI shows, and the mail that leaves."""
+
+    def __init__(self, gateway: Gateway, config_file: Path) -> None:
+        self.gw = gateway
+        self.config_file = config_file
+
+    @property
+    def db(self) -> Path:
+        return self.gw.config.storage.database
+
+    async def mail(self, raw: bytes, *, mail_from: str = "jan.kowalski@example.com",
+                   rcpts: tuple[str, ...] = (INTAKE,)) -> dict:
+        """Deliver over SMTP and wait until the message was routed; its inbox row."""
+        before = {r["id"] for r in await self.inbox()}
+        await send(self.gw.port, mail_from, list(rcpts), raw)
+
+        async def routed():
+            rows = [r for r in await self.inbox() if r["id"] not in before]
+            if rows and all(r["outcome"] is not None for r in rows):
+                return rows[-1]
+            return None
+
+        return await wait_for(routed)
+
+    async def cli(self, *argv: str, ok: bool = True) -> tuple[int, str, str]:
+        result = await asyncio.to_thread(run_cli_sync, *argv, "--config", str(self.config_file))
+        if ok:
+            assert result[0] == 0, result
+        return result
+
+    async def cli_json(self, *argv: str):
+        import json
+
+        _, out, _ = await self.cli(*argv, "--json")
+        return json.loads(out)
+
+    async def inbox(self) -> list[dict]:
+        return await self.cli_json("inbox", "list")
+
+    async def ticket(self, number: str) -> dict:
+        return await self.cli_json("tickets", "show", number)
+
+    def outbox(self) -> list[tuple[dict, EmailMessage]]:
+        """Every mail queued to leave, oldest first, parsed as a client would."""
+        import sqlite3
+
+        conn = sqlite3.connect(self.db)
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT o.*, r.raw FROM outbox o JOIN outbox_raw r USING (id)"
+                            " ORDER BY o.id").fetchall()
+        conn.close()
+        return [(dict(r), message_from_bytes(r["raw"], policy=policy.default)) for r in rows]
+
+    def mails_to(self, address: str) -> list[EmailMessage]:
+        return [m for row, m in self.outbox() if row["rcpt_to"] == address]
+
+
+def write_config(tmp_path: Path, extra: str = "", sink: "Sink | None" = None) -> Path:
+    text = (f'[smtp]\nlisten = "127.0.0.1:0"\nhostname = "gw.test"\n'
+            f'[storage]\ndatabase = "{tmp_path}/gw.db"\nattachments = "{tmp_path}/att"\n')
+    outbound = f'[outbound]\nmaildir = "{tmp_path}/outbox"\n'
+    if sink is not None:
+        outbound += f'relay = "127.0.0.1:{sink.port}"\nretry_first = "1s"\nretry_max = "2s"\n'
+    path = tmp_path / "gw.toml"
+    path.write_text(text + outbound + extra)
+    return path
+
+
+@pytest.fixture
+def desk_options() -> str:
+    """Extra TOML for the desk fixture (override in a test module)."""
+    return ""
+
+
+@pytest.fixture
+async def desk(tmp_path: Path, desk_options: str) -> AsyncIterator[Desk]:
+    from gateway.config import load_config
+
+    path = write_config(tmp_path, desk_options)
+    gw = Gateway(load_config(path))
+    await gw.start(port=0)
+    try:
+        yield Desk(gw, path)
+    finally:
+        await gw.stop(grace=2)
+
+
+def body_text(message: EmailMessage) -> str:
+    part = message.get_body(("plain",)) if message.is_multipart() else message
+    return part.get_content().replace("\r\n", "\n")
+
+
+@pytest.fixture
+async def desk_with_relay(tmp_path: Path, smtp_sink: Sink, desk_options: str) -> AsyncIterator[Desk]:
+    """The desk with the real aiosmtpd sink as its relay: assert on what arrives."""
+    from gateway.config import load_config
+
+    path = write_config(tmp_path, desk_options, sink=smtp_sink)
+    gw = Gateway(load_config(path))
+    await gw.start(port=0)
+    try:
+        yield Desk(gw, path)
+    finally:
+        await gw.stop(grace=2)

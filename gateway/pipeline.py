@@ -1,0 +1,591 @@
+"""The stages one stored message goes through: parse -> look up -> decide -> apply.
+
+`process_message` is the processor's `Stages`: it reads the raw message, parses it
+(in a thread: a 25 MB message must not stall the SMTP sessions), looks up the
+ticket a token or the thread names, lets the router decide, and applies the
+decision in ONE transaction with the outbound mail it causes and the inbound row's
+outcome. Reprocessing a message is idempotent: a message already routed into a
+ticket is not applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.parser import BytesHeaderParser
+from email import policy as email_policy
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway import msgid, store
+from gateway.config import Config
+from gateway.model import (FIELD_NAMES, TICKET_REF, Attachment, Fields, Inbound, Outcome,
+                           Outgoing, Report, Status, missing_fields)
+from gateway.parser import parse_report
+from gateway.processor import Processed
+from gateway.render import Renderer, compose_message, reply_subject
+from gateway.router import (AppendToTicket, ClosedTicketGuidance, ClosedTicketRejected,
+                            Decision, HoldForOperator, NewTicket, Policy, Situation,
+                            StoreOnly, TicketView, UnknownTicketGuidance, decide,
+                            is_authorised)
+from gateway.store import InboundRow, TicketRow, Tx
+
+log = logging.getLogger(__name__)
+
+HMAC_SETTING = "message_id_hmac_key"
+_REPLY_PREFIX = re.compile(r"^\s*((re|odp|aw|wg|fw|fwd|pd|tr|sv|vs)\s*(\[\d+\])?\s*:\s*)+",
+                           re.IGNORECASE)
+_TOKEN_WITH_BRACKETS = re.compile(r"\[?\s*" + TICKET_REF.pattern + r"\s*\]?", re.ASCII)
+
+
+@dataclass
+class Context:
+    """What the stages need besides the database; built once by the daemon/CLI."""
+
+    config: Config
+    renderer: Renderer
+    hmac_key: str
+    clock: Callable[[], datetime] = store.utcnow
+    wake_mailer: Callable[[], None] = lambda: None
+    draw_number: Callable[[], int] = field(
+        default=lambda: store.TICKET_MIN + secrets.randbelow(store.TICKET_MAX - store.TICKET_MIN + 1))
+
+    @property
+    def crm(self) -> str:
+        return self.config.addresses.crm
+
+    @property
+    def intake(self) -> str:
+        return self.config.addresses.intake
+
+    @property
+    def language(self) -> str:
+        return self.config.tickets.language
+
+    @property
+    def domain(self) -> str:
+        return self.crm.rpartition("@")[2]
+
+    def policy(self) -> Policy:
+        return Policy(closed_action="reply",
+                      max_auto_replies_per_hour=self.config.tickets.max_auto_replies_per_hour)
+
+
+def load_renderer(config: Config) -> Renderer:
+    """The templates shipped with the package, in the configured language."""
+    from importlib import resources
+
+    templates = Path(str(resources.files("gateway.templates")))
+    return Renderer(templates, config.tickets.language)
+
+
+async def make_context(conn: aiosqlite.Connection, config: Config,
+                       wake_mailer: Callable[[], None] = lambda: None) -> Context:
+    key = await store.setting(conn, HMAC_SETTING, msgid.new_key)
+    return Context(config, load_renderer(config), key, wake_mailer=wake_mailer)
+
+
+# --- the stages ----------------------------------------------------------------------
+
+async def process_message(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, *,
+                          release: bool = False) -> Processed:
+    """`release`: an operator vouches for the sender (held release)."""
+    recorded = await store.ticket_of_inbound(conn, row.id)
+    if recorded is not None and row.outcome and not release:
+        # Reprocessing a message already in a ticket changes nothing (idempotent).
+        await store.mark_inbound(conn, row.id, state="done", outcome=row.outcome,
+                                 ticket=recorded)
+        return Processed(Outcome(row.outcome), recorded)
+    raw = await store.read_raw(conn, row.id)
+    report = await asyncio.to_thread(parse_report, raw)
+    saved = await asyncio.to_thread(save_attachments, ctx.config.storage.attachments,
+                                    report.attachments)
+    situation = await look_up(conn, ctx, row, report)
+    if release:
+        situation = dataclasses.replace(situation, authorised=True, duplicate_of=None)
+    decision = decide(situation)
+    now = ctx.clock()
+    async with Tx(conn):
+        ticket = await apply(conn, ctx, row, report, situation, decision, saved, now)
+        await store.mark_inbound(conn, row.id, state="done", outcome=decision.outcome,
+                                 ticket=ticket, report=report_json(report))
+    log.info("%s inbound %d: outcome=%s ticket=%s (%s)", report.message_id or "<no-id>",
+             row.id, decision.outcome, f"#{ticket:06d}" if ticket else "-",
+             getattr(decision, "reason", ""))
+    ctx.wake_mailer()
+    return Processed(decision.outcome, ticket)
+
+
+def save_attachments(folder: Path, attachments: Iterable[Attachment]) -> list[dict[str, Any]]:
+    """Write attachment bytes under generated names (content hashes), never the
+    sender's file name. Idempotent: the same bytes land in the same file."""
+    saved = []
+    for attachment in attachments:
+        path = attachment_path(folder, attachment.sha256)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(attachment.data)
+            os.replace(tmp, path)
+        saved.append({"id": uuid.uuid4().hex, "filename": attachment.filename,
+                      "content_type": attachment.content_type, "size": attachment.size,
+                      "sha256": attachment.sha256, "is_log": attachment.is_log})
+    return saved
+
+
+def attachment_path(folder: Path, sha256: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"not a sha256: {sha256!r}")
+    return folder / sha256[:2] / sha256
+
+
+async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
+                  report: Report) -> Situation:
+    cfg = ctx.config
+    rcpts = {r.lower() for r in row.rcpt_tos}
+    sender = report.sender or row.mail_from.lower()
+    named_ref = None
+    ticket: TicketRow | None = None
+    for number in report.ticket_refs:
+        named_ref = named_ref if named_ref is not None else number
+        ticket = await store.get_ticket(conn, number)
+        if ticket is not None:
+            break
+    if ticket is None:
+        number = await thread_ticket(conn, ctx, report)
+        if number is not None:
+            ticket = await store.get_ticket(conn, number)
+    view = ticket_view(ticket) if ticket else None
+    authorised = bool(view) and is_authorised(
+        sender, view, staff_domains=cfg.addresses.staff_domains,
+        reply_policy=cfg.tickets.reply_policy)
+    own = is_own_mail(ctx, report)
+    duplicate = None
+    if report.message_id:
+        earlier = await store.processed_with_message_id(conn, report.message_id, row.id)
+        duplicate = earlier.id if earlier else None
+    since = ctx.clock() - timedelta(hours=1)
+    replies = await store.auto_replies_since(conn, reply_address(report, row), since)
+    return Situation(report=report, mail_from=row.mail_from, to_intake=ctx.intake in rcpts,
+                     to_crm=ctx.crm in rcpts, named_ref=named_ref, ticket=view,
+                     authorised=authorised, own_mail=own, duplicate_of=duplicate,
+                     auto_replies_last_hour=replies, policy=ctx.policy())
+
+
+async def thread_ticket(conn: aiosqlite.Connection, ctx: Context, report: Report) -> int | None:
+    """The ticket the thread names: a Message-ID of ours verified by its HMAC, else one
+    we received for a ticket. A forged reference to one of ours is not trusted."""
+    ids = [*reversed(report.references), *report.in_reply_to]
+    for message_id in ids:
+        ours, number = msgid.verify_message_id(ctx.hmac_key, message_id)
+        if ours and number is not None:
+            return number
+    candidates = [m for m in ids if not m.lower().endswith(f"@{ctx.domain}>")]
+    return await store.ticket_for_message_ids(conn, candidates)
+
+
+def is_own_mail(ctx: Context, report: Report) -> bool:
+    ours, _ = msgid.verify_message_id(ctx.hmac_key, report.message_id)
+    return ours
+
+
+def ticket_view(ticket: TicketRow) -> TicketView:
+    return TicketView(ticket.number, Status(ticket.status), ticket.reporter_email,
+                      ticket.participants)
+
+
+def reply_address(report: Report, row: InboundRow) -> str:
+    return (report.reply_to or report.sender or row.mail_from).lower()
+
+
+# --- applying a decision (inside the transaction) -------------------------------------
+
+async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, report: Report,
+                situation: Situation, decision: Decision, saved: list[dict[str, Any]],
+                now: datetime) -> int | None:
+    match decision:
+        case NewTicket():
+            return await open_ticket(conn, ctx, row, report, decision, saved, now)
+        case AppendToTicket():
+            return await append_to_ticket(conn, ctx, row, report, decision, saved, now)
+        case ClosedTicketGuidance():
+            await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
+            if decision.answer:
+                if decision.name_ticket:
+                    ticket = await store.get_ticket(conn, decision.number)
+                    await answer(conn, ctx, row, report, "closed_ticket_guidance", now,
+                                 ticket=ticket, record=False)
+                else:
+                    await answer(conn, ctx, row, report, "held_notice", now)
+            return decision.number
+        case ClosedTicketRejected():
+            return decision.number
+        case UnknownTicketGuidance():
+            await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
+            if decision.answer:
+                event = "held_notice" if decision.content_free else "unknown_ticket_guidance"
+                await answer(conn, ctx, row, report, event, now)
+            return None
+        case HoldForOperator():
+            await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
+            await store.add_held(conn, inbound_id=row.id, ticket=decision.ticket,
+                                 sender=report.sender or row.mail_from,
+                                 subject=report.subject, reason=decision.reason, now=now)
+            if decision.answer:
+                await answer(conn, ctx, row, report, "held_notice", now)
+            return decision.ticket
+        case StoreOnly():
+            await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
+            if decision.bounced_ids:
+                for number in await store.mark_bounced(conn, decision.bounced_ids):
+                    log.warning("ticket #%06d: a message to the reporter bounced", number)
+            return None
+    raise AssertionError(f"unhandled decision {decision!r}")  # pragma: no cover
+
+
+async def open_ticket(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
+                      report: Report, decision: NewTicket, saved: list[dict[str, Any]],
+                      now: datetime) -> int:
+    fields = report.fields
+    missing = missing_fields(fields)
+    status = Status.AWAITING_INFO if missing else Status.ACCEPTED
+    hours = await store.contract_hours(
+        conn, [v for v in (fields.serial_number, fields.commcell_id) if v])
+    phone_required = hours is not None and hours < 24
+    reporter = (fields.reporter_email or reply_address(report, row)).lower()
+    values = {name: getattr(fields, name) for name in FIELD_NAMES}
+    values.update(
+        reporter_email=reporter, status=str(status), subject=ticket_subject(report.subject),
+        missing=json.dumps(list(missing)), linked_to=decision.linked_to,
+        participants=json.dumps(participants(ctx, report, row)),
+        phone_confirmation_required=int(phone_required))
+    number = await store.create_ticket(conn, values=values, now=now, draw=ctx.draw_number)
+    await store.add_history(conn, ticket=number, from_status=None, to_status=status,
+                            actor="gateway", note=decision.reason, now=now)
+    await record_inbound(conn, number, row, report, saved, now)
+    ticket = await store.get_ticket(conn, number)
+    assert ticket is not None
+    if decision.answer:
+        event = "missing_fields" if missing else "acknowledgement"
+        await answer(conn, ctx, row, report, event, now, ticket=ticket)
+    await copy_to_staff(conn, ctx, ticket, saved, now)
+    return number
+
+
+async def append_to_ticket(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
+                           report: Report, decision: AppendToTicket,
+                           saved: list[dict[str, Any]], now: datetime) -> int:
+    number = decision.number
+    ticket = await store.get_ticket(conn, number)
+    assert ticket is not None
+    if await already_recorded(conn, number, row.id):
+        return number  # reprocessing: never append the same message twice
+    await record_inbound(conn, number, row, report, saved, now)
+    if ticket.status == Status.AWAITING_INFO:
+        await complete_report(conn, ctx, row, report, ticket, decision.answer, now)
+    elif ticket.status == Status.RESOLVED and report.rating is not None:
+        await store.update_ticket(conn, number, now, rating=report.rating,
+                                  status=str(Status.CLOSED), closed_at=store.iso(now),
+                                  closed_reason="rating")
+        await store.add_history(conn, ticket=number, from_status=ticket.status,
+                                to_status=Status.CLOSED, actor="customer",
+                                note=f"rating {report.rating}", now=now)
+        closed = await store.get_ticket(conn, number)
+        await notify(conn, ctx, closed, "closed", now, rating=report.rating, reason="rating",
+                     in_reply_to=report)
+    return number
+
+
+async def complete_report(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
+                          report: Report, ticket: TicketRow, may_answer: bool,
+                          now: datetime) -> None:
+    """A follow-up on awaiting_info: the new text may complete the report."""
+    merged = merge_fields(ticket, report)
+    missing = missing_fields(merged)
+    values: dict[str, Any] = {name: getattr(merged, name) for name in FIELD_NAMES}
+    values["reporter_email"] = ticket.reporter_email  # the ticket's reporter stays
+    values["missing"] = json.dumps(list(missing))
+    hours = await store.contract_hours(
+        conn, [v for v in (merged.serial_number, merged.commcell_id) if v])
+    values["phone_confirmation_required"] = int(
+        ticket.phone_confirmation_required or (hours is not None and hours < 24))
+    if not missing:
+        values["status"] = str(Status.ACCEPTED)
+    await store.update_ticket(conn, ticket.number, now, **values)
+    updated = await store.get_ticket(conn, ticket.number)
+    assert updated is not None
+    if not missing:
+        await store.add_history(conn, ticket=ticket.number, from_status=ticket.status,
+                                to_status=Status.ACCEPTED, actor="customer",
+                                note="report completed", now=now)
+    if may_answer:
+        event = "missing_fields" if missing else "acknowledgement"
+        await answer(conn, ctx, row, report, event, now, ticket=updated)
+
+
+def merge_fields(ticket: TicketRow, report: Report) -> Fields:
+    """What the customer wrote under a label corrects the ticket; guesses (signature,
+    From name, free text) only fill what the ticket still lacks."""
+    merged = {}
+    for name in FIELD_NAMES:
+        new, old = getattr(report.fields, name), getattr(ticket, name)
+        merged[name] = new if new and (name in report.labelled or not old) else old
+    return Fields(**merged)
+
+
+async def already_recorded(conn: aiosqlite.Connection, ticket: int, inbound_id: int) -> bool:
+    rows = await conn.execute_fetchall(
+        "SELECT 1 FROM ticket_messages WHERE ticket = ? AND inbound_id = ?", (ticket, inbound_id))
+    return bool(rows)
+
+
+async def record_inbound(conn: aiosqlite.Connection, ticket: int, row: InboundRow,
+                         report: Report, saved: list[dict[str, Any]], now: datetime) -> None:
+    await store.add_ticket_message(
+        conn, ticket=ticket, direction="in", inbound_id=row.id,
+        from_addr=report.sender or row.mail_from, to_addrs=[*report.to, *report.cc],
+        subject=report.subject, message_id=report.message_id or f"<inbound.{row.id}@local>",
+        date=report.date or now, body=report.text)
+    await store.replace_attachments(conn, inbound_id=row.id, ticket=ticket, items=saved)
+
+
+def participants(ctx: Context, report: Report, row: InboundRow) -> list[str]:
+    ours = {ctx.intake, ctx.crm}
+    seen: list[str] = []
+    for address in (report.sender, report.reply_to, row.mail_from, *report.to, *report.cc):
+        address = (address or "").lower()
+        if address and address not in ours and address not in seen:
+            seen.append(address)
+    return seen
+
+
+def ticket_subject(subject: str) -> str:
+    """The customer's subject without reply prefixes and ticket tokens, so the
+    subject of every later mail is "[#NNNNNN] <this>"."""
+    text = _TOKEN_WITH_BRACKETS.sub(" ", subject)
+    previous = None
+    while previous != text:
+        previous = text
+        text = _REPLY_PREFIX.sub("", text).strip()
+    return re.sub(r"\s+", " ", text).strip()[:200]
+
+
+# --- outgoing mail ------------------------------------------------------------------------
+
+def template_context(ctx: Context, ticket: TicketRow | None) -> dict[str, Any]:
+    base: dict[str, Any] = {"intake": ctx.intake, "crm": ctx.crm,
+                            "phone_numbers": list(ctx.config.tickets.phone_numbers)}
+    if ticket is not None:
+        base.update(number=ticket.number, subject=ticket.subject)
+    return base
+
+
+def ticket_fields(ticket: TicketRow) -> dict[str, str | None]:
+    return {name: getattr(ticket, name) for name in FIELD_NAMES}
+
+
+async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, report: Report,
+                 event: str, now: datetime, *, ticket: TicketRow | None = None,
+                 record: bool = True) -> None:
+    """An automatic answer to the message in hand, in its thread (once per message and
+    kind, also when the message is processed again)."""
+    if await store.answered(conn, row.id, event):
+        return
+    to = reply_address(report, row)
+    if not to or to in (ctx.intake, ctx.crm):
+        log.warning("%s: no address to answer (%r)", report.message_id, to)
+        return
+    context = template_context(ctx, ticket)
+    if ticket is not None and event in ("acknowledgement", "missing_fields"):
+        context.update(fields=ticket_fields(ticket),
+                       attachments=[a["filename"] for a in
+                                    await store.ticket_attachments(conn, ticket.number)])
+        if event == "missing_fields":
+            context["missing"] = list(ticket.missing)
+        else:
+            context["phone_confirmation_required"] = ticket.phone_confirmation_required
+    if ticket is None and event != "closed_ticket_guidance":
+        context["subject"] = report.subject
+    body = ctx.renderer.render(event, **context)
+    number = ticket.number if ticket is not None else None
+    subject_source = ticket.subject if ticket is not None else ticket_subject(report.subject)
+    out = Outgoing(kind=event, ticket=number, to=to,
+                   subject=reply_subject(number, subject_source, language=ctx.language),
+                   body=body, in_reply_to=report.message_id,
+                   references=tuple(report.references), auto=True)
+    await queue(conn, ctx, out, now, inbound_id=row.id,
+                record_ticket=number if record else None)
+
+
+async def notify(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow | None, event: str,
+                 now: datetime, *, in_reply_to: Report | None = None, auto: bool = True,
+                 attachments: tuple[Any, ...] = (), **extra: Any) -> None:
+    """A notice to the ticket's reporter in the ticket's thread (status changes, staff
+    replies, closing)."""
+    assert ticket is not None
+    if in_reply_to is not None:
+        parent, refs = in_reply_to.message_id, tuple(in_reply_to.references)
+    else:
+        parent, refs = await thread_tail(conn, ticket.number)
+    context = template_context(ctx, ticket)
+    context.update(extra)
+    out = Outgoing(kind=event, ticket=ticket.number, to=ticket.reporter_email,
+                   subject=reply_subject(ticket.number, ticket.subject, language=ctx.language),
+                   body=ctx.renderer.render(event, **context), in_reply_to=parent,
+                   references=refs, auto=auto, attachments=attachments)
+    await queue(conn, ctx, out, now, inbound_id=None, record_ticket=ticket.number)
+
+
+async def thread_tail(conn: aiosqlite.Connection, ticket: int) -> tuple[str, tuple[str, ...]]:
+    """In-Reply-To and References for a notice that answers no particular message: the
+    thread's first message and its latest ones."""
+    ids = [r["message_id"] for r in await store.ticket_messages(conn, ticket)
+           if not r["message_id"].endswith("@local>")]
+    if not ids:
+        return "", ()
+    refs = tuple(dict.fromkeys([ids[0], *ids[-8:]]))
+    return ids[-1], refs
+
+
+async def copy_to_staff(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
+                        saved: list[dict[str, Any]], now: datetime) -> None:
+    for address in ctx.config.addresses.notify:
+        context = template_context(ctx, ticket)
+        context.update(fields=ticket_fields(ticket), missing=list(ticket.missing),
+                       phone_confirmation_required=ticket.phone_confirmation_required,
+                       reporter=ticket.reporter_email,
+                       attachments=[a["filename"] for a in saved])
+        out = Outgoing(kind="staff_copy", ticket=ticket.number, to=address,
+                       subject=reply_subject(ticket.number, ticket.subject, language=ctx.language),
+                       body=ctx.renderer.render("staff_copy", **context), auto=True,
+                       urgent=ticket.phone_confirmation_required)
+        await queue(conn, ctx, out, now, inbound_id=None, record_ticket=None)
+
+
+async def queue(conn: aiosqlite.Connection, ctx: Context, out: Outgoing, now: datetime, *,
+                inbound_id: int | None, record_ticket: int | None) -> int | None:
+    """Compose and put one mail in the outbox (inside the caller's transaction)."""
+    message_id = msgid.make_message_id(ctx.hmac_key, ctx.domain, out.ticket)
+    try:
+        raw = compose_message(out, from_addr=ctx.crm, message_id=message_id, date=now)
+    except ValueError as err:
+        log.warning("%s: not sending %s to %r: %s", message_id, out.kind, out.to, err)
+        return None
+    outbox_id = await store.enqueue_outbox(
+        conn, ticket=out.ticket, inbound_id=inbound_id, kind=out.kind, message_id=message_id,
+        mail_from=ctx.crm, rcpt_to=out.to, subject=out.subject, auto=out.auto, raw=raw, now=now)
+    if record_ticket is not None:
+        await store.add_ticket_message(
+            conn, ticket=record_ticket, direction="out", outbox_id=outbox_id,
+            from_addr=ctx.crm, to_addrs=[out.to], subject=out.subject,
+            message_id=message_id, date=now, body=out.body)
+    return outbox_id
+
+
+# --- serialisation --------------------------------------------------------------------
+
+def report_json(report: Report) -> str:
+    data = {
+        "message_id": report.message_id, "sender": report.sender,
+        "sender_name": report.sender_name, "subject": report.subject,
+        "fields": report.fields.as_dict(), "missing": list(report.missing),
+        "ticket_refs": list(report.ticket_refs), "auto_reasons": list(report.auto_reasons),
+        "bounced_ids": list(report.bounced_ids), "rating": report.rating,
+        "notes": list(report.notes),
+        "attachments": [{"filename": a.filename, "content_type": a.content_type,
+                         "size": a.size, "sha256": a.sha256, "is_log": a.is_log}
+                        for a in report.attachments],
+    }
+    return json.dumps(data, ensure_ascii=False)
+
+
+# --- the edge's closed-ticket check (closed_action = "reject") ----------------------------
+
+REPLY_CLOSED = ("550-5.7.1 Ticket #{number} is closed: this message was not added to it.\r\n"
+                "550 5.7.1 Report new failures, also related ones, to {intake}")
+REPLY_CLOSED_PL = ("550-5.7.1 Ticket #{number} is closed: this message was not added to it.\r\n"
+                   "550-5.7.1 Report new failures, also related ones, to {intake}\r\n"
+                   "550-5.7.1 Zgłoszenie #{number} jest zamknięte: wiadomość nie została do niego dołączona.\r\n"
+                   "550 5.7.1 Kolejne awarie, również związane z tym zgłoszeniem, prosimy zgłaszać na {intake}")
+
+
+async def closed_ticket_refusal(conn: aiosqlite.Connection, ctx: Context, inbound: Inbound,
+                                utf8: bool) -> str | None:
+    """With closed_action = "reject": the SMTP reply refusing crm@ mail on a closed
+    ticket, decided from the headers alone before the 250; None to accept."""
+    rcpts = {r.lower() for r in inbound.rcpt_tos}
+    if ctx.config.tickets.closed_action != "reject" or ctx.intake in rcpts or not inbound.mail_from:
+        return None
+    head = store.header_block(inbound.raw)[:256 * 1024]
+    try:
+        headers = BytesHeaderParser(policy=email_policy.default).parsebytes(head)
+        subject = str(headers.get("subject", ""))
+        sender = headers["from"].addresses[0].addr_spec.lower() if headers.get("from") else ""
+        auto = (str(headers.get("auto-submitted", "no")).strip().lower() != "no"
+                or headers.get("list-id") is not None
+                or str(headers.get("precedence", "")).strip().lower() in ("bulk", "junk", "list"))
+    except Exception:  # noqa: BLE001 - odd headers: accept and let the router decide
+        return None
+    if auto:
+        return None
+    for match in TICKET_REF.finditer(subject):
+        ticket = await store.get_ticket(conn, int(match.group(1)))
+        if ticket is None:
+            continue
+        if ticket.status != Status.CLOSED:
+            return None
+        if not is_authorised(sender, ticket_view(ticket),
+                             staff_domains=ctx.config.addresses.staff_domains,
+                             reply_policy=ctx.config.tickets.reply_policy):
+            return None  # strangers get the content-free answer, never the number
+        template = REPLY_CLOSED_PL if utf8 else REPLY_CLOSED
+        return template.format(number=f"{ticket.number:06d}", intake=ctx.intake)
+    return None
+
+
+async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int) -> Processed:
+    """`held release ID`: the operator vouches for the sender; the message goes into the
+    ticket it named, as a follow-up. Never into a closed ticket."""
+    from gateway.errors import GatewayError, NotFoundError
+
+    held = await store.get_held(conn, held_id)
+    if held is None:
+        raise NotFoundError(f"held message {held_id} not found")
+    if held["status"] != "held":
+        raise GatewayError(f"held message {held_id} was already {held['status']}")
+    ticket = await store.get_ticket(conn, held["ticket"]) if held["ticket"] else None
+    if ticket is None or ticket.status == Status.CLOSED:
+        raise GatewayError(f"held message {held_id}: its ticket is closed or gone; "
+                           "drop it (the sender can report anew at the intake address)")
+    row = await store.get_inbound(conn, held["inbound_id"])
+    assert row is not None
+    result = await process_message(conn, ctx, row, release=True)
+    await store.decide_held(conn, held_id, "released", ctx.clock())
+    return result
+
+
+async def reprocess(conn: aiosqlite.Connection, config: Config, row: InboundRow) -> Processed:
+    """`inbox reprocess ID`: run a stored message through the stages again, now."""
+    if row.state == "processing":
+        from gateway.errors import GatewayError
+        raise GatewayError(f"inbound message {row.id} is being processed right now")
+    ctx = await make_context(conn, config)
+    await conn.execute("UPDATE inbound SET state = 'processing', attempts = attempts + 1"
+                       " WHERE id = ?", (row.id,))
+    try:
+        return await process_message(conn, ctx, row)
+    except Exception as err:
+        await store.mark_inbound(conn, row.id, state="failed", outcome=Outcome.FAILED,
+                                 error=f"{type(err).__name__}: {err}"[:2000])
+        raise

@@ -1,0 +1,224 @@
+"""Routing: every stored message gets exactly one decision (SPEC §4).
+
+Pure: `decide(situation)` takes what the processor looked up (the ticket a token or
+the thread names, whether the sender is authorised for it, how many automatic
+answers the sender got lately...) and returns one frozen Decision. It is an ordered
+table of small named checks, the first that matches decides (like Mailman's chains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.model import OPEN_STATUSES, Outcome, Report, Status
+
+# --- what the processor looked up ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TicketView:
+    number: int
+    status: Status
+    reporter_email: str
+    participants: tuple[str, ...]
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    closed_action: str = "reply"  # "reply" | "reject"
+    max_auto_replies_per_hour: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Situation:
+    report: Report
+    mail_from: str  # envelope reverse-path, "" for <>
+    to_intake: bool  # envelope recipients include the intake address
+    to_crm: bool
+    named_ref: int | None  # the first token's number, whether or not a ticket has it
+    ticket: TicketView | None  # the ticket a token or the thread matched
+    authorised: bool  # the sender may write into `ticket`
+    own_mail: bool  # it is mail we sent, come back
+    duplicate_of: int | None  # an earlier routed inbound message with this Message-ID
+    auto_replies_last_hour: int
+    policy: Policy = Policy()
+
+
+# --- decisions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewTicket:
+    reason: str
+    linked_to: int | None = None  # the closed ticket a token named
+    answer: bool = True  # False past the automatic-answer cap: ticket, but no mail
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.CLOSED_NEW if self.linked_to is not None else Outcome.NEW
+
+
+@dataclass(frozen=True, slots=True)
+class AppendToTicket:
+    number: int
+    reason: str
+    answer: bool = True
+
+    outcome = Outcome.FOLLOW_UP
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedTicketGuidance:
+    number: int
+    name_ticket: bool  # only to a sender authorised for the ticket
+    reason: str
+    answer: bool = True
+
+    outcome = Outcome.CLOSED_GUIDANCE
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedTicketRejected:
+    number: int
+    reason: str
+
+    outcome = Outcome.CLOSED_REJECTED
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownTicketGuidance:
+    reason: str
+    content_free: bool  # a token named a number: answer exactly like a held message
+    answer: bool = True
+
+    outcome = Outcome.UNKNOWN_GUIDANCE
+
+
+@dataclass(frozen=True, slots=True)
+class HoldForOperator:
+    ticket: int | None
+    reason: str
+    answer: bool = True
+
+    outcome = Outcome.HELD
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOnly:
+    """Stored, never answered: automatic mail, our own mail, duplicates."""
+
+    reason: str
+    outcome: Outcome
+    bounced_ids: tuple[str, ...] = ()
+
+
+Decision = (NewTicket | AppendToTicket | ClosedTicketGuidance | ClosedTicketRejected
+            | UnknownTicketGuidance | HoldForOperator | StoreOnly)
+
+
+# --- the checks, in order ---------------------------------------------------------------
+
+Check = Callable[[Situation], Decision | None]
+
+
+def check_duplicate(s: Situation) -> Decision | None:
+    if s.duplicate_of is not None:
+        return StoreOnly(f"same Message-ID as inbound {s.duplicate_of}", Outcome.DUPLICATE)
+    return None
+
+
+def check_own_mail(s: Situation) -> Decision | None:
+    if s.own_mail:
+        return StoreOnly("our own mail came back", Outcome.IGNORED_AUTO)
+    return None
+
+
+def check_automatic(s: Situation) -> Decision | None:
+    reasons = list(s.report.auto_reasons)
+    if s.mail_from == "":
+        reasons.insert(0, "null reverse-path")
+    if reasons:
+        return StoreOnly("automatic mail: " + ", ".join(reasons), Outcome.IGNORED_AUTO,
+                         bounced_ids=s.report.bounced_ids)
+    return None
+
+
+def check_open_ticket(s: Situation) -> Decision | None:
+    ticket = s.ticket
+    if ticket is None or not ticket.is_open:
+        return None
+    if s.authorised:
+        return AppendToTicket(ticket.number, "reply on an open ticket", answer=_may_answer(s))
+    return HoldForOperator(ticket.number, "sender not authorised for the ticket",
+                           answer=_may_answer(s))
+
+
+def check_closed_ticket(s: Situation) -> Decision | None:
+    ticket = s.ticket
+    if ticket is None or ticket.is_open:
+        return None
+    if s.to_intake:
+        return NewTicket(f"new report naming closed ticket #{ticket.number:06d}",
+                         linked_to=ticket.number, answer=_may_answer(s))
+    if s.policy.closed_action == "reject" and s.authorised:
+        return ClosedTicketRejected(ticket.number, "mail on a closed ticket refused")
+    return ClosedTicketGuidance(ticket.number, name_ticket=s.authorised,
+                                reason="mail on a closed ticket", answer=_may_answer(s))
+
+
+def check_new_report(s: Situation) -> Decision | None:
+    if s.to_intake:
+        return NewTicket("new report", answer=_may_answer(s))
+    return None
+
+
+def check_unknown(s: Situation) -> Decision | None:
+    named = s.named_ref is not None
+    reason = (f"token #{s.named_ref:06d} names no ticket" if named
+              else "no ticket token and no known thread")
+    return UnknownTicketGuidance(reason, content_free=named, answer=_may_answer(s))
+
+
+CHECKS: tuple[Check, ...] = (
+    check_duplicate,
+    check_own_mail,
+    check_automatic,
+    check_open_ticket,
+    check_closed_ticket,
+    check_new_report,
+    check_unknown,
+)
+
+
+def _may_answer(s: Situation) -> bool:
+    return s.auto_replies_last_hour < s.policy.max_auto_replies_per_hour
+
+
+def decide(situation: Situation) -> Decision:
+    for check in CHECKS:
+        decision = check(situation)
+        if decision is not None:
+            return decision
+    raise AssertionError("check_unknown always decides")  # pragma: no cover
+
+
+def is_authorised(sender: str, ticket: TicketView, *, staff_domains: tuple[str, ...],
+                  reply_policy: str) -> bool:
+    """SPEC §4: the reporter, addresses on the first message's To/Cc, staff domains;
+    "domain" also admits the reporter's domain, "any" everyone."""
+    sender = sender.lower()
+    if not sender:
+        return reply_policy == "any"
+    domain = sender.rpartition("@")[2]
+    if reply_policy == "any":
+        return True
+    if sender == ticket.reporter_email.lower() or sender in ticket.participants:
+        return True
+    if domain in staff_domains:
+        return True
+    return reply_policy == "domain" and domain == ticket.reporter_email.lower().rpartition("@")[2]

@@ -1,0 +1,282 @@
+"""What engineers and the dispatcher do to tickets (the CLI's verbs), each change in
+one transaction with the notice it sends to the reporter's thread."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import mimetypes
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway import store
+from gateway.config import parse_duration
+from gateway.errors import GatewayError, NotFoundError, TransitionError
+from gateway.model import TRANSITIONS, OutAttachment, Status
+from gateway.pipeline import Context, notify
+from gateway.store import TicketRow, Tx
+
+log = logging.getLogger(__name__)
+
+MAX_STAFF_ATTACHMENT = 20 * 1024 * 1024
+
+# Which template tells the reporter about a new status.
+NOTICE_FOR = {
+    Status.ACCEPTED: "status_changed",
+    Status.IN_PROGRESS: "status_changed",
+    Status.RESOLVED: "resolved",
+    Status.CLOSED: "closed",
+}
+
+
+def parse_number(text: str) -> int:
+    digits = text.strip().lstrip("#")
+    if not (len(digits) == 6 and digits.isascii() and digits.isdigit()):
+        raise GatewayError(f"not a ticket number: {text!r} (expected six digits, e.g. 123456)")
+    return int(digits)
+
+
+async def require_ticket(conn: aiosqlite.Connection, number: int) -> TicketRow:
+    ticket = await store.get_ticket(conn, number)
+    if ticket is None:
+        raise NotFoundError(f"ticket #{number:06d} not found")
+    return ticket
+
+
+async def set_status(conn: aiosqlite.Connection, ctx: Context, number: int, status_text: str,
+                     note: str | None, *, actor: str = "staff") -> TicketRow:
+    try:
+        target = Status(status_text)
+    except ValueError:
+        raise GatewayError(f"unknown status {status_text!r} (one of: "
+                           f"{', '.join(s.value for s in Status)})") from None
+    now = ctx.clock()
+    async with Tx(conn):
+        ticket = await require_ticket(conn, number)
+        current = Status(ticket.status)
+        if target not in TRANSITIONS[current]:
+            allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "none: closed is final"
+            raise TransitionError(f"ticket #{number:06d}: cannot go from {current} to {target} "
+                                  f"(allowed: {allowed})")
+        values: dict[str, Any] = {"status": target.value}
+        if target is Status.RESOLVED:
+            values["resolved_at"] = store.iso(now)
+        if target is Status.CLOSED:
+            values.update(closed_at=store.iso(now), closed_reason="staff")
+        if target is Status.ACCEPTED and ticket.missing:
+            values["missing"] = "[]"  # staff accepted it as it is
+        await store.update_ticket(conn, number, now, **values)
+        await store.add_history(conn, ticket=number, from_status=current, to_status=target,
+                                actor=actor, note=note, now=now)
+        updated = await require_ticket(conn, number)
+        await send_notice(conn, ctx, updated, target, note, now, reason="staff")
+    ctx.wake_mailer()
+    return updated
+
+
+async def send_notice(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
+                      status: Status, note: str | None, now: datetime, *, reason: str) -> None:
+    event = NOTICE_FOR[status]
+    extra: dict[str, Any] = {"note": note}
+    if event == "status_changed":
+        extra["status"] = status.value
+    if event == "closed":
+        extra.update(rating=ticket.rating, reason=reason)
+    await notify(conn, ctx, ticket, event, now, **extra)
+
+
+async def reply(conn: aiosqlite.Connection, ctx: Context, number: int, message: str,
+                attachments: list[Path]) -> TicketRow:
+    if not message.strip():
+        raise GatewayError("the message is empty")
+    files = [read_attachment(path) for path in attachments]
+    now = ctx.clock()
+    async with Tx(conn):
+        ticket = await require_ticket(conn, number)
+        if ticket.status == Status.CLOSED:
+            raise TransitionError(f"ticket #{number:06d} is closed: replies go nowhere "
+                                  "(the customer must report anew at the intake address)")
+        await notify(conn, ctx, ticket, "staff_reply", now, auto=False,
+                     attachments=tuple(files), message=message, status=ticket.status)
+        await store.add_history(conn, ticket=number, from_status=ticket.status,
+                                to_status=ticket.status, actor="staff",
+                                note=f"reply sent ({len(files)} attachment(s))", now=now)
+    ctx.wake_mailer()
+    return ticket
+
+
+def read_attachment(path: Path) -> OutAttachment:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise GatewayError(f"{path}: attachment not found") from None
+    except IsADirectoryError:
+        raise GatewayError(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise GatewayError(f"{path}: attachment not readable (permission denied)") from None
+    if len(data) > MAX_STAFF_ATTACHMENT:
+        raise GatewayError(f"{path}: larger than {MAX_STAFF_ATTACHMENT // 2**20} MiB")
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return OutAttachment(path.name, content_type, data)
+
+
+async def confirm_phone(conn: aiosqlite.Connection, ctx: Context, number: int) -> TicketRow:
+    now = ctx.clock()
+    async with Tx(conn):
+        ticket = await require_ticket(conn, number)
+        if ticket.phone_confirmed:
+            raise GatewayError(f"ticket #{number:06d}: the phone call is already recorded")
+        await store.update_ticket(conn, number, now, phone_confirmed=1,
+                                  phone_confirmed_at=store.iso(now))
+        await store.add_history(conn, ticket=number, from_status=ticket.status,
+                                to_status=ticket.status, actor="staff",
+                                note="phone confirmation recorded", now=now)
+        return await require_ticket(conn, number)
+
+
+async def close_expired_ratings(conn: aiosqlite.Connection, ctx: Context) -> list[int]:
+    """Resolved tickets nobody rated within `rating_window` close by themselves."""
+    window = parse_duration(ctx.config.tickets.rating_window)
+    if not window:
+        return []
+    now = ctx.clock()
+    cutoff = store.iso(now - timedelta(seconds=window))
+    rows = await conn.execute_fetchall(
+        "SELECT number FROM tickets WHERE status = 'resolved' AND resolved_at <= ?", (cutoff,))
+    closed = []
+    for (number,) in rows:
+        async with Tx(conn):
+            ticket = await require_ticket(conn, number)
+            if ticket.status != Status.RESOLVED:
+                continue  # rated meanwhile
+            await store.update_ticket(conn, number, now, status=Status.CLOSED.value,
+                                      closed_at=store.iso(now), closed_reason="rating_window")
+            await store.add_history(conn, ticket=number, from_status=Status.RESOLVED,
+                                    to_status=Status.CLOSED, actor="rating_window",
+                                    note=f"no rating within {ctx.config.tickets.rating_window}",
+                                    now=now)
+            updated = await require_ticket(conn, number)
+            await send_notice(conn, ctx, updated, Status.CLOSED, None, now,
+                              reason="rating_window")
+        closed.append(number)
+        log.info("#%06d closed: no rating within %s", number, ctx.config.tickets.rating_window)
+    if closed:
+        ctx.wake_mailer()
+    return closed
+
+
+# --- contracts ------------------------------------------------------------------------
+
+CONTRACT_HEADER = ["device_id", "customer", "repair_hours"]
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    device_id: str
+    customer: str
+    repair_hours: int
+
+
+def parse_contracts(text: str, source: str) -> list[Contract]:
+    """The whole file or nothing: a bad row is reported with its line number."""
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise GatewayError(f"{source}: empty file (expected the header "
+                           f"{','.join(CONTRACT_HEADER)})") from None
+    if [h.strip().lstrip("\ufeff").lower() for h in header] != CONTRACT_HEADER:
+        raise GatewayError(f"{source}:1: expected the header {','.join(CONTRACT_HEADER)}, "
+                           f"got {','.join(header)}")
+    contracts: dict[str, Contract] = {}
+    for row in reader:
+        line = reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) != 3:
+            raise GatewayError(f"{source}:{line}: expected 3 columns, got {len(row)}")
+        device_id, customer, hours = (cell.strip() for cell in row)
+        if not device_id:
+            raise GatewayError(f"{source}:{line}: device_id is empty")
+        if not hours.isdigit():
+            raise GatewayError(f"{source}:{line}: repair_hours must be a whole number of "
+                               f"hours, got {hours!r}")
+        key = device_id.lower()
+        if key in contracts:
+            raise GatewayError(f"{source}:{line}: device_id {device_id!r} appears twice")
+        contracts[key] = Contract(device_id, customer, int(hours))
+    return list(contracts.values())
+
+
+def read_contracts(path: Path) -> list[Contract]:
+    try:
+        text = path.read_text("utf-8-sig")
+    except FileNotFoundError:
+        raise GatewayError(f"{path}: contracts file not found") from None
+    except UnicodeDecodeError:
+        raise GatewayError(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise GatewayError(f"{path}: cannot read: {err.strerror}") from None
+    return parse_contracts(text, str(path))
+
+
+async def import_contracts(conn: aiosqlite.Connection, contracts: list[Contract],
+                           now: datetime) -> int:
+    """Replace the contract list with `contracts` (the file is the source of truth)."""
+    async with Tx(conn):
+        await conn.execute("DELETE FROM contracts")
+        for contract in contracts:
+            await conn.execute(
+                "INSERT INTO contracts (device_id, customer, repair_hours, imported_at)"
+                " VALUES (?, ?, ?, ?)",
+                (contract.device_id, contract.customer, contract.repair_hours, store.iso(now)))
+    return len(contracts)
+
+
+# --- views for the CLI ----------------------------------------------------------------
+
+async def ticket_json(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str, Any]:
+    attachments = [
+        {"filename": a["filename"], "content_type": a["content_type"], "size": a["size"],
+         "sha256": a["sha256"], "is_log": bool(a["is_log"])}
+        for a in await store.ticket_attachments(conn, ticket.number)]
+    messages = [
+        {"direction": m["direction"], "from": m["from_addr"], "to": json.loads(m["to_addrs"]),
+         "subject": m["subject"], "message_id": m["message_id"], "date": m["date"]}
+        for m in await store.ticket_messages(conn, ticket.number)]
+    history = [
+        {"from": h["from_status"], "to": h["to_status"], "actor": h["actor"], "note": h["note"],
+         "at": h["at"]} for h in await store.ticket_history(conn, ticket.number)]
+    return {
+        "number": f"{ticket.number:06d}", "status": ticket.status, "subject": ticket.subject,
+        "reporter_name": ticket.reporter_name, "reporter_email": ticket.reporter_email,
+        "reporter_phone": ticket.reporter_phone, "install_address": ticket.install_address,
+        "description": ticket.description, "serial_number": ticket.serial_number,
+        "commcell_id": ticket.commcell_id, "missing": list(ticket.missing),
+        "phone_confirmation_required": ticket.phone_confirmation_required,
+        "phone_confirmed": ticket.phone_confirmed, "rating": ticket.rating,
+        "created_at": ticket.created_at, "updated_at": ticket.updated_at,
+        "attachments": attachments, "messages": messages,
+        "linked_to": None if ticket.linked_to is None else f"{ticket.linked_to:06d}",
+        "reporter_bounced": ticket.reporter_bounced, "closed_reason": ticket.closed_reason,
+        "history": history,
+    }
+
+
+def ticket_summary(ticket: TicketRow) -> dict[str, Any]:
+    return {"number": f"{ticket.number:06d}", "status": ticket.status, "subject": ticket.subject,
+            "reporter_email": ticket.reporter_email, "created_at": ticket.created_at}
+
+
+def held_json(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "inbound_id": row["inbound_id"],
+            "ticket": None if row["ticket"] is None else f"{row['ticket']:06d}",
+            "from": row["sender"], "subject": row["subject"], "reason": row["reason"],
+            "status": row["status"], "created_at": row["created_at"],
+            "decided_at": row["decided_at"]}

@@ -1,0 +1,462 @@
+"""The outbox worker and its two transports: `SmtpRelay` (aiosmtplib to the relay) and
+`MaildirDrop` (complete `.eml` files in a maildir-style folder).
+
+The worker claims one due outbox row at a time, sends its stored bytes and marks the
+row: `sent`; back to `pending` with a later `next_attempt_at` after a temporary failure
+(retry_first, doubling, capped at retry_max); `failed` after a permanent one (a 5xx about
+this mail) or once the row has been retried for `give_up_after`. Rows a crash left
+`sending` go back to `pending` on start. Delivery is at least once: if the process dies
+between the relay's 250 and `mark_outbox_sent`, the same bytes (same Message-ID) go again.
+
+The Mailer needs a connection of its own: every mark is a statement in autocommit mode,
+and on a connection shared with the processor it would land inside the processor's
+open transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+import aiosqlite
+
+from gateway import store
+from gateway.config import OutboundConfig, parse_duration, parse_hostport
+from gateway.errors import ConfigError, GatewayError
+from gateway.store import OutboxRow
+
+log = logging.getLogger(__name__)
+
+# When idle, look at the outbox at least this often: rows queued by another process
+# (the CLI's staff replies, status changes, `outbox retry`) cannot wake() us, and an
+# engineer's reply should leave within seconds. One indexed query per poll.
+IDLE_POLL_SECONDS = 2.0
+MIN_IDLE_SECONDS = 0.25  # a due row we could not claim (another process, clock skew)
+ERROR_PAUSE_SECONDS = 5.0  # after the database itself failed (locked, disk full)
+STOP_GRACE_SECONDS = 15.0  # stop(): how long the send in hand may take to finish
+SMTP_TIMEOUT_SECONDS = 60.0  # per SMTP command (connect, each reply, DATA)
+
+RESULT_SENT = "sent"
+RESULT_RETRY = "retry"
+RESULT_FAILED = "failed"
+
+
+class TemporaryFailure(Exception):
+    """Connection refused/reset/timed out, TLS failure, a 4xx: try again later."""
+
+
+class PermanentFailure(Exception):
+    """The relay refused this mail for good (5xx on MAIL, RCPT or DATA)."""
+
+
+class Transport(Protocol):
+    async def send(self, mail_from: str, rcpt_to: str, raw: bytes, message_id: str) -> None:
+        """Deliver `raw` or raise TemporaryFailure / PermanentFailure."""
+
+
+# --- log hygiene ------------------------------------------------------------------
+
+# C0 and C1 controls, DEL and the Unicode line/paragraph separators: anything a log
+# reader might take for the end of a line.
+_ESCAPES = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7f, 0xa0)]} | {
+    0x2028: "\\u2028", 0x2029: "\\u2029",
+    ord("\r"): "\\r", ord("\n"): "\\n", ord("\t"): "\\t"}
+
+
+def one_line(value: object) -> str:
+    """`value` on one line: CR, LF and other controls escaped (for logs and last_error)."""
+    return str(value).translate(_ESCAPES)
+
+
+def format_delay(seconds: float) -> str:
+    """90 -> "1m30s", 3600 -> "1h", 0 -> "0s"."""
+    rest = max(int(round(seconds)), 0)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
+def next_retry(attempts: int, first: int, maximum: int) -> int:
+    """Seconds to wait after the `attempts`-th failed attempt: first, doubling, capped."""
+    if attempts <= 1:
+        return min(first, maximum)
+    if attempts > 64:  # 2**63 * first is beyond any cap; do not build huge ints
+        return maximum
+    return min(first * 2 ** (attempts - 1), maximum)
+
+
+# --- SMTP relay -------------------------------------------------------------------
+
+def _read_password(path: Path | None) -> str:
+    if path is None:
+        raise ConfigError("outbound.password_file: required when username is set")
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise GatewayError(f"outbound.password_file: {path}: file not found") from None
+    except PermissionError:
+        raise GatewayError(
+            f"outbound.password_file: {path}: not readable (permission denied)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise GatewayError(
+            f"outbound.password_file: {path}: cannot read: {one_line(err)}") from None
+    password = text.rstrip("\r\n")
+    if not password:
+        raise GatewayError(f"outbound.password_file: {path}: is empty")
+    return password
+
+
+def _reply(err: aiosmtplib.SMTPResponseException) -> str:
+    return one_line(f"{err.code} {err.message}")
+
+
+def classify_smtp_error(err: BaseException, relay: str) -> TemporaryFailure | PermanentFailure:
+    """An aiosmtplib (or socket) error as a retry decision.
+
+    Only a 5xx about *this mail* (MAIL FROM, RCPT TO, DATA) is permanent. A 5xx on the
+    greeting, EHLO or AUTH says the relay or our credentials are wrong, not the mail:
+    failing every queued row at once for it would lose the queue to a typo in the
+    password, so those retry like a 4xx (and end `failed` after give_up_after).
+    """
+    if isinstance(err, aiosmtplib.SMTPRecipientsRefused):
+        text = "; ".join(f"{r.recipient}: {_reply(r)}" for r in err.recipients)
+        if err.recipients and all(r.code >= 500 for r in err.recipients):
+            return PermanentFailure(f"recipient refused: {text}")
+        return TemporaryFailure(f"recipient refused: {text}")
+    if isinstance(err, (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPRecipientRefused,
+                        aiosmtplib.SMTPDataError)):
+        stage = {aiosmtplib.SMTPSenderRefused: "sender refused",
+                 aiosmtplib.SMTPRecipientRefused: "recipient refused",
+                 aiosmtplib.SMTPDataError: "message refused"}[type(err)]
+        cls = PermanentFailure if err.code >= 500 else TemporaryFailure
+        return cls(f"{stage}: {_reply(err)}")
+    if isinstance(err, aiosmtplib.SMTPAuthenticationError):
+        return TemporaryFailure(f"relay {relay}: authentication failed: {_reply(err)}")
+    if isinstance(err, aiosmtplib.SMTPResponseException):
+        return TemporaryFailure(f"relay {relay}: {_reply(err)}")
+    if isinstance(err, aiosmtplib.SMTPNotSupported):
+        # SMTPUTF8 needed for a non-ASCII address and the relay lacks it: it never will.
+        return PermanentFailure(f"relay {relay}: {one_line(err)}")
+    if isinstance(err, ssl.SSLError):  # before ValueError: certificate errors are both
+        return TemporaryFailure(f"relay {relay}: TLS failed: {one_line(err)}")
+    if isinstance(err, ValueError) and not isinstance(err, OSError):
+        return PermanentFailure(f"unusable address: {one_line(err)}")  # aiosmtplib refused it
+    if isinstance(err, (TimeoutError, aiosmtplib.SMTPTimeoutError)):
+        return TemporaryFailure(f"relay {relay}: timed out: {one_line(err) or 'no answer'}")
+    if isinstance(err, aiosmtplib.SMTPConnectError):
+        cause = err.__cause__
+        if isinstance(cause, OSError) and cause.errno:
+            # "Connection refused", not asyncio's "Connect call failed ('127.0.0.1', 25)"
+            return TemporaryFailure(f"relay {relay}: cannot connect: {os.strerror(cause.errno)}")
+    # SMTPConnectError, SMTPServerDisconnected, ConnectionError, other OSError, other
+    # SMTPException (e.g. "AUTH not supported"): the relay, not the mail.
+    return TemporaryFailure(f"relay {relay}: {one_line(err) or type(err).__name__}")
+
+
+class SmtpRelay:
+    """Sends through the configured relay with aiosmtplib.
+
+    One connection per mail: the outbox carries a handful of mails a minute, and a
+    fresh connection needs no keep-alive, no NOOP probing and no recovery from a
+    connection the relay dropped while idle.
+
+    With `starttls` the session is upgraded right after EHLO and the certificate is
+    verified against `tls_context` (default: the system's trust store); a relay that
+    does not offer STARTTLS gets no MAIL command at all (TemporaryFailure), so nothing
+    goes out in clear text. AUTH (when `username` is set) happens after the upgrade.
+    """
+
+    def __init__(self, config: OutboundConfig, *, tls_context: ssl.SSLContext | None = None,
+                 timeout: float = SMTP_TIMEOUT_SECONDS,
+                 local_hostname: str | None = None) -> None:
+        try:
+            self._host, self._port = parse_hostport(config.relay)
+        except ValueError as err:
+            raise ConfigError(f"outbound.relay: {err}") from None
+        self._relay = config.relay
+        self._starttls = config.starttls
+        self._username = config.username
+        self._password = _read_password(config.password_file) if config.username else ""
+        self._tls_context = tls_context
+        if config.starttls and tls_context is None:
+            self._tls_context = ssl.create_default_context()
+        self._timeout = timeout
+        self._local_hostname = local_hostname
+
+    async def send(self, mail_from: str, rcpt_to: str, raw: bytes, message_id: str) -> None:
+        if self._local_hostname is None:  # the EHLO name; getfqdn may ask DNS: once
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        smtp = aiosmtplib.SMTP(hostname=self._host, port=self._port, timeout=self._timeout,
+                               start_tls=False, local_hostname=self._local_hostname)
+        try:
+            await smtp.connect()
+            if self._starttls:
+                await smtp.ehlo()
+                if not smtp.supports_extension("starttls"):
+                    raise TemporaryFailure(
+                        f"relay {self._relay} does not offer STARTTLS and outbound.starttls"
+                        " is on: not sending in clear text")
+                await smtp.starttls(tls_context=self._tls_context, server_hostname=self._host)
+            await _greet(smtp)
+            if self._username:
+                await smtp.login(self._username, self._password)
+            options = []
+            if not raw.isascii() and smtp.supports_extension("8bitmime"):
+                options.append("BODY=8BITMIME")
+            if not (mail_from + rcpt_to).isascii():
+                options.append("SMTPUTF8")
+            await smtp.sendmail(mail_from, [rcpt_to], raw, mail_options=options)
+        except (TemporaryFailure, PermanentFailure):
+            smtp.close()
+            raise
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as err:
+            smtp.close()
+            raise classify_smtp_error(err, self._relay) from err
+        except BaseException:  # cancelled (stop): just drop the connection
+            smtp.close()
+            raise
+        await _quit(smtp)
+
+
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO (again after STARTTLS), falling back to HELO for a relay without ESMTP."""
+    if not smtp.is_ehlo_or_helo_needed:
+        return
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    """QUIT politely; the relay took the mail already, so nothing here may fail it."""
+    try:
+        if smtp.is_connected:
+            await smtp.quit(timeout=5)
+    except Exception:  # noqa: BLE001 - the mail's fate is decided
+        pass
+    finally:
+        smtp.close()
+
+
+# --- maildir ----------------------------------------------------------------------
+
+class MaildirDrop:
+    """Writes each mail as a complete `.eml` file into `<maildir>/new/`.
+
+    Written to `tmp/<name>`, fsync'd, renamed into `new/`, and the directory fsync'd:
+    whatever reads `new/` only ever sees complete files. `<name>` comes from the
+    Message-ID, so sending the same row again (after a crash before `mark_outbox_sent`)
+    replaces its file instead of adding a second one.
+    """
+
+    def __init__(self, maildir: Path) -> None:
+        self.maildir = maildir
+        try:
+            for sub in ("tmp", "new", "cur"):
+                (maildir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise GatewayError(
+                f"outbound.maildir: cannot create {maildir}: {one_line(err)}") from None
+
+    @staticmethod
+    def file_name(message_id: str) -> str:
+        return hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".eml"
+
+    async def send(self, mail_from: str, rcpt_to: str, raw: bytes, message_id: str) -> None:
+        try:
+            await asyncio.to_thread(self._write, self.file_name(message_id), raw)
+        except OSError as err:
+            raise TemporaryFailure(f"maildir {self.maildir}: {one_line(err)}") from err
+
+    def _write(self, name: str, raw: bytes) -> None:
+        tmp = self.maildir / "tmp" / name
+        new = self.maildir / "new" / name
+        with open(tmp, "wb") as fh:  # truncates what a crash mid-write left behind
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, new)
+        fd = os.open(self.maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def make_transport(config: OutboundConfig, *, local_hostname: str | None = None) -> Transport:
+    if config.effective_transport == "smtp":
+        return SmtpRelay(config, local_hostname=local_hostname)
+    return MaildirDrop(config.maildir)
+
+
+# --- the worker -------------------------------------------------------------------
+
+def _duration(config: OutboundConfig, key: str) -> int:
+    try:
+        seconds = parse_duration(getattr(config, key))
+    except ValueError as err:
+        raise ConfigError(f"outbound.{key}: {err}") from None
+    if seconds <= 0:
+        raise ConfigError(f"outbound.{key}: must be longer than 0")
+    return seconds
+
+
+def _describe(row: OutboxRow) -> str:
+    ticket = f"ticket #{row.ticket:06d}" if row.ticket is not None else "no ticket"
+    return f"{one_line(row.rcpt_to)} ({ticket})"
+
+
+class Mailer:
+    """The outbox worker: one row at a time, woken by `wake()` when rows are queued in
+    this process, by the earliest `next_attempt_at`, or by the idle poll.
+
+    `clock` is injectable so tests move time instead of sleeping; `on_result` gets
+    "sent", "retry" or "failed" after each attempt (metrics).
+    """
+
+    def __init__(self, conn: aiosqlite.Connection, transport: Transport,
+                 config: OutboundConfig, clock: Callable[[], datetime] = store.utcnow,
+                 on_result: Callable[[str], None] | None = None, *,
+                 poll_interval: float = IDLE_POLL_SECONDS) -> None:
+        self._conn = conn
+        self._poll_interval = poll_interval
+        self._transport = transport
+        self._config = config
+        self._clock = clock
+        self._on_result = on_result
+        self._retry_first = _duration(config, "retry_first")
+        self._retry_max = max(_duration(config, "retry_max"), self._retry_first)
+        self._give_up_after = timedelta(seconds=_duration(config, "give_up_after"))
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def wake(self) -> None:
+        """New rows are due: look now instead of at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("mailer already started")
+        recovered = await store.recover_outbox(self._conn)
+        if recovered:
+            log.warning("outbox: %d mail(s) left mid-send by an earlier stop go again "
+                        "(same Message-ID)", recovered)
+        self._stopping = False
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="mailer")
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Finish the send in hand (at most `grace` seconds), then stop. A send cut off
+        leaves its row `sending`; the next start sends it again."""
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if not done:
+            log.warning("outbox: send still in progress after %.0fs; cut off, it goes "
+                        "again on the next start", grace)
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - stopping anyway; say why the worker died
+            log.exception("outbox: the mailer worker had stopped with an error")
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                worked = await self.run_once()
+            except Exception:  # noqa: BLE001 - e.g. database locked: the loop goes on
+                log.exception("outbox: claiming or marking a mail failed")
+                await self._sleep(ERROR_PAUSE_SECONDS)
+                continue
+            if not worked and not self._stopping:
+                await self._sleep(await self._idle_delay())
+
+    async def _idle_delay(self) -> float:
+        try:
+            due = await store.next_outbox_due(self._conn)
+        except Exception:  # noqa: BLE001
+            log.exception("outbox: reading the next due time failed")
+            return ERROR_PAUSE_SECONDS
+        if due is None:
+            return self._poll_interval
+        wait = (due - self._clock()).total_seconds()
+        return min(max(wait, MIN_IDLE_SECONDS), self._poll_interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def run_once(self) -> bool:
+        """Claim one due row and send it; False when nothing was due."""
+        row = await store.claim_due_outbox(self._conn, self._clock())
+        if row is None:
+            return False
+        try:
+            raw = await store.read_outbox_raw(self._conn, row.id)
+            await self._transport.send(row.mail_from, row.rcpt_to, raw, row.message_id)
+        except PermanentFailure as err:
+            await self._fail(row, one_line(err))
+        except TemporaryFailure as err:
+            await self._retry(row, one_line(err))
+        except Exception as err:  # noqa: BLE001 - a bug must not lose the mail
+            log.exception("%s outbox %d: unexpected error while sending",
+                          one_line(row.message_id), row.id)
+            await self._retry(row, one_line(f"{type(err).__name__}: {err}"))
+        else:
+            await store.mark_outbox_sent(self._conn, row.id, self._clock())
+            log.info("%s outbox %d sent to %s", one_line(row.message_id), row.id,
+                     _describe(row))
+            self._report(RESULT_SENT)
+        return True
+
+    async def _retry(self, row: OutboxRow, error: str) -> None:
+        now = self._clock()
+        deadline = datetime.fromisoformat(row.queued_at) + self._give_up_after
+        if now >= deadline:
+            await self._fail(row, f"gave up after {self._config.give_up_after}: {error}")
+            return
+        delay = next_retry(row.attempts, self._retry_first, self._retry_max)
+        # The last try falls on the deadline rather than up to retry_max past it.
+        next_at = min(now + timedelta(seconds=delay), deadline)
+        await store.mark_outbox_retry(self._conn, row.id, next_at, error)
+        log.warning("%s outbox %d to %s: temporary failure, retry in %s: %s",
+                    one_line(row.message_id), row.id, _describe(row),
+                    format_delay((next_at - now).total_seconds()), error)
+        self._report(RESULT_RETRY)
+
+    async def _fail(self, row: OutboxRow, error: str) -> None:
+        await store.mark_outbox_failed(self._conn, row.id, error)
+        log.error("%s outbox %d to %s: failed: %s", one_line(row.message_id), row.id,
+                  _describe(row), error)
+        self._report(RESULT_FAILED)
+
+    def _report(self, result: str) -> None:
+        if self._on_result is None:
+            return
+        try:
+            self._on_result(result)
+        except Exception:  # noqa: BLE001 - metrics must not stop the mail
+            log.exception("outbox: on_result callback failed")

@@ -1,27 +1,36 @@
-"""Wiring: store, migrations, the SMTP edge, the processor and the mailer; signals.
+"""Wiring: store, migrations, the SMTP edge, the processor, the mailer, metrics,
+systemd notification and signals.
 
 SIGTERM/SIGINT: new sessions get 421, sessions in flight may finish their
 transaction within SHUTDOWN_GRACE seconds, then the workers stop and the process
-exits 0.
+exits 0. SIGHUP reloads the templates and the contracts file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from gateway import store
-from gateway.config import Config
-from gateway.processor import Processor, Stages, record_received
+from gateway import staff, store
+from gateway.config import Config, parse_hostport
+from gateway.mailer import Mailer, Transport, make_transport
+from gateway.metrics import Metrics, MetricsServer
+from gateway.pipeline import (Context, closed_ticket_refusal, load_renderer, make_context,
+                              process_message)
+from gateway.processor import Processed, Processor, Stages
 from gateway.smtp_edge import REPLY_SHUTTING_DOWN, IntakeHandler, smtp_factory
+from gateway.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 30.0
+HOUSEKEEPING_SECONDS = 30.0
 
 
 @dataclass
@@ -29,12 +38,20 @@ class Gateway:
     """A running gateway inside an event loop (the daemon, and the tests' fixture)."""
 
     config: Config
-    stages: Stages = record_received
+    stages: Stages | None = None  # None: the production pipeline
+    transport: Transport | None = None  # None: from [outbound]
+    notifier: Notifier = field(default_factory=lambda: Notifier(""))
     handler: IntakeHandler | None = None
+    context: Context | None = None
     processor: Processor | None = None
+    mailer: Mailer | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    metrics_port: int | None = None
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     _conns: list[Any] = field(default_factory=list)
     _writer: store.IntakeWriter | None = None
+    _metrics_server: MetricsServer | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def intake_conn(self) -> Any:
@@ -45,29 +62,63 @@ class Gateway:
     def port(self) -> int:
         return self.servers[0].sockets[0].getsockname()[1]
 
+    async def _connect(self) -> Any:
+        conn = await store.connect(self.config.storage.database)
+        self._conns.append(conn)
+        return conn
+
     async def start(self, *, port: int | None = None) -> None:
         cfg = self.config
-        intake_conn = await store.connect(cfg.storage.database)
-        self._conns.append(intake_conn)
+        intake_conn = await self._connect()
         await store.migrate(intake_conn)
-        work_conn = await store.connect(cfg.storage.database)
-        self._conns.append(work_conn)
+        work_conn, mail_conn, check_conn = [await self._connect() for _ in range(3)]
+        self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer)
+        await self._load_contracts(work_conn)
 
-        self.processor = Processor(work_conn, self.stages)
+        async def pipeline(conn: Any, row: Any) -> Processed:
+            return await process_message(conn, context, row)
+
+        async def reject_check(inbound: Any, utf8: bool) -> str | None:
+            return await closed_ticket_refusal(check_conn, context, inbound, utf8)
+
+        self.mailer = Mailer(mail_conn, self.transport or make_transport(
+            cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
+            on_result=self._count_send)
+        await self.mailer.start()
+        self.processor = Processor(work_conn, self.stages or pipeline,
+                                   on_processed=self._count_processed)
         self._writer = store.IntakeWriter(intake_conn, on_commit=self.processor.wake)
         self._writer.start()
         await self.processor.start()
 
-        self.handler = IntakeHandler(cfg, self._writer)
-        tls = _tls_context(cfg)
+        self.handler = IntakeHandler(
+            cfg, self._writer, on_reply=self._count_reply,
+            reject_check=reject_check if cfg.tickets.closed_action == "reject" else None)
         loop = asyncio.get_running_loop()
         self.servers.append(await loop.create_server(
-            smtp_factory(self.handler, cfg, tls), cfg.smtp.host,
+            smtp_factory(self.handler, cfg, _tls_context(cfg)), cfg.smtp.host,
             cfg.smtp.port if port is None else port))
+        if cfg.smtp.lmtp_socket:
+            cfg.smtp.lmtp_socket.unlink(missing_ok=True)
+            self.servers.append(await loop.create_unix_server(
+                smtp_factory(self.handler, cfg, lmtp=True), str(cfg.smtp.lmtp_socket)))
+            # Postfix's lmtp client runs as another user (see deploy/postfix.md).
+            os.chmod(cfg.smtp.lmtp_socket, 0o666)
+            log.info("LMTP on %s", cfg.smtp.lmtp_socket)
+        if cfg.metrics.listen:
+            self._metrics_server = MetricsServer(self.metrics)
+            host, mport = parse_hostport(cfg.metrics.listen)
+            self.metrics_port = await self._metrics_server.start(host, mport)
+        self._tasks.append(loop.create_task(self._housekeeping(work_conn), name="housekeeping"))
+        interval = watchdog_interval()
+        if interval:
+            self._tasks.append(loop.create_task(self._watchdog(interval), name="watchdog"))
         log.info("listening on %s:%d for %s", cfg.smtp.host, self.port,
                  ", ".join(sorted(self.handler.mailboxes)))
+        self.notifier.ready(await self._status(work_conn))
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        self.notifier.stopping()
         if self.handler:
             self.handler.draining = True
             await _wait_sessions(self.handler, grace)
@@ -75,13 +126,90 @@ class Gateway:
             server.close()
         for server in self.servers:
             await server.wait_closed()
+        if self.config.smtp.lmtp_socket:
+            self.config.smtp.lmtp_socket.unlink(missing_ok=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._metrics_server:
+            await self._metrics_server.stop()
         if self.processor:
             await self.processor.stop()
+        if self.mailer:
+            await self.mailer.stop()
         if self._writer:
             await self._writer.stop()
         for conn in self._conns:
             await conn.close()
         self._conns.clear()
+
+    async def reload(self) -> None:
+        """SIGHUP: templates and contracts are read again; a broken template keeps the
+        old ones (logged), so a typo never stops the desk."""
+        self.notifier.reloading()
+        assert self.context is not None
+        try:
+            self.context.renderer = load_renderer(self.config)
+            log.info("templates reloaded")
+        except Exception as err:  # noqa: BLE001 - keep serving with the old templates
+            log.error("templates not reloaded, keeping the old ones: %s", err)
+        await self._load_contracts(self._conns[1])
+        self.notifier.ready(await self._status(self._conns[1]))
+
+    async def _load_contracts(self, conn: Any) -> None:
+        path = self.config.tickets.contracts
+        if not path:
+            return
+        try:
+            contracts = staff.read_contracts(path)
+            count = await staff.import_contracts(conn, contracts, store.utcnow())
+            log.info("contracts loaded from %s: %d", path, count)
+        except Exception as err:  # noqa: BLE001 - keep the contracts already loaded
+            log.error("contracts not loaded, keeping the previous ones: %s", err)
+
+    def _wake_mailer(self) -> None:
+        if self.mailer:
+            self.mailer.wake()
+
+    def _count_reply(self, code: str) -> None:
+        self.metrics.smtp_replies.labels(code=code).inc()
+
+    def _count_processed(self, result: Processed, seconds: float) -> None:
+        self.metrics.messages.labels(outcome=str(result.outcome or "received")).inc()
+        self.metrics.processing.observe(seconds)
+
+    def _count_send(self, result: str) -> None:
+        self.metrics.sends.labels(result=result).inc()
+        if result != "sent":
+            self.metrics.send_failures.inc()
+
+    async def _status(self, conn: Any) -> str:
+        depth, oldest = await store.outbox_depth(conn)
+        queued = (await store.count_inbound_by_state(conn)).get("queued", 0)
+        self.metrics.outbox_depth.set(depth)
+        self.metrics.queued.set(queued)
+        age = 0.0
+        if oldest:
+            age = max(0.0, (store.utcnow() - datetime.fromisoformat(oldest)).total_seconds())
+        self.metrics.outbox_oldest.set(age)
+        return f"listening; {queued} inbound to process, {depth} outgoing waiting"
+
+    async def _housekeeping(self, conn: Any) -> None:
+        """Every HOUSEKEEPING_SECONDS: the rating window, gauges, systemd STATUS."""
+        assert self.context is not None
+        while True:
+            try:
+                await staff.close_expired_ratings(conn, self.context)
+                self.notifier.status(await self._status(conn))
+            except Exception:  # noqa: BLE001 - e.g. a locked database: next round
+                log.exception("housekeeping failed")
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: if the loop stalls, the pings stop.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
 
 async def _wait_sessions(handler: IntakeHandler, grace: float) -> None:
@@ -105,21 +233,27 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     if not config.smtp.tls_cert or not config.smtp.tls_key:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+    try:
+        context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        from gateway.errors import ConfigError
+        raise ConfigError(f"smtp.tls_cert: cannot load the certificate/key: {err}") from None
     return context
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
-    gateway = Gateway(config)
+    """Run until SIGTERM or SIGINT; SIGHUP reloads."""
+    gateway = Gateway(config, notifier=Notifier())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
     try:
+        await gateway.start()
         await stop.wait()
         log.info("stopping: new sessions get 421, waiting for sessions in flight")
     finally:
         await gateway.stop()
+        gateway.notifier.close()
     log.info("stopped")

@@ -72,6 +72,8 @@ class Gateway:
         intake_conn = await self._connect()
         await store.migrate(intake_conn)
         work_conn, mail_conn, check_conn = [await self._connect() for _ in range(3)]
+        # This process's writers take SQLite's write lock in turn, intake first.
+        store.share_write_gate(intake_conn, work_conn, mail_conn)
         self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer)
         await self._load_contracts(work_conn)
 

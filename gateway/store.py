@@ -13,7 +13,9 @@ import json
 import logging
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -172,6 +174,78 @@ async def setting(conn: aiosqlite.Connection, key: str, create: Any) -> str:
     return rows[0][0]
 
 
+# --- write order ------------------------------------------------------------------
+
+class WriteGate:
+    """The order in which this process's connections take SQLite's one write lock:
+    the intake writer first, then the others in arrival order.
+
+    Without it a connection that finds the lock taken sleeps in SQLite's busy handler
+    (1, 2, 5, 10, 15, 20, 25... ms), so a 250 waits out the processor's transaction
+    and then the rest of a sleep step. With it the intake writer waits on a future
+    that is resolved the moment the holder commits, ahead of the processor and the
+    mailer. Other processes (the CLI) still meet busy_timeout.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._intake: deque[asyncio.Future[None]] = deque()
+        self._others: deque[asyncio.Future[None]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, *, intake: bool = False) -> AsyncIterator[None]:
+        await self._acquire(intake)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, intake: bool) -> None:
+        if not self._held and not self._intake and (intake or not self._others):
+            self._held = True
+            return
+        waiters = self._intake if intake else self._others
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # handed over just as we were cancelled: pass it on
+            else:
+                waiters.remove(future)
+            raise
+
+    def _release(self) -> None:
+        for waiters in (self._intake, self._others):
+            while waiters:
+                future = waiters.popleft()
+                if not future.done():
+                    future.set_result(None)  # handed over: stays held
+                    return
+        self._held = False
+
+
+def share_write_gate(*conns: aiosqlite.Connection) -> WriteGate:
+    """Make these connections (one process, one database) take turns via one gate."""
+    gate = WriteGate()
+    for conn in conns:
+        conn.write_gate = gate  # type: ignore[attr-defined]
+    return gate
+
+
+@asynccontextmanager
+async def gated(conn: aiosqlite.Connection, *, intake: bool = False) -> AsyncIterator[None]:
+    """Hold `conn`'s write gate, if it has one, around a write (a no-op inside a
+    transaction: Tx holds it already)."""
+    gate: WriteGate | None = getattr(conn, "write_gate", None)
+    if gate is None or conn.in_transaction:
+        yield
+        return
+    async with gate.hold(intake=intake):
+        yield
+
+
 # --- intake -----------------------------------------------------------------------
 
 _TRACE_HEADERS = frozenset({
@@ -314,27 +388,40 @@ class IntakeWriter:
                 self._on_commit()
 
     async def _write(self, items: Iterable[Pending]) -> list[Stored]:
+        """The whole batch in one trip to the connection's thread.
+
+        Each aiosqlite call is a hand-over to that thread and back (two GIL
+        switches): with BEGIN, two statements per message and COMMIT that cost more
+        CPU than SQLite itself. The hashing runs there too, off the event loop
+        (hashlib releases the GIL on large data).
+        """
+        batch = list(items)
         conn = self._conn
-        results = []
-        await conn.execute("BEGIN IMMEDIATE")
+        async with gated(conn, intake=True):
+            # aiosqlite has no public "run this on the connection's thread"; _execute
+            # is what all of its own methods go through (aiosqlite>=0.20, see pyproject).
+            return await conn._execute(_write_batch, conn._conn, batch)
+
+
+def _write_batch(db: sqlite3.Connection, items: list[Pending]) -> list[Stored]:
+    """BEGIN IMMEDIATE, the inserts, COMMIT; on the intake connection's thread."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        results = [_insert_inbound(db, item.inbound, item.outcome) for item in items]
+        db.execute("COMMIT")
+    except BaseException:
         try:
-            for item in items:
-                results.append(await _insert_inbound(conn, item.inbound, item.outcome))
-            await conn.execute("COMMIT")
-        except BaseException:
-            try:
-                await conn.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-            raise
-        return results
+            db.execute("ROLLBACK")
+        except sqlite3.Error:  # the original error matters more
+            pass
+        raise
+    return results
 
 
-async def _insert_inbound(conn: aiosqlite.Connection, inbound: Inbound,
-                          outcome: str | None) -> Stored:
+def _insert_inbound(db: sqlite3.Connection, inbound: Inbound, outcome: str | None) -> Stored:
     message_id = extract_message_id(inbound.raw)
     key = dedup_key(inbound.raw, message_id)
-    rows = await conn.execute_fetchall(
+    rows = db.execute(
         "INSERT INTO inbound (message_id, dedup_key, sha256, size, peer, mail_from,"
         " rcpt_tos, received_at, state, outcome, processed_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -342,20 +429,19 @@ async def _insert_inbound(conn: aiosqlite.Connection, inbound: Inbound,
         (message_id, key, hashlib.sha256(inbound.raw).hexdigest(), len(inbound.raw),
          inbound.peer, inbound.mail_from, json.dumps(list(inbound.rcpt_tos)),
          iso(inbound.received_at), "done" if outcome else "queued", outcome,
-         iso(inbound.received_at) if outcome else None))
+         iso(inbound.received_at) if outcome else None)).fetchall()
     if rows:
         row_id = rows[0][0]
-        await conn.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)",
-                           (row_id, inbound.raw))
+        db.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", (row_id, inbound.raw))
         return Stored(row_id, duplicate=False)
     # Delivered before: keep one copy, but remember every address it was sent to.
-    (existing,) = await conn.execute_fetchall(
-        "SELECT id, rcpt_tos, state FROM inbound WHERE dedup_key = ?", (key,))
+    existing = db.execute(
+        "SELECT id, rcpt_tos, state FROM inbound WHERE dedup_key = ?", (key,)).fetchone()
     known = json.loads(existing["rcpt_tos"])
     merged = known + [r for r in inbound.rcpt_tos if r not in known]
     if merged != known and existing["state"] == "queued":
-        await conn.execute("UPDATE inbound SET rcpt_tos = ? WHERE id = ?",
-                           (json.dumps(merged), existing["id"]))
+        db.execute("UPDATE inbound SET rcpt_tos = ? WHERE id = ?",
+                   (json.dumps(merged), existing["id"]))
     return Stored(existing["id"], duplicate=True)
 
 
@@ -401,10 +487,11 @@ async def recover_inbound(conn: aiosqlite.Connection) -> int:
 
 async def claim_inbound(conn: aiosqlite.Connection) -> InboundRow | None:
     """Take the oldest queued message (in arrival order) for processing."""
-    rows = await conn.execute_fetchall(
-        "UPDATE inbound SET state = 'processing', attempts = attempts + 1"
-        " WHERE id = (SELECT id FROM inbound WHERE state = 'queued' ORDER BY id LIMIT 1)"
-        f" AND state = 'queued' RETURNING {_INBOUND_COLUMNS}")
+    async with gated(conn):
+        rows = await conn.execute_fetchall(
+            "UPDATE inbound SET state = 'processing', attempts = attempts + 1"
+            " WHERE id = (SELECT id FROM inbound WHERE state = 'queued' ORDER BY id LIMIT 1)"
+            f" AND state = 'queued' RETURNING {_INBOUND_COLUMNS}")
     return InboundRow.from_row(rows[0]) if rows else None
 
 
@@ -522,11 +609,12 @@ async def recover_outbox(conn: aiosqlite.Connection) -> int:
 
 
 async def claim_due_outbox(conn: aiosqlite.Connection, now: datetime) -> OutboxRow | None:
-    rows = await conn.execute_fetchall(
-        "UPDATE outbox SET status = 'sending', attempts = attempts + 1"
-        " WHERE id = (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
-        "             ORDER BY next_attempt_at, id LIMIT 1)"
-        f" AND status = 'pending' RETURNING {_OUTBOX_COLUMNS}", (iso(now),))
+    async with gated(conn):
+        rows = await conn.execute_fetchall(
+            "UPDATE outbox SET status = 'sending', attempts = attempts + 1"
+            " WHERE id = (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+            "             ORDER BY next_attempt_at, id LIMIT 1)"
+            f" AND status = 'pending' RETURNING {_OUTBOX_COLUMNS}", (iso(now),))
     return OutboxRow.from_row(rows[0]) if rows else None
 
 
@@ -544,9 +632,10 @@ async def read_outbox_raw(conn: aiosqlite.Connection, outbox_id: int) -> bytes:
 
 
 async def mark_outbox_sent(conn: aiosqlite.Connection, outbox_id: int, now: datetime) -> None:
-    await conn.execute(
-        "UPDATE outbox SET status = 'sent', sent_at = ?, last_error = NULL WHERE id = ?",
-        (iso(now), outbox_id))
+    async with gated(conn):
+        await conn.execute(
+            "UPDATE outbox SET status = 'sent', sent_at = ?, last_error = NULL WHERE id = ?",
+            (iso(now), outbox_id))
 
 
 async def mark_outbox_retry(conn: aiosqlite.Connection, outbox_id: int, next_at: datetime,
@@ -601,17 +690,26 @@ class Tx:
         self.conn = conn
 
     async def __aenter__(self) -> aiosqlite.Connection:
-        await self.conn.execute("BEGIN IMMEDIATE")
+        self._gate = gated(self.conn)
+        await self._gate.__aenter__()
+        try:
+            await self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            await self._gate.__aexit__(None, None, None)
+            raise
         return self.conn
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            await self.conn.execute("COMMIT")
-        else:
-            try:
-                await self.conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        try:
+            if exc_type is None:
+                await self.conn.execute("COMMIT")
+            else:
+                try:
+                    await self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+        finally:
+            await self._gate.__aexit__(None, None, None)
 
 
 # --- tickets ----------------------------------------------------------------------

@@ -20,12 +20,24 @@ common        ``number``  six-digit string "123456" (an int is accepted) or None
 acknowledgement   *number*; ``fields`` (dict or `model.Fields`: reporter_name,
               reporter_email, reporter_phone, install_address, serial_number,
               commcell_id -> str | None; the description is removed before rendering),
-              ``attachments`` (file names), ``phone_confirmation_required`` (bool)
+              ``attachments`` (int, default 0: how many files arrived; a list of names or
+              attachment objects is still accepted and counted), ``log_attachments``
+              (int or None, default None: how many of them are logs; when a list is
+              given it is counted from items that carry ``is_log``),
+              ``phone_confirmation_required`` (bool, default False),
+              ``accepted_by_staff`` (bool, default False: staff accepted an incomplete
+              report by hand; the text then confirms the acceptance of an already
+              registered ticket)
 missing_fields    *number*, *missing* (names from `model.REQUIRED_FIELDS`, non-empty),
-              ``fields`` as above; derived ``missing_labels`` (the procedure's wording)
-status_changed    *number*, *status* (`model.Status` or its value), ``note`` (staff
-              text or None); derived ``status_label``
-resolved      *number*, ``note``
+              ``fields``, ``attachments``, ``log_attachments`` as above, ``again`` (bool,
+              default False: a follow-up still lacks something, so the ticket is not
+              "registered" a second time); derived ``missing_labels`` (the procedure's
+              wording)
+status_changed    *number*, *status* (`model.Status` or its value; in practice accepted or
+              in_progress, any status renders), ``note`` (staff text or None); derived
+              ``status_label``
+resolved      *number*, ``note``, ``rating_window_days`` (int >= 1 or None, default None:
+              when given the text says the ticket closes by itself after that many days)
 closed        *number*, ``rating`` (1-5 or None), ``reason`` ("rating" | "staff" |
               "rating_window" | None), ``note``
 closed_ticket_guidance   ``number`` (None when the ticket must not be named; it still
@@ -37,13 +49,20 @@ staff_reply   *number*, *message* (the engineer's text, rendered as is), ``statu
 held_notice   content-free: the template only gets intake, crm, phone_numbers and
               number/ticket = None, whatever the caller passes
 staff_copy    *number*, ``fields`` (full, with the description), ``missing``,
-              ``phone_confirmation_required``, ``reporter`` (address), ``attachments``,
-              ``status`` (default: awaiting_info if anything is missing, else accepted)
+              ``phone_confirmation_required``, ``reporter`` (address), ``attachments``
+              (names, or a count), ``log_attachments``, ``status`` (default:
+              awaiting_info if anything is missing, else accepted); derived
+              ``attachment_names`` (the names, when a list was given)
 
-Customer-facing templates print customer values only through the ``short`` filter (one
-line, control characters removed, at most 80 characters by default): an automatic answer
-must not carry the customer's free text (SPEC §6), or anyone could make crm@ send any
-text to a forged address.
+Customer-facing templates (every one but staff_copy and staff_reply) never print
+attachment names, and print customer values only through the ``value`` filter (one line,
+controls removed; a value with a URL-ish token, an IBAN- or account-number-like run of
+digits, or more than 80 characters prints as "(podano)" / "(provided)"), serial numbers
+and CommCell IDs only through ``device_id`` (also "(podano)" unless they look like an
+identifier), phone numbers through ``phone`` (E.164 shown as "+48 601 234 567") and then
+``value``. An automatic answer must not carry the customer's free text (SPEC §6), or
+anyone could make crm@ send any text (a bank account to pay into, a link) to a forged
+address. ``short`` (cut to a length) remains for the staff copy.
 """
 
 from __future__ import annotations
@@ -62,6 +81,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import phonenumbers
+from phonenumbers import NumberParseException, PhoneNumberFormat
 
 from gateway.errors import GatewayError
 from gateway.model import (
@@ -83,6 +104,9 @@ __all__ = [
     "clean_filename",
     "clean_header_text",
     "compose_message",
+    "customer_value",
+    "device_id_value",
+    "format_phone",
     "reply_subject",
     "short_text",
 ]
@@ -128,12 +152,14 @@ MISSING_LABELS: dict[str, dict[str, str]] = {
         "description": "Opis problemu",
         "device_id": "Numer seryjny urządzenia / numer Commcell ID",
     },
+    # The English labels are ones the parser reads back ("Label: value"), since the
+    # missing-fields mail asks for the answer in that form.
     "en": {
-        "reporter_name": "Full name of the person reporting the problem",
-        "reporter_phone": "Contact details of the reporter (phone)",
-        "install_address": "Installation address of the equipment (where the repair takes place)",
+        "reporter_name": "Full name (of the person reporting the problem)",
+        "reporter_phone": "Contact details (phone)",
+        "install_address": "Installation address (where the repair takes place)",
         "description": "Description of the problem",
-        "device_id": "Serial number of the device / CommCell ID",
+        "device_id": "Serial number / CommCell ID",
     },
 }
 
@@ -142,7 +168,9 @@ DEFAULT_PHONE_NUMBERS = ("(0-12) 444-65-00", "801 090 101")
 CLOSE_REASONS = ("rating", "staff", "rating_window")
 
 SHORT_LIMIT = 80  # `short` filter default
-MAX_ATTACHMENTS_LISTED = 10  # acknowledgement lists at most this many names
+VALUE_LIMIT = 80  # `value` filter: a longer customer value is not printed
+# What a customer-facing template prints instead of a value it must not repeat.
+WITHHELD = {"pl": "(podano)", "en": "(provided)"}
 SUBJECT_LIMIT = 200  # reply_subject default
 HEADER_TEXT_LIMIT = 400  # hard cap for Subject in compose_message
 FILENAME_LIMIT = 120
@@ -152,6 +180,7 @@ MAX_MSGID_LEN = 250
 # Events whose answer goes out automatically to whoever the mail claims to come from:
 # the description never reaches these templates.
 _CUSTOMER_FIELD_EVENTS = frozenset({"acknowledgement", "missing_fields"})
+_ATTACHMENT_KEYS = ("attachments", "log_attachments")
 _NEEDS_NUMBER = frozenset(
     {"acknowledgement", "missing_fields", "status_changed", "resolved", "closed",
      "staff_reply", "staff_copy"}
@@ -159,10 +188,12 @@ _NEEDS_NUMBER = frozenset(
 _COMMON_KEYS = ("number", "ticket", "subject", "intake", "crm", "phone_numbers")
 # What each template gets (besides the common keys, unless it says otherwise).
 _EVENT_KEYS: dict[str, tuple[str, ...]] = {
-    "acknowledgement": _COMMON_KEYS + ("fields", "attachments", "phone_confirmation_required"),
-    "missing_fields": _COMMON_KEYS + ("fields", "missing", "missing_labels"),
+    "acknowledgement": _COMMON_KEYS + ("fields", "phone_confirmation_required",
+                                       "accepted_by_staff") + _ATTACHMENT_KEYS,
+    "missing_fields": _COMMON_KEYS + ("fields", "missing", "missing_labels", "again")
+    + _ATTACHMENT_KEYS,
     "status_changed": _COMMON_KEYS + ("status", "status_label", "note"),
-    "resolved": _COMMON_KEYS + ("note",),
+    "resolved": _COMMON_KEYS + ("note", "rating_window_days"),
     "closed": _COMMON_KEYS + ("rating", "reason", "note"),
     "closed_ticket_guidance": _COMMON_KEYS,
     "unknown_ticket_guidance": ("number", "ticket", "intake", "crm", "phone_numbers"),
@@ -170,12 +201,13 @@ _EVENT_KEYS: dict[str, tuple[str, ...]] = {
     "held_notice": ("number", "ticket", "intake", "crm", "phone_numbers"),
     "staff_copy": _COMMON_KEYS
     + ("fields", "missing", "missing_labels", "phone_confirmation_required", "reporter",
-       "attachments", "status", "status_label"),
+       "attachment_names", "status", "status_label") + _ATTACHMENT_KEYS,
 }
 _ACCEPTED_KEYS = frozenset(
     {"number", "ticket", "subject", "intake", "crm", "phone_numbers", "fields",
-     "attachments", "phone_confirmation_required", "missing", "status", "note", "rating",
-     "reason", "message", "reporter"}
+     "attachments", "log_attachments", "phone_confirmation_required", "accepted_by_staff",
+     "missing", "again", "status", "note", "rating", "rating_window_days", "reason",
+     "message", "reporter"}
 )
 
 
@@ -226,6 +258,82 @@ def _cut(text: str, limit: int) -> str:
 def short_text(value: object, limit: int = SHORT_LIMIT) -> str:
     """The `short` filter: one line, controls removed, at most `limit` characters."""
     return _cut(clean_header_text(value), limit)
+
+
+# Format characters (zero-width space/joiner, soft hyphen, bidi marks...) can hide a
+# token from a check ("h\u200bttp://") and show nothing to the reader: dropped from values.
+_FORMAT_TABLE = dict.fromkeys(
+    cp for cp in (0xAD, 0x180E, *range(0x200B, 0x2010), *range(0x2060, 0x2070), 0xFEFF)
+)
+# Checked on the NFKC-normalised, case-folded text (fullwidth "ｗｗｗ．" is "www.").
+_URL_LIKE = re.compile(
+    r"://|www\.|http"
+    r"|[a-z0-9-]\.[a-z]{2,}/",  # a host with a path without a scheme: "bit.ly/x"
+    re.ASCII,
+)
+_ACCOUNT_LIKE = re.compile(
+    r"[a-z]{2}[0-9 ]{14,}"  # "PL61 1090 1014 0000 0712 1981 2874"
+    r"|[a-z]{2}[ .-]?[0-9]{2}(?:[ .-]?[a-z]){0,4}(?:[ .-]?[0-9]){10,}"  # other IBANs
+    r"|(?:[0-9][ .-]?){20,}",  # a Polish account number without "PL" (26 digits)
+    re.ASCII,
+)
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._/-]{0,39}", re.ASCII)
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}", re.ASCII)
+
+
+def _value_text(value: object) -> str:
+    return clean_header_text(value).translate(_FORMAT_TABLE).strip()
+
+
+def _repeatable(text: str, limit: int) -> bool:
+    """Whether a customer value may be repeated to whoever the mail claims to be from."""
+    if len(text) > limit:
+        return False
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    folded = " ".join(folded.translate(_CONTROL_TABLE).translate(_FORMAT_TABLE).split())
+    return not (_URL_LIKE.search(folded) or _ACCOUNT_LIKE.search(folded))
+
+
+def customer_value(value: object, placeholder: str = WITHHELD["pl"],
+                   limit: int = VALUE_LIMIT) -> str:
+    """The `value` filter: a short structured customer value, or `placeholder`.
+
+    One line, controls and invisible format characters removed. A value containing a
+    URL-ish token ("://", "www.", "http", "host.tld/path"), an IBAN- or account-number-like
+    run, or longer than `limit` characters is not repeated: `placeholder` is returned
+    instead. None or an empty value gives "".
+    """
+    text = _value_text(value)
+    if not text:
+        return ""
+    return text if _repeatable(text, limit) else placeholder
+
+
+def device_id_value(value: object, placeholder: str = WITHHELD["pl"]) -> str:
+    """The `device_id` filter: a serial number or CommCell ID when it looks like one
+    (``^[A-Za-z0-9][A-Za-z0-9 ._/-]{0,39}$`` and nothing `customer_value` withholds),
+    else `placeholder`; "" for None."""
+    text = _value_text(value)
+    if not text:
+        return ""
+    if _DEVICE_ID.fullmatch(text) and _repeatable(text, VALUE_LIMIT):
+        return text
+    return placeholder
+
+
+def format_phone(value: object) -> str:
+    """The `phone` filter: an E.164 number ("+48601234567") as people write it
+    ("+48 601 234 567"); anything else comes back as it is (one line)."""
+    text = _value_text(value)
+    if not _E164.fullmatch(text):
+        return text
+    try:
+        number = phonenumbers.parse(text, None)
+    except NumberParseException:
+        return text
+    if not phonenumbers.is_possible_number(number):
+        return text
+    return phonenumbers.format_number(number, PhoneNumberFormat.INTERNATIONAL)
 
 
 def _decode_words(text: str) -> str:
@@ -358,8 +466,13 @@ class Renderer:
             finalize=lambda v: "" if v is None else v,
         )
         word = "lub" if language == "pl" else "or"
+        withheld = WITHHELD[language]
         self._env.filters["short"] = short_text
         self._env.filters["oneline"] = clean_header_text
+        self._env.filters["value"] = (
+            lambda v, limit=VALUE_LIMIT: customer_value(v, withheld, limit))
+        self._env.filters["device_id"] = lambda v: device_id_value(v, withheld)
+        self._env.filters["phone"] = format_phone
         self._env.filters["alternatives"] = lambda items: _join_alternatives(items, word)
         self._templates: dict[str, jinja2.Template] = {}
         for name in sorted(self._env.list_templates(extensions=["j2"])):
@@ -377,25 +490,36 @@ class Renderer:
         sample = {
             "number": "123456",
             "subject": "Awaria",
-            "fields": {"reporter_name": "Jan Kowalski", "description": "x"},
-            "attachments": ["a.log"],
+            "fields": {"reporter_name": "Jan Kowalski", "reporter_phone": "+48601234567",
+                       "serial_number": "SN-1", "description": "x"},
+            "attachments": 3,
+            "log_attachments": 1,
             "phone_confirmation_required": True,
             "missing": ["device_id"],
             "status": Status.IN_PROGRESS,
             "note": "x",
             "rating": 5,
             "reason": "rating",
+            "rating_window_days": 14,
             "message": "x",
             "reporter": "jan@example.com",
         }
+        # Both sides of every flag, so a typo in a rarely taken branch fails here too.
+        variants = (
+            {},
+            {"again": True, "accepted_by_staff": True, "attachments": ["a.log"],
+             "log_attachments": None, "rating": None, "reason": "staff",
+             "rating_window_days": 1, "phone_numbers": ["801 090 101"]},
+        )
         for event in EVENTS:
-            try:
-                self.render(event, **sample)
-            except RenderError:
-                raise
-            except Exception as exc:  # a template calling a filter wrongly, etc.
-                path = folder / f"{event}.txt.j2"
-                raise RenderError(f"{path}: {type(exc).__name__}: {exc}") from exc
+            for variant in variants:
+                try:
+                    self.render(event, **{**sample, **variant})
+                except RenderError:
+                    raise
+                except Exception as exc:  # a template calling a filter wrongly, etc.
+                    path = folder / f"{event}.txt.j2"
+                    raise RenderError(f"{path}: {type(exc).__name__}: {exc}") from exc
 
     def render(self, event: str, **context: Any) -> str:
         """The plain-text body for `event` (one of `EVENTS`), ending in one newline."""
@@ -463,9 +587,14 @@ class Renderer:
         if note is not None and not note.strip():
             note = None
 
-        attachments = [
-            clean_header_text(getattr(a, "filename", a)) for a in context.get("attachments") or ()
-        ]
+        attachments, log_attachments, attachment_names = _context_attachments(event, context)
+
+        window = context.get("rating_window_days")
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise RenderError(f"{event}: rating_window_days must be an int >= 1 or None, "
+                              f"got {window!r}")
 
         return {
             "number": None if number is None else f"{number:06d}",
@@ -475,8 +604,13 @@ class Renderer:
             "crm": clean_header_text(context.get("crm") or "crm@s4e.pl"),
             "phone_numbers": [p for p in (clean_header_text(p) for p in phones) if p],
             "fields": fields,
-            "attachments": [a for a in attachments if a],
+            "attachments": attachments,
+            "log_attachments": log_attachments,
+            "attachment_names": attachment_names,
             "phone_confirmation_required": bool(context.get("phone_confirmation_required")),
+            "accepted_by_staff": bool(context.get("accepted_by_staff")),
+            "again": bool(context.get("again")),
+            "rating_window_days": window,
             "missing": list(missing),
             "missing_labels": [MISSING_LABELS[lang][name] for name in missing],
             "status": None if status is None else status.value,
@@ -499,6 +633,62 @@ def _context_number(context: Mapping[str, Any]) -> int | None:
     if n is not None and t is not None and n != t:
         raise RenderError(f"number {number!r} and ticket {ticket!r} disagree")
     return n if n is not None else t
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _context_attachments(
+    event: str, context: Mapping[str, Any],
+) -> tuple[int, int | None, list[str]]:
+    """(how many attachments, how many of them logs or None, their names if given).
+
+    ``attachments`` is a count; a list (of names, `model.Attachment` objects or store
+    rows) is still accepted: its length is the count, items with ``is_log`` give the log
+    count when ``log_attachments`` is not passed, and the names are kept for the staff
+    copy only.
+    """
+    value, logs = context.get("attachments"), context.get("log_attachments")
+    names: list[str] = []
+    derived_logs: int | None = None
+    if value is None:
+        count = 0
+    elif _is_count(value):
+        count = value
+    elif isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise RenderError(f"{event}: attachments must be a count or a list, got {value!r}")
+    else:
+        items = list(value)
+        count = len(items)
+        flags = [_item_attr(item, "is_log") for item in items]
+        if any(flag is not None for flag in flags):
+            derived_logs = sum(1 for flag in flags if flag)
+        for item in items:
+            name = _item_attr(item, "filename")
+            name = clean_header_text(item if name is None and isinstance(item, str) else name)
+            if name:
+                names.append(name)
+    if logs is None:
+        logs = derived_logs
+    elif not _is_count(logs) or logs > count:
+        raise RenderError(f"{event}: log_attachments must be a count from 0 to "
+                          f"attachments ({count}), got {logs!r}")
+    return count, logs, names
+
+
+def _item_attr(item: object, name: str) -> Any:
+    """`item.name`, `item[name]` (a dict or sqlite3.Row) or None."""
+    if isinstance(item, str | bytes):
+        return None
+    if isinstance(item, Mapping):
+        return item.get(name)
+    if hasattr(item, name):
+        return getattr(item, name)
+    try:
+        return item[name]  # type: ignore[index]
+    except (TypeError, KeyError, IndexError):
+        return None
 
 
 def _context_fields(value: object) -> dict[str, str | None]:

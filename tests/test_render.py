@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import shutil
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
@@ -23,6 +24,9 @@ from gateway.render import (
     clean_filename,
     clean_header_text,
     compose_message,
+    customer_value,
+    device_id_value,
+    format_phone,
     reply_subject,
     short_text,
 )
@@ -43,7 +47,7 @@ FIELDS = {
 
 # A representative context per event (the common keys come from `render_all`).
 CONTEXTS: dict[str, dict] = {
-    "acknowledgement": {"fields": FIELDS, "attachments": ["cvlt.log", "zrzut ekranu.png"],
+    "acknowledgement": {"fields": FIELDS, "attachments": 2, "log_attachments": 1,
                         "phone_confirmation_required": True},
     "missing_fields": {"fields": {"reporter_name": "Jan Kowalski"},
                        "missing": ["reporter_phone", "install_address", "device_id"]},
@@ -61,25 +65,35 @@ CONTEXTS: dict[str, dict] = {
 
 # Concrete wording the Polish mails must carry.
 PL_PHRASES: dict[str, list[str]] = {
-    "acknowledgement": ["Szanowni Państwo,", "#123456", "Przyjęte", "zostało przyjęte",
-                        "z zachowaniem numeru #123456 w temacie", "serwis@s4e.pl",
-                        "telefoniczne potwierdzenie", "(0-12) 444-65-00 lub 801 090 101",
-                        "Jan Kowalski", "ul. Długa 5, 31-147 Kraków", "SN-4711-XZ", "cvlt.log",
+    "acknowledgement": ["Szanowni Państwo,",
+                        "zostało zarejestrowane pod numerem #123456 i otrzymało status: Przyjęte.",
+                        "zachowując numer #123456 w temacie", "serwis@s4e.pl",
+                        ("telefoniczne potwierdzenie pod jednym z numerów: "
+                         "(0-12) 444-65-00 lub 801 090 101."),
+                        "- Imię i nazwisko: Jan Kowalski\n",
+                        "- Telefon: +48 12 444 65 00\n",
+                        "- Adres instalacji sprzętu: ul. Długa 5, 31-147 Kraków\n",
+                        "- Numer seryjny urządzenia: SN-4711-XZ\n",
+                        "Otrzymaliśmy załączniki: 2 (w tym pliki logów: 1).",
                         "Z poważaniem,\nSerwis S4E\ncrm@s4e.pl"],
-    "missing_fields": ["Szanowni Państwo,", "#123456", "Oczekuje na uzupełnienie",
+    "missing_fields": ["Szanowni Państwo,", "dziękujemy za przesłanie zgłoszenia.",
+                       "zarejestrowane pod numerem #123456",
+                       "otrzymało status: Oczekuje na uzupełnienie.",
                        "Dane kontaktowe osoby zgłaszającej (telefon)",
                        "Adres instalacji sprzętu – realizacji naprawy",
                        "Numer seryjny urządzenia / numer Commcell ID",
-                       "w odpowiedzi na tę wiadomość, z zachowaniem numeru #123456 w temacie",
+                       "w formie „Etykieta: wartość”, np. „Numer seryjny urządzenia: ABC123”.",
+                       "Numer #123456 w temacie wiadomości należy pozostawić bez zmian.",
                        "Z poważaniem,"],
     "status_changed": ["Szanowni Państwo,", "#123456", "W realizacji",
                        "Wymiana dysku zaplanowana na jutro.", "Z poważaniem,"],
     "resolved": ["Szanowni Państwo,", "#123456", "Rozwiązane", "Ocena: 5", "od 1 do 5",
                  "problem nadal występuje", "Z poważaniem,"],
-    "closed": ["Szanowni Państwo,", "#123456", "Zamknięte", "Dziękujemy za ocenę",
+    "closed": ["Szanowni Państwo,", "zgłoszenie #123456 otrzymało status: Zamknięte.",
+               "Dziękujemy za ocenę realizacji zgłoszenia: 5/5.",
                "nie będą już trafiały do systemu zgłoszeń serwisowych",
                "wyłącznie na adres serwis@s4e.pl", "Z poważaniem,"],
-    "closed_ticket_guidance": ["Szanowni Państwo,", "#123456", "zostało zamknięte",
+    "closed_ticket_guidance": ["Szanowni Państwo,", "#123456", "zostało już zamknięte",
                                "nie została do niego dołączona",
                                "w tym awarie związane z zamkniętym zgłoszeniem",
                                "wyłącznie na adres serwis@s4e.pl",
@@ -91,28 +105,34 @@ PL_PHRASES: dict[str, list[str]] = {
                                 "4. Opis problemu;",
                                 "5. Numer seryjny urządzenia / numer Commcell ID;",
                                 "6. Logi z urządzenia, o ile są dostępne.",
+                                "pod jednym z numerów: (0-12) 444-65-00 lub 801 090 101.",
                                 "w temacie wiadomości"],
     "staff_reply": ["prosimy o przesłanie logów", "Zgłoszenie #123456", "W realizacji",
-                    "z zachowaniem numeru #123456 w temacie", "\n-- \n"],
+                    "Odpowiadając, prosimy zachować numer #123456 w temacie wiadomości.",
+                    "\n-- \n"],
     "held_notice": ["Szanowni Państwo,", "nie mogła zostać automatycznie dodana",
                     "serwis@s4e.pl", "Z poważaniem,\nSerwis S4E\ncrm@s4e.pl"],
     "staff_copy": ["PILNE", "#123456", "Przyjęte", "jan.kowalski@firma.pl",
-                   "Serwer nie startuje po aktualizacji", "cvlt.log"],
+                   "Serwer nie startuje po aktualizacji", "Załączniki: 1\n- cvlt.log\n"],
 }
 
 EN_PHRASES: dict[str, list[str]] = {
     "acknowledgement": ["Dear Sir or Madam,", "#123456", "Accepted", "serwis@s4e.pl",
                         "keep the number #123456 in the subject",
-                        "(0-12) 444-65-00 or 801 090 101", "Kind regards,\nS4E Service Desk"],
+                        "at one of these numbers: (0-12) 444-65-00 or 801 090 101.",
+                        "- Phone: +48 12 444 65 00\n", "Attachments received: 2 (logs: 1).",
+                        "Kind regards,\nS4E Service Desk"],
     "missing_fields": ["Dear Sir or Madam,", "Awaiting information",
-                       "Serial number of the device / CommCell ID"],
+                       "Serial number / CommCell ID",
+                       'in the form "Label: value", e.g. "Serial number: ABC123"'],
     "status_changed": ["Dear Sir or Madam,", "In progress"],
     "resolved": ["Resolved", "Rating: 5", "If the problem persists"],
     "closed": ["Closed", "Thank you for your rating", "serwis@s4e.pl only"],
-    "closed_ticket_guidance": ["Ticket #123456 has been closed", "has not been added",
+    "closed_ticket_guidance": ["Ticket #123456 has already been closed", "has not been added",
                                "serwis@s4e.pl only"],
     "unknown_ticket_guidance": ["could not match", "serwis@s4e.pl", "6. Logs from the device"],
-    "staff_reply": ["Ticket #123456", "In progress", "keep the number #123456"],
+    "staff_reply": ["Ticket #123456", "In progress",
+                    "When replying, please keep #123456 in the subject."],
     "held_notice": ["Dear Sir or Madam,", "could not be added", "serwis@s4e.pl"],
     "staff_copy": ["URGENT", "#123456", "Serwer nie startuje"],
 }
@@ -197,17 +217,114 @@ def test_acknowledgement_never_carries_the_description(renderer: Renderer) -> No
         assert "KLIKNIJ" not in body and "evil.example" not in body
 
 
-def test_acknowledgement_cuts_a_malicious_field_to_one_short_line(renderer: Renderer) -> None:
+WITHHELD = {"pl": "(podano)", "en": "(provided)"}
+CUSTOMER_EVENTS = ("acknowledgement", "missing_fields")
+
+
+def test_acknowledgement_withholds_a_malicious_field(renderer: Renderer) -> None:
     evil = ("Jan\r\nBcc: x@evil.example\n\nZapłać na konto http://evil.example/pay\u2028"
             + "A" * 5000)
-    fields = dict(FIELDS, reporter_name=evil, install_address=evil)
-    body = render(renderer, "acknowledgement", fields=fields,
-                  attachments=[evil] * 3)
-    assert "\nBcc:" not in body and "\u2028" not in body
-    assert "AAAA" * 25 not in body
-    lines = [line for line in body.splitlines() if "Jan" in line]
-    assert lines and all(len(line) <= 120 for line in lines)
-    assert all(line.endswith("…") for line in lines)
+    fields = dict(FIELDS, reporter_name=evil, install_address=evil, serial_number=evil,
+                  commcell_id=evil, reporter_phone=evil, reporter_email=evil)
+    for event in CUSTOMER_EVENTS:
+        body = render(renderer, event, fields=fields, missing=["description"],
+                      attachments=[evil] * 3)
+        assert "Bcc" not in body and "\u2028" not in body and "evil" not in body
+        assert "Zapłać" not in body and "AAAA" not in body
+        assert body.count(WITHHELD[renderer.language]) == 6, body
+
+
+@pytest.mark.parametrize("value", [
+    "Prosimy o wpłatę na rachunek PL61 1090 1014 0000 0712 1981 2874",
+    "PL61109010140000071219812874",
+    "pl61-1090-1014-0000-0712-1981-2874",
+    "DE89 3704 0044 0532 0130 00",
+    "GB29 NWBK 6016 1331 9268 19",
+    "61 1090 1014 0000 0712 1981 2874",  # a Polish account number without "PL"
+    "Szczegóły: http://evil.example",
+    "HTTPS://EVIL.EXAMPLE",
+    "evil.example/pay",
+    "bit.ly/abc",
+    "www.evil.example",
+    "ＷＷＷ．evil．example",  # fullwidth
+    "h\u200bttp://evil.example",  # a zero-width space hides nothing
+    "ftp://files.example",
+    "x" * 81,
+])
+def test_customer_value_withholds_links_accounts_and_long_text(renderer: Renderer,
+                                                              value: str) -> None:
+    withheld = WITHHELD[renderer.language]
+    assert customer_value(value, withheld) == withheld
+    for name in ("reporter_name", "install_address", "reporter_email", "reporter_phone",
+                 "serial_number", "commcell_id"):
+        body = render(renderer, "acknowledgement", fields={name: value})
+        assert f": {withheld}\n" in body, (name, body)
+        assert value not in body
+
+
+@pytest.mark.parametrize("value", [
+    "Jan Kowalski", "Zażółć Gęślą-Jaźń", "ul. Długa 5/7, 31-147 Kraków",
+    "al. Jana Pawła II 12, 00-001 Warszawa", "jan.kowalski@firma.pl", "+48 601 234 567",
+    "Budynek B2, piętro 3, serwerownia 3.14", "x" * 80,
+])
+def test_customer_value_keeps_ordinary_values(value: str) -> None:
+    assert customer_value(value) == value
+    assert customer_value(f"  {value}\r\n") == value
+
+
+def test_customer_value_basics() -> None:
+    assert customer_value(None) == "" and customer_value("  \r\n") == ""
+    assert customer_value("Jan\u200b Kowalski\u00ad") == "Jan Kowalski"
+    assert customer_value("Jan\r\nKowalski") == "Jan Kowalski"
+    assert customer_value("x" * 41, "(podano)", 40) == "(podano)"
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("SN-4711-XZ", "SN-4711-XZ"),
+    ("2A3F1", "2A3F1"),
+    ("CZ1234 ABC/7.1_x", "CZ1234 ABC/7.1_x"),
+    ("A" * 40, "A" * 40),
+    ("A" * 41, "(podano)"),
+    ("-SN1", "(podano)"),  # must start with a letter or digit
+    ("SN: 123", "(podano)"),
+    ("SN#1", "(podano)"),
+    ("Numer ŻÓŁW-1", "(podano)"),
+    ("www.evil.pl", "(podano)"),  # fits the pattern, still a link
+    ("PL61 1090 1014 0000 0712 1981 2874", "(podano)"),  # fits the pattern, an IBAN
+    (None, ""),
+])
+def test_device_ids_are_printed_only_when_they_look_like_one(value, shown) -> None:
+    assert device_id_value(value) == shown
+    assert device_id_value(value, "(provided)") == shown.replace("(podano)", "(provided)")
+
+
+def test_serial_and_commcell_in_the_acknowledgement(pl: Renderer) -> None:
+    body = render(pl, "acknowledgement",
+                  fields=dict(FIELDS, serial_number="SN 1/2", commcell_id="zadzwoń: 123"))
+    assert "- Numer seryjny urządzenia: SN 1/2\n" in body
+    assert "- Numer Commcell ID: (podano)\n" in body and "zadzwoń" not in body
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("+48601234567", "+48 601 234 567"),
+    ("+48124446500", "+48 12 444 65 00"),
+    ("+442079460000", "+44 20 7946 0000"),
+    ("601 234 567", "601 234 567"),  # not E.164: as it is
+    ("+48 601 234 567", "+48 601 234 567"),
+    ("+4812", "+4812"),  # too short to be a number
+    ("tel. 601234567 wew. 12", "tel. 601234567 wew. 12"),
+    ("+48601234567\r\n", "+48 601 234 567"),
+    (None, ""),
+])
+def test_phone_filter(raw, shown) -> None:
+    assert format_phone(raw) == shown
+
+
+def test_phone_is_formatted_in_customer_mails(renderer: Renderer) -> None:
+    for event in CUSTOMER_EVENTS:
+        body = render(renderer, event, fields={"reporter_phone": "+48601234567"},
+                      missing=["device_id"])
+        assert "+48 601 234 567\n" in body and "+48601234567" not in body
 
 
 def test_short_filter() -> None:
@@ -224,11 +341,44 @@ def test_acknowledgement_accepts_model_fields(pl: Renderer) -> None:
     assert "Ewa Nowak" in body and "#123456" in body and "None" not in body
 
 
-def test_acknowledgement_lists_at_most_ten_attachments(pl: Renderer) -> None:
-    names = [f"log{i:02d}.txt" for i in range(25)]
-    body = render(pl, "acknowledgement", attachments=names)
-    assert "log09.txt" in body and "log10.txt" not in body
-    assert "łącznie załączników: 25" in body
+@pytest.mark.parametrize("event", CUSTOMER_EVENTS)
+def test_attachments_are_counted_never_named(pl: Renderer, event: str) -> None:
+    body = render(pl, event, attachments=3, log_attachments=2)
+    assert "Otrzymaliśmy załączniki: 3 (w tym pliki logów: 2).\n" in body
+    for logs in (None, 0):
+        body = render(pl, event, attachments=3, log_attachments=logs)
+        assert "Otrzymaliśmy załączniki: 3.\n" in body
+    for nothing in (0, None, []):
+        assert "załącznik" not in render(pl, event, attachments=nothing, log_attachments=None)
+    # A list (the old contract) is counted; its names never reach the customer.
+    names = ["Wpłać na PL61109010140000071219812874.log", "www.evil.example.png"]
+    body = render(pl, event, attachments=names, log_attachments=None)
+    assert "Otrzymaliśmy załączniki: 2.\n" in body
+    assert "evil" not in body and "PL61" not in body and "Wpłać" not in body
+
+
+def test_attachment_objects_give_the_log_count(en: Renderer) -> None:
+    from gateway.model import Attachment
+
+    files = [Attachment(filename="cvd.log", content_type="text/plain", data=b"x", size=1,
+                        sha256="0" * 64, is_log=True),
+             Attachment(filename="x.png", content_type="image/png", data=b"x", size=1,
+                        sha256="0" * 64, is_log=False)]
+    body = render(en, "acknowledgement", attachments=files, log_attachments=None)
+    assert "Attachments received: 2 (logs: 1).\n" in body and "cvd.log" not in body
+    rows = [{"filename": "a.log", "is_log": 1}, {"filename": "b.log", "is_log": 1}]
+    body = render(en, "missing_fields", attachments=rows)
+    assert "Attachments received: 2 (logs: 2).\n" in body and "a.log" not in body
+    # an explicit count wins
+    assert "(logs: 1)" in render(en, "acknowledgement", attachments=rows, log_attachments=1)
+    copy = render(en, "staff_copy", attachments=rows)
+    assert "Attachments: 2 (logs: 2)\n- a.log\n- b.log\n" in copy
+
+
+def test_staff_copy_with_a_count(pl: Renderer) -> None:
+    assert "Załączniki: 4 (w tym pliki logów: 1)\n\n" in render(
+        pl, "staff_copy", attachments=4, log_attachments=1)
+    assert "Załączniki: brak\n\n" in render(pl, "staff_copy", attachments=None)
 
 
 def test_phone_confirmation_only_when_required(pl: Renderer) -> None:
@@ -238,7 +388,86 @@ def test_phone_confirmation_only_when_required(pl: Renderer) -> None:
     quiet = render(pl, "acknowledgement", phone_confirmation_required=False)
     assert "telefoniczne" not in quiet and "801 090 101" not in quiet
     no_numbers = render(pl, "acknowledgement", phone_numbers=[])
-    assert "telefoniczne potwierdzenie, z podaniem numeru" in no_numbers
+    assert "prosimy o jego telefoniczne potwierdzenie. W rozmowie" in no_numbers
+    one = render(pl, "acknowledgement", phone_numbers=["801 090 101"])
+    assert "telefoniczne potwierdzenie pod numerem 801 090 101." in one
+    three = render(pl, "acknowledgement", phone_numbers=["1", "2", "3"])
+    assert "pod jednym z numerów: 1, 2 lub 3." in three
+
+
+def test_missing_fields_again(renderer: Renderer) -> None:
+    first = render(renderer, "missing_fields")
+    again = render(renderer, "missing_fields", again=True)
+    if renderer.language == "pl":
+        assert "dziękujemy za przesłanie zgłoszenia" in first
+        assert ("dziękujemy za uzupełnienie zgłoszenia #123456. "
+                "Do jego przyjęcia nadal brakuje następujących informacji:\n") in again
+        assert "zarejestrowane" not in again and "przesłanie" not in again
+    else:
+        assert "Thank you for your report" in first
+        assert ("Thank you for the additional information on ticket #123456. "
+                "The following is still missing") in again
+        assert "registered" not in again and "Thank you for your report" not in again
+    for label in MISSING_LABELS[renderer.language].values():
+        if label in first:
+            assert f"- {label}\n" in again
+
+
+@pytest.mark.parametrize("language", ["pl", "en"])
+def test_missing_labels_are_read_back_by_the_parser(language: str) -> None:
+    """missing_fields asks for "Label: value": answering with the labels must work."""
+    from gateway.parse_fields import build_fields, read_labels
+
+    values = {"reporter_name": "Jan Kowalski", "reporter_phone": "601 234 567",
+              "install_address": "ul. Długa 5, 31-147 Kraków",
+              "description": "Serwer nie startuje.", "device_id": "ABC123"}
+    body = "".join(f"{MISSING_LABELS[language][k]}: {v}\n" for k, v in values.items())
+    fields = build_fields(read_labels(body), "x@example.com", "", "PL")
+    assert (fields.reporter_name, fields.reporter_phone, fields.install_address,
+            fields.description, fields.serial_number) == (
+        "Jan Kowalski", "+48601234567", "ul. Długa 5, 31-147 Kraków", "Serwer nie startuje.",
+        "ABC123")
+    example = build_fields(read_labels("Numer seryjny urządzenia: ABC123\nSerial number: X\n"),
+                           "x@example.com", "", "PL")
+    assert example.serial_number in ("ABC123", "X")
+
+
+@pytest.mark.parametrize("days, pl_text, en_text", [
+    (1, "Jeżeli nie otrzymamy jej w ciągu 1 dnia, zamknięcie nastąpi automatycznie.",
+     "If we do not receive it within 1 day, this will happen automatically."),
+    (2, "w ciągu 2 dni,", "within 2 days,"),
+    (5, "w ciągu 5 dni,", "within 5 days,"),
+    (14, "w ciągu 14 dni,", "within 14 days,"),
+    (22, "w ciągu 22 dni,", "within 22 days,"),
+])
+def test_resolved_names_the_rating_window(pl: Renderer, en: Renderer, days, pl_text,
+                                          en_text) -> None:
+    assert pl_text in render(pl, "resolved", rating_window_days=days)
+    assert en_text in render(en, "resolved", rating_window_days=days)
+
+
+def test_resolved_without_rating_window(renderer: Renderer) -> None:
+    body = render(renderer, "resolved", rating_window_days=None)
+    assert "automaty" not in body and "automatically" not in body
+    assert body == render(renderer, "resolved")
+
+
+def test_acknowledgement_accepted_by_staff(renderer: Renderer) -> None:
+    # Staff accepted an incomplete report by hand: some fields are None.
+    fields = dict(FIELDS, serial_number=None, commcell_id=None, install_address=None)
+    body = render(renderer, "acknowledgement", fields=fields, accepted_by_staff=True,
+                  phone_confirmation_required=False)
+    assert "None" not in body and "\n\n\n" not in body
+    if renderer.language == "pl":
+        assert ("serwis S4E przyjął Państwa zgłoszenie #123456 do realizacji. "
+                "Status zgłoszenia: Przyjęte.") in body
+        assert "brak" not in body.lower() and "zarejestrowane" not in body
+        assert "Numer seryjny" not in body and "Adres instalacji" not in body
+    else:
+        assert "has accepted your report #123456 for processing" in body
+        assert "missing" not in body.lower() and "registered" not in body
+    assert render(renderer, "acknowledgement", accepted_by_staff=False) == render(
+        renderer, "acknowledgement")
 
 
 def test_held_notice_is_content_free(renderer: Renderer) -> None:
@@ -264,17 +493,33 @@ def test_unknown_ticket_guidance_never_names_a_ticket(renderer: Renderer) -> Non
 
 def test_closed_ticket_guidance_without_a_number(pl: Renderer) -> None:
     body = pl.render("closed_ticket_guidance", number=None)
-    assert "#" not in body and "zostało zamknięte" in body and "serwis@s4e.pl" in body
+    assert "#" not in body and "zostało już zamknięte" in body and "serwis@s4e.pl" in body
 
 
 @pytest.mark.parametrize("reason, phrase", [
-    ("staff", "zamknięte przez serwis S4E"),
-    ("rating_window", "po upływie terminu"),
-    (None, "Zamknięte"),
+    ("staff", "status: Zamknięte.\nZamknięcia dokonał serwis S4E.\n"),
+    ("rating_window", ("nie otrzymaliśmy oceny realizacji zgłoszenia, zamknięcie nastąpiło "
+                       "automatycznie.")),
+    (None, "status: Zamknięte.\n\nUwaga!"),
 ])
 def test_closed_without_rating(pl: Renderer, reason, phrase) -> None:
     body = render(pl, "closed", rating=None, reason=reason, note=None)
     assert phrase in body and "Dziękujemy za ocenę" not in body and "None" not in body
+    assert "Dziękujemy za skorzystanie z usług serwisu S4E." in body
+
+
+def test_closed_keeps_the_procedures_warning(renderer: Renderer) -> None:
+    for reason in (None, "staff", "rating_window", "rating"):
+        body = render(renderer, "closed", reason=reason, rating=4 if reason == "rating" else None)
+        if renderer.language == "pl":
+            assert body.count("amknię") <= 3, body  # no "zamknięte" three times over
+            assert ("Wiadomości wysyłane na adres crm@s4e.pl z numerem #123456 nie będą już "
+                    "trafiały do systemu zgłoszeń serwisowych.") in body
+            assert ("Kolejne awarie, również te związane z tym zgłoszeniem, prosimy zgłaszać "
+                    "wyłącznie na adres serwis@s4e.pl.") in body
+        else:
+            assert "will no longer enter the service ticket system" in body
+            assert "including ones related to this ticket, to serwis@s4e.pl only" in body
 
 
 def test_staff_text_is_rendered_as_is(pl: Renderer) -> None:
@@ -305,6 +550,16 @@ def test_staff_copy_without_urgency(pl: Renderer) -> None:
     ("closed", {"number": 123456, "reason": "bored"}),
     ("staff_reply", {"number": 123456, "message": "  "}),
     ("resolved", {"number": 123456, "ticket": "#654321"}),
+    ("resolved", {"number": 123456, "rating_window_days": 0}),
+    ("resolved", {"number": 123456, "rating_window_days": True}),
+    ("resolved", {"number": 123456, "rating_window_days": "14"}),
+    ("acknowledgement", {"number": 123456, "attachments": -1}),
+    ("acknowledgement", {"number": 123456, "attachments": True}),
+    ("acknowledgement", {"number": 123456, "attachments": "a.log"}),
+    ("acknowledgement", {"number": 123456, "attachments": 2, "log_attachments": 3}),
+    ("acknowledgement", {"number": 123456, "attachments": 2, "log_attachments": -1}),
+    ("missing_fields", {"number": 123456, "missing": ["device_id"], "log_attachments": 1}),
+    ("acknowledgement", {"number": 123456, "againn": True}),
 ])
 def test_bad_context_is_refused(pl: Renderer, event, context) -> None:
     with pytest.raises(RenderError):
@@ -687,3 +942,35 @@ def test_render_error_is_a_one_line_gateway_error(tmp_path: Path) -> None:
     with pytest.raises(GatewayError) as info:
         Renderer(tmp_path, "pl")
     assert "\n" not in str(info.value) and "acknowledgement.txt.j2" in str(info.value)
+
+
+FIELD_KEYS = ("reporter_name", "reporter_email", "reporter_phone", "install_address",
+              "serial_number", "commcell_id")
+link_text = st.one_of(
+    evil_text,
+    st.lists(st.sampled_from(["http", "://", "www.", "ＷＷＷ．", "\u200b", "PL61", " 1090",
+                              "1014", "0000", "-", ".", "evil.example/", "Jan", " ", "+48",
+                              "601234567", "\r\n", "h", "ttp", "s"]), max_size=20).map("".join),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(link_text, min_size=6, max_size=6))
+def test_customer_values_never_carry_links_or_long_text(values) -> None:
+    import unicodedata
+
+    for language in ("pl", "en"):
+        r = RENDERERS[language]
+        fields = dict(zip(FIELD_KEYS, values))
+        for event in CUSTOMER_EVENTS:
+            body = r.render(event, number=123456, fields=fields, missing=["description"],
+                            attachments=values)
+            folded = unicodedata.normalize("NFKC", body).casefold()
+            assert "http" not in folded and "://" not in folded and "www." not in folded
+            assert not re.search(r"pl61[ .-]?1090[ .-]?1014[ .-]?0000", folded)
+            for line in body.splitlines():
+                if line.startswith("- ") and ": " in line:
+                    assert len(line.split(": ", 1)[1]) <= 80, line
+
+
+RENDERERS = {language: Renderer(TEMPLATES, language) for language in ("pl", "en")}

@@ -35,10 +35,9 @@ from gateway.model import (FIELD_NAMES, TICKET_REF, Attachment, Fields, Inbound,
 from gateway.parser import parse_report
 from gateway.processor import Processed
 from gateway.render import Renderer, compose_message, reply_subject
-from gateway.router import (AppendToTicket, ClosedTicketGuidance, ClosedTicketRejected,
-                            Decision, HoldForOperator, NewTicket, Policy, Situation,
-                            StoreOnly, TicketView, UnknownTicketGuidance, decide,
-                            is_authorised)
+from gateway.router import (AppendToTicket, ClosedTicketGuidance, Decision,
+                            HoldForOperator, NewTicket, Policy, Situation, StoreOnly,
+                            TicketView, UnknownTicketGuidance, decide, is_authorised)
 from gateway.store import InboundRow, TicketRow, Tx
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 HMAC_SETTING = "message_id_hmac_key"
 _REPLY_PREFIX = re.compile(r"^\s*((re|odp|aw|wg|fw|fwd|pd|tr|sv|vs)\s*(\[\d+\])?\s*:\s*)+",
                            re.IGNORECASE)
-_TOKEN_WITH_BRACKETS = re.compile(r"\[?\s*" + TICKET_REF.pattern + r"\s*\]?", re.ASCII)
 
 
 @dataclass
@@ -78,8 +76,7 @@ class Context:
         return self.crm.rpartition("@")[2]
 
     def policy(self) -> Policy:
-        return Policy(closed_action="reply",
-                      max_auto_replies_per_hour=self.config.tickets.max_auto_replies_per_hour)
+        return Policy(max_auto_replies_per_hour=self.config.tickets.max_auto_replies_per_hour)
 
 
 def load_renderer(config: Config) -> Renderer:
@@ -111,9 +108,10 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
     report = await asyncio.to_thread(parse_report, raw)
     saved = await asyncio.to_thread(save_attachments, ctx.config.storage.attachments,
                                     report.attachments)
-    situation = await look_up(conn, ctx, row, report)
+    situation = await look_up(conn, ctx, row, report, raw)
     if release:
-        situation = dataclasses.replace(situation, authorised=True, duplicate_of=None)
+        situation = dataclasses.replace(situation, authorised=True, duplicate_of=None,
+                                        to_intake=False)
     decision = decide(situation)
     now = ctx.clock()
     async with Tx(conn):
@@ -151,7 +149,7 @@ def attachment_path(folder: Path, sha256: str) -> Path:
 
 
 async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
-                  report: Report) -> Situation:
+                  report: Report, raw: bytes) -> Situation:
     cfg = ctx.config
     rcpts = {r.lower() for r in row.rcpt_tos}
     sender = report.sender or row.mail_from.lower()
@@ -170,17 +168,32 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
     authorised = bool(view) and is_authorised(
         sender, view, staff_domains=cfg.addresses.staff_domains,
         reply_policy=cfg.tickets.reply_policy)
+    participant = bool(view) and (sender == view.reporter_email or sender in view.participants)
     own = is_own_mail(ctx, report)
-    duplicate = None
-    if report.message_id:
-        earlier = await store.processed_with_message_id(conn, report.message_id, row.id)
-        duplicate = earlier.id if earlier else None
+    duplicate = await earlier_copy(conn, row, report, raw)
     since = ctx.clock() - timedelta(hours=1)
-    replies = await store.auto_replies_since(conn, reply_address(report, row), since)
+    # The cap counts answers to this sender's From and to the e-mail its report names.
+    replies = await store.auto_replies_since(
+        conn, {answer_address(report, row), (report.fields.reporter_email or "").lower()}, since)
     return Situation(report=report, mail_from=row.mail_from, to_intake=ctx.intake in rcpts,
                      to_crm=ctx.crm in rcpts, named_ref=named_ref, ticket=view,
                      authorised=authorised, own_mail=own, duplicate_of=duplicate,
-                     auto_replies_last_hour=replies, policy=ctx.policy())
+                     auto_replies_last_hour=replies, policy=ctx.policy(),
+                     is_participant=participant)
+
+
+async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Report,
+                       raw: bytes) -> int | None:
+    """An earlier routed message with the same Message-ID and the same content (its
+    headers may differ: another path, another forwarder). The same Message-ID on
+    different content is another message: devices and scripts reuse ids."""
+    if not report.message_id:
+        return None
+    digest = store.body_digest(raw)
+    for earlier in await store.processed_with_message_id(conn, report.message_id, row.id):
+        if store.body_digest(await store.read_raw(conn, earlier.id)) == digest:
+            return earlier.id
+    return None
 
 
 async def thread_ticket(conn: aiosqlite.Connection, ctx: Context, report: Report) -> int | None:
@@ -205,11 +218,19 @@ def ticket_view(ticket: TicketRow) -> TicketView:
                       ticket.participants)
 
 
-def reply_address(report: Report, row: InboundRow) -> str:
-    return (report.reply_to or report.sender or row.mail_from).lower()
+def answer_address(report: Report, row: InboundRow) -> str:
+    """Where an answer about no particular ticket goes: the From address. Never the
+    Reply-To: a forged From plus one's own Reply-To must not draw ticket mail."""
+    return (report.sender or row.mail_from).lower()
 
 
 # --- applying a decision (inside the transaction) -------------------------------------
+
+# Answers about no particular ticket go at most once a day per address and kind: a
+# customer's own helpdesk robot answering our notice must not make a loop.
+DAMPED_EVENTS = frozenset({"held_notice", "unknown_ticket_guidance", "closed_ticket_guidance"})
+DAMPING = timedelta(hours=24)
+
 
 async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, report: Report,
                 situation: Situation, decision: Decision, saved: list[dict[str, Any]],
@@ -218,9 +239,13 @@ async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repor
         case NewTicket():
             return await open_ticket(conn, ctx, row, report, decision, saved, now)
         case AppendToTicket():
-            return await append_to_ticket(conn, ctx, row, report, decision, saved, now)
+            return await append_to_ticket(conn, ctx, row, report, situation, decision,
+                                          saved, now)
         case ClosedTicketGuidance():
             await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
+            if not decision.name_ticket:
+                await hold(conn, row, report, decision.number,
+                           "sender not authorised for the (closed) ticket", now)
             if decision.answer:
                 if decision.name_ticket:
                     ticket = await store.get_ticket(conn, decision.number)
@@ -229,19 +254,17 @@ async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repor
                 else:
                     await answer(conn, ctx, row, report, "held_notice", now)
             return decision.number
-        case ClosedTicketRejected():
-            return decision.number
         case UnknownTicketGuidance():
             await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
+            if decision.content_free:
+                await hold(conn, row, report, situation.named_ref, decision.reason, now)
             if decision.answer:
                 event = "held_notice" if decision.content_free else "unknown_ticket_guidance"
                 await answer(conn, ctx, row, report, event, now)
             return None
         case HoldForOperator():
             await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
-            await store.add_held(conn, inbound_id=row.id, ticket=decision.ticket,
-                                 sender=report.sender or row.mail_from,
-                                 subject=report.subject, reason=decision.reason, now=now)
+            await hold(conn, row, report, decision.ticket, decision.reason, now)
             if decision.answer:
                 await answer(conn, ctx, row, report, "held_notice", now)
             return decision.ticket
@@ -249,9 +272,17 @@ async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repor
             await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
             if decision.bounced_ids:
                 for number in await store.mark_bounced(conn, decision.bounced_ids):
-                    log.warning("ticket #%06d: a message to the reporter bounced", number)
+                    log.warning("#%06d: a message to the reporter bounced", number)
             return None
     raise AssertionError(f"unhandled decision {decision!r}")  # pragma: no cover
+
+
+async def hold(conn: aiosqlite.Connection, row: InboundRow, report: Report,
+               ticket: int | None, reason: str, now: datetime) -> None:
+    """Kept for operators (`held list`): the notice we send promises a review."""
+    await store.add_held(conn, inbound_id=row.id, ticket=ticket,
+                         sender=report.sender or row.mail_from, subject=report.subject,
+                         reason=reason, now=now)
 
 
 async def open_ticket(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
@@ -263,7 +294,7 @@ async def open_ticket(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
     hours = await store.contract_hours(
         conn, [v for v in (fields.serial_number, fields.commcell_id) if v])
     phone_required = hours is not None and hours < 24
-    reporter = (fields.reporter_email or reply_address(report, row)).lower()
+    reporter = (fields.reporter_email or answer_address(report, row)).lower()
     values = {name: getattr(fields, name) for name in FIELD_NAMES}
     values.update(
         reporter_email=reporter, status=str(status), subject=ticket_subject(report.subject),
@@ -276,15 +307,27 @@ async def open_ticket(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
     await record_inbound(conn, number, row, report, saved, now)
     ticket = await store.get_ticket(conn, number)
     assert ticket is not None
+    event = "missing_fields" if missing else "acknowledgement"
     if decision.answer:
-        event = "missing_fields" if missing else "acknowledgement"
         await answer(conn, ctx, row, report, event, now, ticket=ticket)
+    else:
+        await suppressed(conn, ticket, event, now)
     await copy_to_staff(conn, ctx, ticket, saved, now)
     return number
 
 
+async def suppressed(conn: aiosqlite.Connection, ticket: TicketRow, event: str,
+                     now: datetime) -> None:
+    """Past the automatic-answer cap the ticket still opens; say so where staff look."""
+    log.warning("#%06d: %s not sent: automatic answer limit reached for %s",
+                ticket.number, event, ticket.reporter_email)
+    await store.add_history(conn, ticket=ticket.number, from_status=ticket.status,
+                            to_status=ticket.status, actor="gateway", now=now,
+                            note=f"{event} not sent: automatic answer limit per hour reached")
+
+
 async def append_to_ticket(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
-                           report: Report, decision: AppendToTicket,
+                           report: Report, situation: Situation, decision: AppendToTicket,
                            saved: list[dict[str, Any]], now: datetime) -> int:
     number = decision.number
     ticket = await store.get_ticket(conn, number)
@@ -292,6 +335,10 @@ async def append_to_ticket(conn: aiosqlite.Connection, ctx: Context, row: Inboun
     if await already_recorded(conn, number, row.id):
         return number  # reprocessing: never append the same message twice
     await record_inbound(conn, number, row, report, saved, now)
+    # Staff domains and reply_policy admit mail into the thread; only the ticket's own
+    # people may change its fields or rate it (a From header is easy to forge).
+    if not situation.is_participant:
+        return number
     if ticket.status == Status.AWAITING_INFO:
         await complete_report(conn, ctx, row, report, ticket, decision.answer, now)
     elif ticket.status == Status.RESOLVED and report.rating is not None:
@@ -304,6 +351,13 @@ async def append_to_ticket(conn: aiosqlite.Connection, ctx: Context, row: Inboun
         closed = await store.get_ticket(conn, number)
         await notify(conn, ctx, closed, "closed", now, rating=report.rating, reason="rating",
                      in_reply_to=report)
+    elif ticket.status == Status.RESOLVED and ticket.resolved_at is not None:
+        # A reply without a rating ("still broken?") is for staff: the rating window
+        # must not close the ticket under the customer's feet.
+        await store.update_ticket(conn, number, now, resolved_at=None)
+        await store.add_history(conn, ticket=number, from_status=ticket.status,
+                                to_status=ticket.status, actor="customer", now=now,
+                                note="reply without a rating: rating window stopped, for staff")
     return number
 
 
@@ -329,9 +383,11 @@ async def complete_report(conn: aiosqlite.Connection, ctx: Context, row: Inbound
         await store.add_history(conn, ticket=ticket.number, from_status=ticket.status,
                                 to_status=Status.ACCEPTED, actor="customer",
                                 note="report completed", now=now)
+    event = "missing_fields" if missing else "acknowledgement"
     if may_answer:
-        event = "missing_fields" if missing else "acknowledgement"
-        await answer(conn, ctx, row, report, event, now, ticket=updated)
+        await answer(conn, ctx, row, report, event, now, ticket=updated, again=bool(missing))
+    else:
+        await suppressed(conn, updated, event, now)
 
 
 def merge_fields(ticket: TicketRow, report: Report) -> Fields:
@@ -361,23 +417,28 @@ async def record_inbound(conn: aiosqlite.Connection, ticket: int, row: InboundRo
 
 
 def participants(ctx: Context, report: Report, row: InboundRow) -> list[str]:
+    """From/To/Cc of the first message (SPEC §4), without our own addresses."""
     ours = {ctx.intake, ctx.crm}
     seen: list[str] = []
-    for address in (report.sender, report.reply_to, row.mail_from, *report.to, *report.cc):
+    for address in (report.sender, row.mail_from, *report.to, *report.cc):
         address = (address or "").lower()
         if address and address not in ours and address not in seen:
             seen.append(address)
     return seen
 
 
+_LEADING_TOKEN = re.compile(r"^\s*\[?\s*#[0-9]{6}(?![0-9])\s*\]?\s*[:\-–]?\s*", re.ASCII)
+
+
 def ticket_subject(subject: str) -> str:
-    """The customer's subject without reply prefixes and ticket tokens, so the
-    subject of every later mail is "[#NNNNNN] <this>"."""
-    text = _TOKEN_WITH_BRACKETS.sub(" ", subject)
-    previous = None
+    """The customer's subject without leading reply prefixes and ticket tokens, so the
+    subject of every later mail is "[#NNNNNN] <this>". A token inside the text
+    ("Ponowna awaria (dot. #610190)") is the customer's words and stays."""
+    text, previous = subject.strip(), None
     while previous != text:
         previous = text
-        text = _REPLY_PREFIX.sub("", text).strip()
+        text = _REPLY_PREFIX.sub("", text)
+        text = _LEADING_TOKEN.sub("", text)
     return re.sub(r"\s+", " ", text).strip()[:200]
 
 
@@ -395,24 +456,40 @@ def ticket_fields(ticket: TicketRow) -> dict[str, str | None]:
     return {name: getattr(ticket, name) for name in FIELD_NAMES}
 
 
+async def report_context(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str, Any]:
+    """What the acknowledgement and the missing-fields request show: short field
+    values and how many attachments arrived (never their names: free text)."""
+    attachments = await store.ticket_attachments(conn, ticket.number)
+    return {"fields": ticket_fields(ticket), "attachments": len(attachments),
+            "log_attachments": sum(1 for a in attachments if a["is_log"])}
+
+
 async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, report: Report,
                  event: str, now: datetime, *, ticket: TicketRow | None = None,
-                 record: bool = True) -> None:
+                 record: bool = True, again: bool = False) -> None:
     """An automatic answer to the message in hand, in its thread (once per message and
-    kind, also when the message is processed again)."""
+    kind, also when the message is processed again). About a ticket it goes to the
+    ticket's reporter; otherwise to the From address."""
     if await store.answered(conn, row.id, event):
         return
-    to = reply_address(report, row)
+    if ticket is not None and event in ("acknowledgement", "missing_fields"):
+        to = ticket.reporter_email
+    else:
+        to = answer_address(report, row)
     if not to or to in (ctx.intake, ctx.crm):
         log.warning("%s: no address to answer (%r)", report.message_id, to)
         return
+    topic = str(report.ticket_refs[0]) if report.ticket_refs else ""
+    if event in DAMPED_EVENTS and await store.sent_since(conn, to, event, topic,
+                                                         now - DAMPING):
+        log.info("%s: %s to %s already sent within a day: not again",
+                 report.message_id or "<no-id>", event, to)
+        return
     context = template_context(ctx, ticket)
     if ticket is not None and event in ("acknowledgement", "missing_fields"):
-        context.update(fields=ticket_fields(ticket),
-                       attachments=[a["filename"] for a in
-                                    await store.ticket_attachments(conn, ticket.number)])
+        context.update(await report_context(conn, ticket))
         if event == "missing_fields":
-            context["missing"] = list(ticket.missing)
+            context.update(missing=list(ticket.missing), again=again)
         else:
             context["phone_confirmation_required"] = ticket.phone_confirmation_required
     if ticket is None and event != "closed_ticket_guidance":
@@ -425,7 +502,7 @@ async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repo
                    body=body, in_reply_to=report.message_id,
                    references=tuple(report.references), auto=True)
     await queue(conn, ctx, out, now, inbound_id=row.id,
-                record_ticket=number if record else None)
+                record_ticket=number if record else None, topic=topic)
 
 
 async def notify(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow | None, event: str,
@@ -474,17 +551,24 @@ async def copy_to_staff(conn: aiosqlite.Connection, ctx: Context, ticket: Ticket
 
 
 async def queue(conn: aiosqlite.Connection, ctx: Context, out: Outgoing, now: datetime, *,
-                inbound_id: int | None, record_ticket: int | None) -> int | None:
+                inbound_id: int | None, record_ticket: int | None,
+                topic: str = "") -> int | None:
     """Compose and put one mail in the outbox (inside the caller's transaction)."""
     message_id = msgid.make_message_id(ctx.hmac_key, ctx.domain, out.ticket)
     try:
         raw = compose_message(out, from_addr=ctx.crm, message_id=message_id, date=now)
     except ValueError as err:
         log.warning("%s: not sending %s to %r: %s", message_id, out.kind, out.to, err)
+        if out.ticket is not None:  # where staff look: the customer got nothing
+            await store.add_history(conn, ticket=out.ticket, from_status=None,
+                                    to_status=(await store.get_ticket(conn, out.ticket)).status,
+                                    actor="gateway", now=now,
+                                    note=f"{out.kind} to {out.to!r} not sent: {err}")
         return None
     outbox_id = await store.enqueue_outbox(
         conn, ticket=out.ticket, inbound_id=inbound_id, kind=out.kind, message_id=message_id,
-        mail_from=ctx.crm, rcpt_to=out.to, subject=out.subject, auto=out.auto, raw=raw, now=now)
+        mail_from=ctx.crm, rcpt_to=out.to, subject=out.subject, auto=out.auto, raw=raw, now=now,
+        topic=topic)
     if record_ticket is not None:
         await store.add_ticket_message(
             conn, ticket=record_ticket, direction="out", outbox_id=outbox_id,
@@ -512,11 +596,13 @@ def report_json(report: Report) -> str:
 
 # --- the edge's closed-ticket check (closed_action = "reject") ----------------------------
 
-REPLY_CLOSED = ("550-5.7.1 Ticket #{number} is closed: this message was not added to it.\r\n"
+# The reply goes to whoever connected, who may have forged the From: it does not
+# repeat the ticket number (the sender's own bounce shows their subject anyway).
+REPLY_CLOSED = ("550-5.7.1 This ticket is closed: the message was not added to it.\r\n"
                 "550 5.7.1 Report new failures, also related ones, to {intake}")
-REPLY_CLOSED_PL = ("550-5.7.1 Ticket #{number} is closed: this message was not added to it.\r\n"
+REPLY_CLOSED_PL = ("550-5.7.1 This ticket is closed: the message was not added to it.\r\n"
                    "550-5.7.1 Report new failures, also related ones, to {intake}\r\n"
-                   "550-5.7.1 Zgłoszenie #{number} jest zamknięte: wiadomość nie została do niego dołączona.\r\n"
+                   "550-5.7.1 Zgłoszenie jest zamknięte: wiadomość nie została do niego dołączona.\r\n"
                    "550 5.7.1 Kolejne awarie, również związane z tym zgłoszeniem, prosimy zgłaszać na {intake}")
 
 
@@ -550,7 +636,7 @@ async def closed_ticket_refusal(conn: aiosqlite.Connection, ctx: Context, inboun
                              reply_policy=ctx.config.tickets.reply_policy):
             return None  # strangers get the content-free answer, never the number
         template = REPLY_CLOSED_PL if utf8 else REPLY_CLOSED
-        return template.format(number=f"{ticket.number:06d}", intake=ctx.intake)
+        return template.format(intake=ctx.intake)
     return None
 
 
@@ -581,8 +667,12 @@ async def reprocess(conn: aiosqlite.Connection, config: Config, row: InboundRow)
         from gateway.errors import GatewayError
         raise GatewayError(f"inbound message {row.id} is being processed right now")
     ctx = await make_context(conn, config)
-    await conn.execute("UPDATE inbound SET state = 'processing', attempts = attempts + 1"
-                       " WHERE id = ?", (row.id,))
+    claimed = await conn.execute_fetchall(
+        "UPDATE inbound SET state = 'processing', attempts = attempts + 1"
+        " WHERE id = ? AND state != 'processing' RETURNING id", (row.id,))
+    if not claimed:  # the daemon took it meanwhile
+        from gateway.errors import GatewayError
+        raise GatewayError(f"inbound message {row.id} is being processed right now")
     try:
         return await process_message(conn, ctx, row)
     except Exception as err:

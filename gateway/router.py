@@ -30,7 +30,6 @@ class TicketView:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    closed_action: str = "reply"  # "reply" | "reject"
     max_auto_replies_per_hour: int = 20
 
 
@@ -47,6 +46,10 @@ class Situation:
     duplicate_of: int | None  # an earlier routed inbound message with this Message-ID
     auto_replies_last_hour: int
     policy: Policy = Policy()
+    # The sender is the ticket's reporter or one of its first message's addresses:
+    # only then may the mail change the ticket's fields or rate it (staff domains and
+    # reply_policy admit the mail into the thread, not more).
+    is_participant: bool = False
 
 
 # --- decisions ------------------------------------------------------------------------
@@ -83,14 +86,6 @@ class ClosedTicketGuidance:
 
 
 @dataclass(frozen=True, slots=True)
-class ClosedTicketRejected:
-    number: int
-    reason: str
-
-    outcome = Outcome.CLOSED_REJECTED
-
-
-@dataclass(frozen=True, slots=True)
 class UnknownTicketGuidance:
     reason: str
     content_free: bool  # a token named a number: answer exactly like a held message
@@ -117,8 +112,10 @@ class StoreOnly:
     bounced_ids: tuple[str, ...] = ()
 
 
-Decision = (NewTicket | AppendToTicket | ClosedTicketGuidance | ClosedTicketRejected
-            | UnknownTicketGuidance | HoldForOperator | StoreOnly)
+# (closed_rejected is decided at the SMTP edge, before the 250: see
+# pipeline.closed_ticket_refusal; by the time the router runs the mail is accepted.)
+Decision = (NewTicket | AppendToTicket | ClosedTicketGuidance | UnknownTicketGuidance
+            | HoldForOperator | StoreOnly)
 
 
 # --- the checks, in order ---------------------------------------------------------------
@@ -154,6 +151,10 @@ def check_open_ticket(s: Situation) -> Decision | None:
         return None
     if s.authorised:
         return AppendToTicket(ticket.number, "reply on an open ticket", answer=_may_answer(s))
+    if s.to_intake:
+        # A stranger's mail to serwis@ is a new report, whatever number it names: the
+        # answer is then the same for an open, a closed or no ticket (no probing).
+        return None
     return HoldForOperator(ticket.number, "sender not authorised for the ticket",
                            answer=_may_answer(s))
 
@@ -165,15 +166,16 @@ def check_closed_ticket(s: Situation) -> Decision | None:
     if s.to_intake:
         return NewTicket(f"new report naming closed ticket #{ticket.number:06d}",
                          linked_to=ticket.number, answer=_may_answer(s))
-    if s.policy.closed_action == "reject" and s.authorised:
-        return ClosedTicketRejected(ticket.number, "mail on a closed ticket refused")
     return ClosedTicketGuidance(ticket.number, name_ticket=s.authorised,
                                 reason="mail on a closed ticket", answer=_may_answer(s))
 
 
 def check_new_report(s: Situation) -> Decision | None:
     if s.to_intake:
-        return NewTicket("new report", answer=_may_answer(s))
+        reason = "new report"
+        if s.ticket is not None:
+            reason += f" (names #{s.ticket.number:06d}, sender not authorised for it)"
+        return NewTicket(reason, answer=_may_answer(s))
     return None
 
 

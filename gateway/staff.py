@@ -19,16 +19,17 @@ from gateway import store
 from gateway.config import parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
 from gateway.model import TRANSITIONS, OutAttachment, Status
-from gateway.pipeline import Context, notify
+from gateway.pipeline import Context, notify, report_context
 from gateway.store import TicketRow, Tx
 
 log = logging.getLogger(__name__)
 
 MAX_STAFF_ATTACHMENT = 20 * 1024 * 1024
 
-# Which template tells the reporter about a new status.
+# Which template tells the reporter about a new status. Accepting a report by hand
+# sends the acknowledgement (with the phone-call request a short contract needs).
 NOTICE_FOR = {
-    Status.ACCEPTED: "status_changed",
+    Status.ACCEPTED: "acknowledgement",
     Status.IN_PROGRESS: "status_changed",
     Status.RESOLVED: "resolved",
     Status.CLOSED: "closed",
@@ -83,9 +84,17 @@ async def set_status(conn: aiosqlite.Connection, ctx: Context, number: int, stat
 async def send_notice(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
                       status: Status, note: str | None, now: datetime, *, reason: str) -> None:
     event = NOTICE_FOR[status]
-    extra: dict[str, Any] = {"note": note}
+    extra: dict[str, Any] = {}
+    if event == "acknowledgement":
+        extra.update(await report_context(conn, ticket), accepted_by_staff=True,
+                     phone_confirmation_required=ticket.phone_confirmation_required)
+    else:
+        extra["note"] = note
     if event == "status_changed":
         extra["status"] = status.value
+    if event == "resolved":
+        window = parse_duration(ctx.config.tickets.rating_window)
+        extra["rating_window_days"] = window // 86400 if window >= 86400 else None
     if event == "closed":
         extra.update(rating=ticket.rating, reason=reason)
     await notify(conn, ctx, ticket, event, now, **extra)
@@ -130,6 +139,8 @@ async def confirm_phone(conn: aiosqlite.Connection, ctx: Context, number: int) -
     now = ctx.clock()
     async with Tx(conn):
         ticket = await require_ticket(conn, number)
+        if ticket.status == Status.CLOSED:
+            raise TransitionError(f"ticket #{number:06d} is closed")
         if ticket.phone_confirmed:
             raise GatewayError(f"ticket #{number:06d}: the phone call is already recorded")
         await store.update_ticket(conn, number, now, phone_confirmed=1,

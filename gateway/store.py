@@ -587,14 +587,14 @@ _OUTBOX_COLUMNS = ("id, ticket, inbound_id, kind, message_id, mail_from, rcpt_to
 async def enqueue_outbox(conn: aiosqlite.Connection, *, ticket: int | None,
                          inbound_id: int | None, kind: str, message_id: str, mail_from: str,
                          rcpt_to: str, subject: str, auto: bool, raw: bytes,
-                         now: datetime) -> int:
+                         now: datetime, topic: str = "") -> int:
     """Queue one composed mail; call inside the transaction of the change causing it."""
     rows = await conn.execute_fetchall(
         "INSERT INTO outbox (ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject,"
-        " auto, next_attempt_at, queued_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " RETURNING id",
+        " auto, next_attempt_at, queued_at, created_at, topic)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject, int(auto),
-         iso(now), iso(now), iso(now)))
+         iso(now), iso(now), iso(now), topic))
     outbox_id = rows[0][0]
     await conn.execute("INSERT INTO outbox_raw (id, raw) VALUES (?, ?)", (outbox_id, raw))
     return outbox_id
@@ -853,13 +853,29 @@ async def ticket_attachments(conn: aiosqlite.Connection, ticket: int) -> list[An
 
 
 async def processed_with_message_id(conn: aiosqlite.Connection, message_id: str,
-                                    exclude_id: int) -> InboundRow | None:
-    """An earlier inbound message with this Message-ID that was already routed."""
+                                    exclude_id: int) -> list[InboundRow]:
+    """Earlier inbound messages with this Message-ID that were already routed."""
     rows = await conn.execute_fetchall(
-        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE message_id = ? AND id != ?"
-        " AND state = 'done' AND outcome IS NOT NULL AND outcome NOT IN ('duplicate', 'failed')"
-        " ORDER BY id LIMIT 1", (message_id, exclude_id))
-    return InboundRow.from_row(rows[0]) if rows else None
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE message_id = ? AND id < ?"
+        " AND state = 'done' AND outcome IS NOT NULL"
+        " AND outcome NOT IN ('duplicate', 'failed', 'closed_rejected')"
+        " ORDER BY id LIMIT 20", (message_id, exclude_id))
+    return [InboundRow.from_row(r) for r in rows]
+
+
+def body_digest(raw: bytes) -> str:
+    """The content of a message without its header block (line ends normalised)."""
+    end = _HEADER_END.search(raw)
+    body = raw[end.end():] if end else b""
+    return hashlib.sha256(body.replace(b"\r\n", b"\n")).hexdigest()
+
+
+async def sent_since(conn: aiosqlite.Connection, address: str, kind: str, topic: str,
+                     since: datetime) -> bool:
+    rows = await conn.execute_fetchall(
+        "SELECT 1 FROM outbox WHERE rcpt_to = ? AND kind = ? AND topic = ? AND created_at >= ?"
+        " LIMIT 1", (address, kind, topic, iso(since)))
+    return bool(rows)
 
 
 async def ticket_of_inbound(conn: aiosqlite.Connection, inbound_id: int) -> int | None:
@@ -874,10 +890,16 @@ async def answered(conn: aiosqlite.Connection, inbound_id: int, kind: str) -> bo
     return bool(rows)
 
 
-async def auto_replies_since(conn: aiosqlite.Connection, address: str, since: datetime) -> int:
+async def auto_replies_since(conn: aiosqlite.Connection, addresses: Iterable[str],
+                             since: datetime) -> int:
+    """Automatic answers to these addresses' mail (not the notices staff caused)."""
+    wanted = [a for a in addresses if a]
+    if not wanted:
+        return 0
+    marks = ", ".join("?" * len(wanted))
     rows = await conn.execute_fetchall(
-        "SELECT count(*) FROM outbox WHERE rcpt_to = ? AND auto = 1 AND created_at >= ?",
-        (address, iso(since)))
+        f"SELECT count(*) FROM outbox WHERE rcpt_to IN ({marks}) AND auto = 1"
+        " AND created_at >= ? AND inbound_id IS NOT NULL", (*wanted, iso(since)))
     return rows[0][0]
 
 
@@ -914,8 +936,7 @@ async def add_held(conn: aiosqlite.Connection, *, inbound_id: int, ticket: int |
                    sender: str, subject: str, reason: str, now: datetime) -> None:
     await conn.execute(
         "INSERT INTO held (inbound_id, ticket, sender, subject, reason, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (inbound_id) DO UPDATE SET"
-        " ticket = excluded.ticket, reason = excluded.reason, status = 'held', decided_at = NULL",
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (inbound_id) DO NOTHING",
         (inbound_id, ticket, sender, subject, reason, iso(now)))
 
 

@@ -438,7 +438,7 @@ def test_dsn_names_the_bounced_message() -> None:
 
 def test_out_of_office_reply() -> None:
     report = parse_file("auto-reply-ooo.eml")
-    assert report.auto_reasons == ("auto-submitted:auto-replied",)
+    assert report.auto_reasons == ("auto-submitted:auto-replied", "auto-reply subject")
     assert report.ticket_refs == (123456,)
     assert report.bounced_ids == ()
 

@@ -31,7 +31,8 @@ async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_
     # 2. Acceptance: crm@ answers, the subject carries the number.
     (ack,) = await arrived(sink, 1)
     assert ack["Subject"] == f"[#{number}] Awaria macierzy dyskowej"
-    assert ack["From"].addresses[0].addr_spec == CRM and ack["To"] == JAN
+    # To the reporter the report names (the procedure's "Zgłaszający").
+    assert ack["From"].addresses[0].addr_spec == CRM and ack["To"] == REPORTER
     assert ack["In-Reply-To"] == "<report@example.com>"
     assert "Przyjęte" in body_text(ack)
     thread = [ack["Message-ID"]]
@@ -69,7 +70,7 @@ async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_
     row = await desk.mail(rating, mail_from=JAN, rcpts=(CRM,))
     assert row["outcome"] == "follow_up"
     closed = (await arrived(sink, 5))[4]
-    assert "zamknięte" in body_text(closed)
+    assert "Zamknięte" in body_text(closed)
     ticket = await desk.ticket(number)
     assert (ticket["status"], ticket["rating"]) == ("closed", 5)
 
@@ -111,7 +112,8 @@ async def test_relay_down_then_back_every_report_gets_one_ack(desk_with_relay: D
     desk, sink = desk_with_relay, smtp_sink
     sink.fail_next = ["451 4.3.0 try again later"] * 3
     for i in range(3):
-        await desk.mail(make_mail(body=REPORT_BODY, message_id=f"<down{i}@example.com>",
+        body = REPORT_BODY.replace("jan@example.com", f"c{i}@example.com")
+        await desk.mail(make_mail(body=body, message_id=f"<down{i}@example.com>",
                                   sender=f"c{i}@example.com"), mail_from=f"c{i}@example.com")
     await wait_for(lambda: len(sink.messages) == 3, timeout=30)
     assert sorted(m["To"] for m in sink.parsed()) == [f"c{i}@example.com" for i in range(3)]

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail
 
 JAN = "jan.kowalski@example.com"
+REPORTER = "jan@example.com"  # the e-mail the report's body gives: acknowledgements go there
 STRANGER = "mallory@evil.example"
 
 
@@ -43,7 +44,7 @@ async def test_complete_report_opens_accepted_ticket_and_acknowledges(desk: Desk
             ticket["install_address"], ticket["serial_number"]) == (
         "Jan Kowalski", "jan@example.com", "+48600100200", "ul. Prosta 1, 30-001 Kraków",
         "SN-12345")
-    (ack,) = desk.mails_to(JAN)
+    (ack,) = desk.mails_to(REPORTER)
     assert ack["Subject"] == f"[#{number}] Awaria serwera"
     assert ack["From"].addresses[0].addr_spec == CRM and ack["Reply-To"] == CRM
     assert ack["In-Reply-To"] == "<r1@example.com>"
@@ -130,7 +131,7 @@ async def test_full_width_digits_are_not_a_token(desk: Desk) -> None:
 
 async def test_reply_in_thread_without_token_is_matched_by_message_id(desk: Desk) -> None:
     number = await open_ticket(desk)
-    (ack,) = desk.mails_to(JAN)
+    (ack,) = desk.mails_to(REPORTER)
     row = await desk.mail(make_mail(subject="Re: Awaria serwera", body="Dziękuję.\n",
                                     message_id="<th@example.com>", In_Reply_To=ack["Message-ID"],
                                     References=f"<r1@example.com> {ack['Message-ID']}"),
@@ -173,7 +174,7 @@ async def test_serwis_mail_naming_closed_ticket_opens_linked_ticket(desk: Desk) 
     new = await desk.ticket(row["ticket"])
     assert new["linked_to"] == old and new["status"] == "accepted"
     assert f"#{old}" not in new["subject"]
-    ack = desk.mails_to(JAN)[-1]
+    ack = desk.mails_to(REPORTER)[-1]
     assert ack["Subject"] == f"[#{row['ticket']}] Awaria serwera"
     assert (await desk.ticket(old))["status"] == "closed"
 
@@ -218,6 +219,8 @@ async def test_held_drop(desk: Desk) -> None:
     await desk.cli("held", "drop", str(held["id"]))
     assert await desk.cli_json("held", "list") == []
     assert len((await desk.ticket(number))["messages"]) == 2
+    await desk.cli("inbox", "reprocess", str(held["inbound_id"]))
+    assert await desk.cli_json("held", "list") == []  # a drop stays dropped
 
 
 async def test_stranger_cannot_probe_numbers(desk: Desk) -> None:
@@ -233,6 +236,8 @@ async def test_stranger_cannot_probe_numbers(desk: Desk) -> None:
                               mail_from=STRANGER, rcpts=(CRM,))
         outcomes.append(row["outcome"])
     assert outcomes == ["held", "closed_guidance", "unknown_guidance"]
+    # All three are kept for operators, as the notice promises.
+    assert len(await desk.cli_json("held", "list")) == 3
     answers = desk.mails_to(STRANGER)
     assert len(answers) == 3
     assert len({body_text(m) for m in answers}) == 1
@@ -240,6 +245,55 @@ async def test_stranger_cannot_probe_numbers(desk: Desk) -> None:
     for m in answers:
         for n in (open_number, closed_number, missing_number):
             assert n not in body_text(m) and n not in m["Subject"]
+
+
+async def test_stranger_cannot_probe_numbers_through_serwis_either(desk: Desk) -> None:
+    open_number = await open_ticket(desk, mid="<o@example.com>")
+    closed_number = await open_ticket(desk, mid="<c@example.com>")
+    await close(desk, closed_number)
+    missing_number = next(str(n) for n in range(100000, 999999)
+                          if str(n) not in (open_number, closed_number))
+    for i, n in enumerate((open_number, closed_number, missing_number)):
+        row = await desk.mail(make_mail(subject=f"Zgłoszenie #{n}", sender=STRANGER,
+                                        body="Serwer nie działa.\n", message_id=f"<s{i}@evil.example>"),
+                              mail_from=STRANGER)
+        assert row["outcome"] in ("new", "closed_new") and row["ticket"] not in (
+            open_number, closed_number)
+    answers = desk.mails_to(STRANGER)
+    assert [m["Subject"].startswith("[#") for m in answers] == [True] * 3
+    assert len({re.sub(r"#\d{6}", "#N", body_text(m)) for m in answers}) == 1
+    assert len((await desk.ticket(open_number))["messages"]) == 2  # nothing appended
+
+
+async def test_forged_staff_from_with_own_reply_to_gets_nothing(desk: Desk) -> None:
+    row = await desk.mail(make_mail(body="Serwer nie działa.\n\nJan Kowalski\n",
+                                    message_id="<victim@example.com>"), mail_from=JAN)
+    number = row["ticket"]
+    before = await desk.ticket(number)
+    forged = make_mail(subject=f"RE: [#{number}] x", sender="helpdesk@s4e.pl",
+                       body="Opis problemu: test\nTelefon: 700 000 000\n",
+                       message_id="<forged@evil.example>", Reply_To="attacker@evil.example")
+    await desk.mail(forged, mail_from="attacker@evil.example", rcpts=(CRM,))
+    assert desk.mails_to("attacker@evil.example") == []
+    after = await desk.ticket(number)
+    for field in ("description", "reporter_phone", "reporter_name", "status", "missing"):
+        assert after[field] == before[field], field
+
+
+async def test_a_token_inside_the_subject_stays_in_the_ticket_subject(desk: Desk) -> None:
+    number = await open_ticket(desk, subject="Ponowna awaria (dot. #610190)")
+    assert (await desk.ticket(number))["subject"] == "Ponowna awaria (dot. #610190)"
+    assert desk.mails_to(REPORTER)[0]["Subject"] == f"[#{number}] Ponowna awaria (dot. #610190)"
+
+
+async def test_helpdesk_robot_gets_one_guidance_a_day(desk: Desk) -> None:
+    for i in range(3):
+        row = await desk.mail(make_mail(subject="Re: Twoje zgłoszenie", sender="robot@customer.pl",
+                                        body="Dziękujemy za wiadomość.\n",
+                                        message_id=f"<robot{i}@customer.pl>"),
+                              mail_from="robot@customer.pl", rcpts=(CRM,))
+        assert row["outcome"] == "unknown_guidance"
+    assert len(desk.mails_to("robot@customer.pl")) == 1
 
 
 async def test_staff_domain_may_write_into_any_ticket(desk: Desk) -> None:
@@ -273,6 +327,10 @@ AUTO_CASES = {
     "mailer-daemon": dict(sender="MAILER-DAEMON@mx.example.com"),
     "postmaster": dict(sender="postmaster@example.com"),
     "null sender": dict(mail_from=""),
+    "precedence auto_reply": dict(headers={"Precedence": "auto_reply"}),
+    "x-loop": dict(headers={"X-Loop": "helpdesk@customer.pl"}),
+    "out-of-office subject": dict(subject="Automatyczna odpowiedź: Awaria"),
+    "automatic reply subject": dict(subject="Automatic reply: [#123456] Awaria"),
 }
 
 
@@ -282,8 +340,8 @@ async def test_automatic_mail_is_stored_never_answered(desk: Desk, case: str, rc
     spec = AUTO_CASES[case]
     sender = spec.get("sender", JAN)
     headers = {k.replace("-", "_"): v for k, v in spec.get("headers", {}).items()}
-    raw = make_mail(subject="Automatyczna odpowiedź: Awaria", body=REPORT_BODY, sender=sender,
-                    message_id="<auto@example.com>", **headers)
+    raw = make_mail(subject=spec.get("subject", "Awaria serwera"), body=REPORT_BODY,
+                    sender=sender, message_id="<auto@example.com>", **headers)
     row = await desk.mail(raw, mail_from=spec.get("mail_from", sender), rcpts=(rcpt,))
     assert row["outcome"] == "ignored_auto"
     assert desk.outbox() == []
@@ -306,8 +364,8 @@ def dsn_for(message_id: str, rcpt: str) -> bytes:
 
 async def test_dsn_for_our_acknowledgement_marks_it_bounced(desk: Desk) -> None:
     number = await open_ticket(desk)
-    (ack,) = desk.mails_to(JAN)
-    row = await desk.mail(dsn_for(ack["Message-ID"], JAN), mail_from="", rcpts=(CRM,))
+    (ack,) = desk.mails_to(REPORTER)
+    row = await desk.mail(dsn_for(ack["Message-ID"], REPORTER), mail_from="", rcpts=(CRM,))
     assert row["outcome"] == "ignored_auto"
     (out,) = await desk.cli_json("outbox", "list")
     assert out["status"] == "bounced"
@@ -339,16 +397,30 @@ async def test_auto_reply_cap_still_opens_tickets(desk: Desk) -> None:
         await desk.mail(make_mail(body=REPORT_BODY, message_id=f"<cap{i}@example.com>"),
                         mail_from=JAN)
     assert len(await desk.cli_json("tickets", "list")) == 4
-    assert len(desk.mails_to(JAN)) == 2
+    assert len(desk.mails_to(REPORTER)) == 2
+    tickets = [await desk.ticket(t["number"]) for t in await desk.cli_json("tickets", "list")]
+    notes = [h["note"] for t in tickets for h in t["history"]]
+    assert sum("automatic answer limit" in (n or "") for n in notes) == 2
 
 
-async def test_same_message_id_different_content_is_a_duplicate(desk: Desk) -> None:
+async def test_same_message_via_another_path_is_a_duplicate(desk: Desk) -> None:
     await open_ticket(desk, mid="<same@example.com>")
-    row = await desk.mail(make_mail(body=REPORT_BODY + "\nPS.\n", message_id="<same@example.com>"),
-                          mail_from=JAN)
+    # The same message again, its headers changed on the way (a forwarder's stamp).
+    again = make_mail(body=REPORT_BODY, message_id="<same@example.com>",
+                      X_Forwarded_For="jan@old-domain.example")
+    row = await desk.mail(again, mail_from=JAN)
     assert row["outcome"] == "duplicate"
     assert len(await desk.cli_json("tickets", "list")) == 1
-    assert len(desk.mails_to(JAN)) == 1
+    assert len(desk.outbox()) == 1
+
+
+async def test_same_message_id_on_different_content_is_another_message(desk: Desk) -> None:
+    # Devices and scripts reuse Message-IDs: a different alarm is a different report.
+    await open_ticket(desk, mid="<alarm@monitor.example>")
+    row = await desk.mail(make_mail(body=REPORT_BODY.replace("SN-12345", "SN-999"),
+                                    message_id="<alarm@monitor.example>"), mail_from=JAN)
+    assert row["outcome"] == "new"
+    assert len(await desk.cli_json("tickets", "list")) == 2
 
 
 @pytest.mark.parametrize("desk_options", ['[tickets]\nclosed_action = "reject"\n'], indirect=True)
@@ -362,7 +434,9 @@ async def test_closed_action_reject_refuses_at_end_of_data(desk: Desk) -> None:
         await desk.mail(make_mail(subject=f"Re: [#{number}] Awaria", body="Dalej źle.\n",
                                   message_id="<rej@example.com>"), mail_from=JAN, rcpts=(CRM,))
     assert err.value.smtp_code == 550
-    assert f"#{number}".encode() in err.value.smtp_error and INTAKE.encode() in err.value.smtp_error
+    # The guidance, but not the number: whoever connected may have forged the From.
+    assert INTAKE.encode() in err.value.smtp_error and b"closed" in err.value.smtp_error
+    assert number.encode() not in err.value.smtp_error
     rows = await desk.cli_json("inbox", "list", "--outcome", "closed_rejected")
     assert len(rows) == 1 and rows[0]["message_id"] == "<rej@example.com>"
     assert len((await desk.ticket(number))["messages"]) == before

@@ -29,7 +29,7 @@ async def test_status_changes_follow_the_procedure_and_notify_the_reporter(desk:
     assert ticket["status"] == "resolved"
     assert [(h["from"], h["to"]) for h in ticket["history"]] == [
         (None, "accepted"), ("accepted", "in_progress"), ("in_progress", "resolved")]
-    notices = desk.mails_to(REPORTER)
+    ack, *notices = desk.mails_to(REPORTER)
     in_progress, resolved = (body_text(m) for m in notices)
     assert "W realizacji" in in_progress and "Diagnoza w toku." in in_progress
     assert "Rozwiązane" in resolved and "Ocena" in resolved
@@ -104,7 +104,7 @@ async def test_rating_reply_closes_resolved_ticket(desk: Desk, text: str, rating
     ticket = await desk.ticket(number)
     assert (ticket["status"], ticket["rating"], ticket["closed_reason"]) == ("closed", rating, "rating")
     closing = desk.mails_to(REPORTER)[-1]
-    assert "zamknięte" in body_text(closing) and INTAKE in body_text(closing)
+    assert "Zamknięte" in body_text(closing) and INTAKE in body_text(closing)
     assert closing["In-Reply-To"] == "<rate@example.com>"
 
 
@@ -117,6 +117,34 @@ async def test_rating_in_quoted_text_is_ignored(desk: Desk) -> None:
                     mail_from=JAN, rcpts=(CRM,))
     ticket = await desk.ticket(number)
     assert ticket["status"] == "resolved" and ticket["rating"] is None
+
+
+async def test_reply_without_rating_stops_the_rating_window(desk: Desk) -> None:
+    number = await open_ticket(desk)
+    for status in ("in_progress", "resolved"):
+        await desk.cli("tickets", "set-status", number, status)
+    await desk.mail(make_mail(subject=f"Re: [#{number}]", body="Niestety problem nadal występuje.\n",
+                              message_id="<still@example.com>"), mail_from=JAN, rcpts=(CRM,))
+    conn = await store.connect(desk.db)
+    try:
+        ctx = await make_context(conn, desk.gw.config)
+        later = dataclasses.replace(ctx, clock=lambda: store.utcnow() + timedelta(days=30))
+        assert await staff.close_expired_ratings(conn, later) == []
+    finally:
+        await conn.close()
+    ticket = await desk.ticket(number)
+    assert ticket["status"] == "resolved"
+    assert "rating window stopped" in ticket["history"][-1]["note"]
+
+
+async def test_staff_notices_do_not_eat_the_automatic_answer_cap(desk_with_cap: Desk) -> None:
+    desk = desk_with_cap
+    number = await open_ticket(desk)
+    for status in ("in_progress", "resolved", "in_progress", "resolved"):
+        await desk.cli("tickets", "set-status", number, status)
+    second = await open_ticket(desk, mid="<second@example.com>")
+    assert len(desk.mails_to(REPORTER)) >= 6  # two acknowledgements and four notices
+    assert any(f"[#{second}]" in m["Subject"] for m in desk.mails_to(REPORTER))
 
 
 async def test_rating_window_closes_unrated_tickets(desk: Desk) -> None:
@@ -140,6 +168,21 @@ async def test_rating_window_closes_unrated_tickets(desk: Desk) -> None:
 @pytest.fixture
 def desk_options(request) -> str:
     return getattr(request, "param", "")
+
+
+@pytest.fixture
+async def desk_with_cap(tmp_path):
+    from gateway.config import load_config
+    from gateway.daemon import Gateway
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path, "[tickets]\nmax_auto_replies_per_hour = 2\n")
+    gw = Gateway(load_config(path))
+    await gw.start(port=0)
+    try:
+        yield Desk(gw, path)
+    finally:
+        await gw.stop(grace=2)
 
 
 @pytest.mark.parametrize("desk_options", ['[tickets]\nrating_window = "0"\n'], indirect=True)
@@ -187,7 +230,7 @@ async def test_contract_under_24h_requires_phone_confirmation(desk: Desk, tmp_pa
     number = await open_ticket(desk)
     ticket = await desk.ticket(number)
     assert ticket["phone_confirmation_required"] is True and ticket["phone_confirmed"] is False
-    ack = body_text(desk.mails_to(JAN)[0])
+    ack = body_text(desk.mails_to(REPORTER)[0])
     assert "(0-12) 444-65-00" in ack and "801 090 101" in ack and "telefoniczne potwierdzenie" in ack
     await desk.cli("tickets", "confirm-phone", number)
     ticket = await desk.ticket(number)
@@ -200,7 +243,7 @@ async def test_contract_under_24h_requires_phone_confirmation(desk: Desk, tmp_pa
 async def test_report_without_contract_needs_no_call(desk: Desk) -> None:
     number = await open_ticket(desk)
     assert (await desk.ticket(number))["phone_confirmation_required"] is False
-    assert "444-65-00" not in body_text(desk.mails_to(JAN)[0])
+    assert "444-65-00" not in body_text(desk.mails_to(REPORTER)[0])
 
 
 @pytest.mark.parametrize("desk_options", ['[addresses]\nnotify = ["dyspozytor@s4e.pl"]\n'],
@@ -215,7 +258,7 @@ async def test_staff_get_a_copy_of_new_tickets_urgent_when_phone_needed(desk: De
     assert f"#{number}" in copy["Subject"] and "nie uruchamia" in text  # staff see everything
     assert copy["Importance"] == "high"
     assert copy["In-Reply-To"] is None  # not a reply to the customer
-    assert len(desk.mails_to(JAN)) == 1
+    assert len(desk.mails_to(REPORTER)) == 1
 
 
 async def test_tickets_list_filters_and_show_is_readable(desk: Desk) -> None:

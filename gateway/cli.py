@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -19,9 +21,9 @@ from typing import Any, AsyncIterator
 import aiosqlite
 
 from gateway import __version__, store
-from gateway.config import Config, config_path_from, load_config, risky_settings
+from gateway.config import Config, check_files, config_path_from, load_config, risky_settings
 from gateway.errors import GatewayError, NotFoundError, StoreError
-from gateway.model import Status
+from gateway.model import Outcome, Status
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +54,19 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: object) -> str:
+    """Customer text for a terminal: control characters (escape sequences that could
+    retitle or rewrite an operator's terminal) shown as U+FFFD."""
+    return _CONTROL.sub("\ufffd", str(text))
+
+
+def say(text: str = "") -> None:
+    print(printable(text))
+
+
 @asynccontextmanager
 async def open_db(config: Config, *, migrate: bool = False) -> AsyncIterator[aiosqlite.Connection]:
     path = config.storage.database
@@ -78,6 +93,7 @@ async def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    check_files(config)
     for warning in risky_settings(config):
         print(f"warning: {warning}", file=sys.stderr)
     source = config.source or "built-in defaults (no config file)"
@@ -100,6 +116,9 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_inbox_list(config: Config, args: argparse.Namespace) -> int:
+    if args.outcome and args.outcome not in {o.value for o in Outcome}:
+        raise GatewayError(f"unknown outcome {args.outcome!r} (one of: "
+                           f"{', '.join(o.value for o in Outcome)})")
     async with open_db(config) as conn:
         rows = await store.list_inbound(conn, outcome=args.outcome)
     if args.json:
@@ -109,8 +128,8 @@ async def cmd_inbox_list(config: Config, args: argparse.Namespace) -> int:
         print("no messages")
     for r in rows:
         ticket = f"#{r.ticket:06d}" if r.ticket is not None else "-"
-        print(f"{r.id:>6}  {r.received_at[:19]}  {r.state:<10} {r.outcome or '-':<17} "
-              f"{ticket:<8} {r.mail_from or '<>'}  {r.message_id}")
+        say(f"{r.id:>6}  {r.received_at[:19]}  {r.state:<10} {r.outcome or '-':<17} "
+            f"{ticket:<8} {r.mail_from or '<>'}  {r.message_id}")
     return 0
 
 
@@ -147,7 +166,7 @@ async def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
     if not tickets:
         print("no tickets")
     for t in tickets:
-        print(f"#{t.number:06d}  {t.status:<13} {t.created_at[:16]}  {t.reporter_email}  {t.subject}")
+        say(f"#{t.number:06d}  {t.status:<13} {t.created_at[:16]}  {t.reporter_email}  {t.subject}")
     return 0
 
 
@@ -162,7 +181,7 @@ async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        print(render_ticket(data, bodies))
+        say(render_ticket(data, bodies))
     return 0
 
 
@@ -259,7 +278,7 @@ async def cmd_held_list(config: Config, args: argparse.Namespace) -> int:
         print("no held messages")
     for r in rows:
         ticket = f"#{r['ticket']}" if r["ticket"] else "-"
-        print(f"{r['id']:>5}  {r['status']:<9} {ticket:<8} {r['from']}  {r['subject']}  ({r['reason']})")
+        say(f"{r['id']:>5}  {r['status']:<9} {ticket:<8} {r['from']}  {r['subject']}  ({r['reason']})")
     return 0
 
 
@@ -297,8 +316,8 @@ async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
     for r in rows:
         ticket = f"#{r.ticket:06d}" if r.ticket is not None else "-"
         error = f"  ({r.last_error})" if r.last_error and r.status != "sent" else ""
-        print(f"{r.id:>5}  {r.status:<8} {ticket:<8} {r.kind:<24} {r.rcpt_to}  "
-              f"tries {r.attempts}{error}")
+        say(f"{r.id:>5}  {r.status:<8} {ticket:<8} {r.kind:<24} {r.rcpt_to}  "
+            f"tries {r.attempts}{error}")
     return 0
 
 
@@ -321,7 +340,8 @@ async def cmd_contracts_import(config: Config, args: argparse.Namespace) -> int:
     async with open_db(config) as conn:
         count = await import_contracts(conn, contracts, store.utcnow())
     urgent = sum(1 for c in contracts if c.repair_hours < 24)
-    print(f"imported {count} contracts ({urgent} with repair time under 24 h)")
+    noun = "contract" if count == 1 else "contracts"
+    print(f"imported {count} {noun} ({urgent} with repair time under 24 h)")
     return 0
 
 
@@ -429,6 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `... | head`: the reader left; not an error of ours (and no second error
+        # when Python flushes stdout at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:
         print(f"s4e-gateway: error: {err.strerror or err}"
               f"{': ' + str(err.filename) if err.filename else ''}", file=sys.stderr)

@@ -286,6 +286,39 @@ def config_path_from(arg: str | None) -> Path | None:
     return Path(env) if env else None
 
 
+def check_files(config: Config) -> None:
+    """What a start would trip over, named by its key: files that are missing or
+    unreadable, folders that do not exist. Raises ConfigError."""
+    smtp, outbound, tickets = config.smtp, config.outbound, config.tickets
+    readable = [("smtp.tls_cert", smtp.tls_cert), ("smtp.tls_key", smtp.tls_key),
+                ("outbound.password_file", outbound.password_file),
+                ("tickets.contracts", tickets.contracts)]
+    for key, path in readable:
+        if path is None:
+            continue
+        if not path.is_file():
+            raise ConfigError(f"{key}: {path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{key}: {path}: not readable (permission denied)")
+    if smtp.tls_cert and smtp.tls_key:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                smtp.tls_cert, smtp.tls_key)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(f"smtp.tls_cert: cannot load the certificate and key: {err}") from None
+    if smtp.lmtp_socket and not smtp.lmtp_socket.parent.is_dir():
+        raise ConfigError(f"smtp.lmtp_socket: folder {smtp.lmtp_socket.parent} does not exist")
+    for key, path in (("storage.database", config.storage.database.parent),
+                      ("storage.attachments", config.storage.attachments),
+                      ("outbound.maildir", outbound.maildir)):
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+            raise ConfigError(f"{key}: cannot create or write {path} ({existing} is not a "
+                              "writable folder)")
+
+
 def risky_settings(config: Config) -> list[str]:
     """Warnings for settings that work but are probably a mistake."""
     warnings = []
@@ -300,6 +333,11 @@ def risky_settings(config: Config) -> list[str]:
             warnings.append(
                 f"outbound.starttls: relay {outbound.relay} is not on loopback and "
                 "STARTTLS is off: customer mail would cross the network in clear text")
+    if (config.outbound.effective_transport == "smtp"
+            and config.smtp.hostname in ("localhost", "localhost.localdomain")):
+        warnings.append(
+            'smtp.hostname: "localhost" is also the EHLO name sent to the relay; '
+            "set the host's real name (some relays refuse EHLO localhost)")
     if config.smtp.max_message_size > 50 * 1024 * 1024:
         warnings.append(
             "smtp.max_message_size: larger than 50 MiB, more than most relays accept "

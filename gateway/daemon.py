@@ -9,16 +9,21 @@ exits 0. SIGHUP reloads the templates and the contracts file.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from gateway import staff, store
-from gateway.config import Config, parse_hostport
+from gateway.config import Config, check_files, parse_hostport
+from gateway.errors import ConfigError
 from gateway.mailer import Mailer, Transport, make_transport
 from gateway.metrics import Metrics, MetricsServer
 from gateway.pipeline import (Context, closed_ticket_refusal, load_renderer, make_context,
@@ -52,6 +57,11 @@ class Gateway:
     _writer: store.IntakeWriter | None = None
     _metrics_server: MetricsServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Housekeeping and SIGHUP reload share a connection of their own, one at a time
+    # (two coroutines must never interleave transactions on one connection).
+    _house_conn: Any = None
+    _house_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _lock: Any = None
 
     @property
     def intake_conn(self) -> Any:
@@ -69,13 +79,16 @@ class Gateway:
 
     async def start(self, *, port: int | None = None) -> None:
         cfg = self.config
+        check_files(cfg)
+        self._lock = _single_instance(cfg.storage.database)
         intake_conn = await self._connect()
         await store.migrate(intake_conn)
-        work_conn, mail_conn, check_conn = [await self._connect() for _ in range(3)]
+        work_conn, mail_conn, check_conn, house_conn = [await self._connect() for _ in range(4)]
+        self._house_conn = house_conn
         # This process's writers take SQLite's write lock in turn, intake first.
         store.share_write_gate(intake_conn, work_conn, mail_conn)
         self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer)
-        await self._load_contracts(work_conn)
+        await self._load_contracts(house_conn)
 
         async def pipeline(conn: Any, row: Any) -> Processed:
             return await process_message(conn, context, row)
@@ -97,27 +110,30 @@ class Gateway:
             cfg, self._writer, on_reply=self._count_reply,
             reject_check=reject_check if cfg.tickets.closed_action == "reject" else None)
         loop = asyncio.get_running_loop()
-        self.servers.append(await loop.create_server(
-            smtp_factory(self.handler, cfg, _tls_context(cfg)), cfg.smtp.host,
-            cfg.smtp.port if port is None else port))
+        with _naming("smtp.listen", cfg.smtp.listen):
+            self.servers.append(await loop.create_server(
+                smtp_factory(self.handler, cfg, _tls_context(cfg)), cfg.smtp.host,
+                cfg.smtp.port if port is None else port))
         if cfg.smtp.lmtp_socket:
             cfg.smtp.lmtp_socket.unlink(missing_ok=True)
-            self.servers.append(await loop.create_unix_server(
-                smtp_factory(self.handler, cfg, lmtp=True), str(cfg.smtp.lmtp_socket)))
+            with _naming("smtp.lmtp_socket", str(cfg.smtp.lmtp_socket)):
+                self.servers.append(await loop.create_unix_server(
+                    smtp_factory(self.handler, cfg, lmtp=True), str(cfg.smtp.lmtp_socket)))
             # Postfix's lmtp client runs as another user (see deploy/postfix.md).
             os.chmod(cfg.smtp.lmtp_socket, 0o666)
             log.info("LMTP on %s", cfg.smtp.lmtp_socket)
         if cfg.metrics.listen:
             self._metrics_server = MetricsServer(self.metrics)
             host, mport = parse_hostport(cfg.metrics.listen)
-            self.metrics_port = await self._metrics_server.start(host, mport)
-        self._tasks.append(loop.create_task(self._housekeeping(work_conn), name="housekeeping"))
+            with _naming("metrics.listen", cfg.metrics.listen):
+                self.metrics_port = await self._metrics_server.start(host, mport)
+        self._tasks.append(loop.create_task(self._housekeeping(house_conn), name="housekeeping"))
         interval = watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval), name="watchdog"))
         log.info("listening on %s:%d for %s", cfg.smtp.host, self.port,
                  ", ".join(sorted(self.handler.mailboxes)))
-        self.notifier.ready(await self._status(work_conn))
+        self.notifier.ready(await self._status(house_conn))
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         self.notifier.stopping()
@@ -144,6 +160,9 @@ class Gateway:
         for conn in self._conns:
             await conn.close()
         self._conns.clear()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     async def reload(self) -> None:
         """SIGHUP: templates and contracts are read again; a broken template keeps the
@@ -155,8 +174,9 @@ class Gateway:
             log.info("templates reloaded")
         except Exception as err:  # noqa: BLE001 - keep serving with the old templates
             log.error("templates not reloaded, keeping the old ones: %s", err)
-        await self._load_contracts(self._conns[1])
-        self.notifier.ready(await self._status(self._conns[1]))
+        async with self._house_lock:
+            await self._load_contracts(self._house_conn)
+            self.notifier.ready(await self._status(self._house_conn))
 
     async def _load_contracts(self, conn: Any) -> None:
         path = self.config.tickets.contracts
@@ -201,8 +221,9 @@ class Gateway:
         assert self.context is not None
         while True:
             try:
-                await staff.close_expired_ratings(conn, self.context)
-                self.notifier.status(await self._status(conn))
+                async with self._house_lock:
+                    await staff.close_expired_ratings(conn, self.context)
+                    self.notifier.status(await self._status(conn))
             except Exception:  # noqa: BLE001 - e.g. a locked database: next round
                 log.exception("housekeeping failed")
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
@@ -231,6 +252,28 @@ async def _wait_sessions(handler: IntakeHandler, grace: float) -> None:
         await session.close_with(REPLY_SHUTTING_DOWN)
 
 
+@contextmanager
+def _naming(key: str, value: str) -> Iterator[None]:
+    """A bind that fails names the setting: "smtp.listen: cannot listen on ..."."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot listen on {value}: {err.strerror or err}") from None
+
+
+def _single_instance(database: Path) -> Any:
+    """One daemon per database: a second would re-queue the first one's work."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(database.with_name(database.name + ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"storage.database: {database} is in use by another running "
+                          "gateway") from None
+    return handle
+
+
 def _tls_context(config: Config) -> ssl.SSLContext | None:
     if not config.smtp.tls_cert or not config.smtp.tls_key:
         return None
@@ -238,8 +281,7 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
     except (OSError, ssl.SSLError) as err:
-        from gateway.errors import ConfigError
-        raise ConfigError(f"smtp.tls_cert: cannot load the certificate/key: {err}") from None
+        raise ConfigError(f"smtp.tls_cert: cannot load the certificate and key: {err}") from None
     return context
 
 

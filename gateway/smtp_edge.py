@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,27 @@ REPLY_TOO_BIG = "552 5.3.4 Message too big (limit {limit} bytes)"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_TRY_LATER = "451 4.3.0 Temporary failure storing the message, please try again later"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, please try again later"
-REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long"
+
+REPLY_BAD_SENDER = "553 5.1.7 Bad sender address syntax"
+REPLY_BAD_RCPT = "553 5.1.3 Bad recipient address syntax"
+
+# RFC 3463 codes for the replies aiosmtpd writes without one (its syntax errors,
+# RSET, NOOP, QUIT...). Greeting and EHLO lines never carry one (RFC 2034).
+_ENHANCED = {"250": "2.0.0", "221": "2.0.0", "500": "5.5.2", "501": "5.5.4",
+             "502": "5.5.1", "503": "5.5.1", "504": "5.5.4", "530": "5.7.0",
+             "454": "4.7.0", "554": "5.5.0", "555": "5.5.4", "553": "5.1.3",
+             "552": "5.3.4", "421": "4.3.2", "451": "4.3.0", "550": "5.0.0"}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def with_enhanced_code(text: str, hostname: str) -> str:
+    code = text[:3]
+    if (len(text) < 4 or text[3] != " " or code not in _ENHANCED
+            or _HAS_ENHANCED.match(text) or text in ("250 HELP", f"250 {hostname}")):
+        return text
+    return f"{code} {_ENHANCED[code]} {text[4:]}"
+
 
 DATA_CHUNK = 256 * 1024
 DATA_TERMINATOR = b"\r\n.\r\n"
@@ -78,6 +99,12 @@ class GatewaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self.gateway_handler.sessions.discard(self)
         super().connection_lost(error)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = "\r\n".join(with_enhanced_code(line, self.hostname)
+                                  for line in status.split("\r\n"))
+        await super().push(status)
 
     @property
     def in_transaction(self) -> bool:
@@ -199,12 +226,15 @@ class IntakeHandler:
         # aiosmtpd's data_size_limit is off (we enforce our own, with an RFC 3463
         # code), so SIZE is advertised here.
         session.host_name = hostname
-        return [responses[0], f"250-SIZE {self.max_size}", *responses[1:]]
+        return [responses[0], f"250-SIZE {self.max_size}", "250-ENHANCEDSTATUSCODES",
+                *responses[1:]]
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if self.draining:
             return self._reply(REPLY_SHUTTING_DOWN)
+        if _CONTROL.search(address):
+            return self._reply(REPLY_BAD_SENDER)
         for option in mail_options:
             name, _, value = option.partition("=")
             if name == "SIZE" and value.isdigit() and int(value) > self.max_size:
@@ -219,6 +249,8 @@ class IntakeHandler:
         envelope.rcpt_attempts += 1
         if envelope.rcpt_attempts > self.max_recipients:
             return self._reply(REPLY_TOO_MANY_RCPTS)
+        if _CONTROL.search(address):
+            return self._reply(REPLY_BAD_RCPT)
         normal = address.strip().lower()
         if normal not in self.mailboxes:
             log.info("rcpt rejected: %r from %r", address, session.peer)

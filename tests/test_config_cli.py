@@ -192,3 +192,53 @@ def test_inbox_list_json_shape(tmp_path, capsys) -> None:
     assert json.loads(out) == [{"id": 1, "message_id": "<a@b>", "mail_from": "x@y.pl",
                                 "rcpt_tos": ["serwis@s4e.pl"], "received_at": "t", "size": 3,
                                 "outcome": None, "ticket": None}]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[smtp]\ntls_cert = "missing.pem"\ntls_key = "missing.key"\n', "smtp.tls_cert: "),
+    ('[outbound]\nrelay = "127.0.0.1:25"\nusername = "u"\npassword_file = "nope"\n',
+     "outbound.password_file: "),
+    ('[tickets]\ncontracts = "nope.csv"\n', "tickets.contracts: "),
+    ('[smtp]\nlmtp_socket = "no-such-dir/lmtp.sock"\n', "smtp.lmtp_socket: folder"),
+])
+def test_check_config_checks_the_files_it_names(tmp_path, capsys, text, expected) -> None:
+    code, _, err = run_cli(capsys, "check-config", "--config", str(write(tmp_path, text)))
+    assert code == 1 and expected in err and err.count("\n") == 1
+
+
+def test_serve_names_the_key_it_cannot_bind(tmp_path, capsys) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write(tmp_path, f'[smtp]\nlisten = "127.0.0.1:{port}"\n')
+        code, _, err = run_cli(capsys, "serve", "--config", str(path))
+    assert code == 1 and f"smtp.listen: cannot listen on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+async def test_one_daemon_per_database(tmp_path) -> None:
+    from gateway.daemon import Gateway
+    from gateway.errors import ConfigError
+
+    config = load_config(write(tmp_path, '[smtp]\nlisten = "127.0.0.1:0"\n'))
+    first = Gateway(config)
+    await first.start(port=0)
+    try:
+        with pytest.raises(ConfigError, match="in use by another running gateway"):
+            await Gateway(config).start(port=0)
+    finally:
+        await first.stop(grace=1)
+
+
+def test_inbox_outcome_is_checked(tmp_path, capsys) -> None:
+    path = write(tmp_path, "")
+    run_cli(capsys, "migrate", "--config", str(path))
+    code, _, err = run_cli(capsys, "inbox", "list", "--outcome", "bogus", "--config", str(path))
+    assert code == 1 and "unknown outcome 'bogus'" in err
+
+
+def test_customer_text_cannot_drive_the_operators_terminal() -> None:
+    assert cli.printable("Jan \x1b[8mNiewidzialny\x07\n") == "Jan \ufffd[8mNiewidzialny\ufffd\n"

@@ -367,3 +367,18 @@ async def test_shutdown_lets_transaction_finish_and_refuses_new_sessions(tmp_pat
     conn = await store.connect(gw.config.storage.database)
     assert len(await store.list_inbound(conn)) == 1
     await conn.close()
+
+
+async def test_replies_carry_enhanced_status_codes(gateway: Gateway) -> None:
+    dialog = await Dialog.open(gateway.port)
+    await dialog.reply()
+    assert "ENHANCEDSTATUSCODES" in await dialog.cmd("EHLO client.test")
+    assert await dialog.cmd("NOOP") == "250 2.0.0 OK"
+    assert (await dialog.cmd("RCPT TO:<serwis@s4e.pl>")).startswith("503 5.5.1")
+    assert (await dialog.cmd("FOO")).startswith("500 5.5.2")
+    assert (await dialog.cmd("MAIL FROM:<a\x00b@example.com>")).startswith("553 5.1.7")
+    assert (await dialog.cmd("MAIL FROM:<a@example.com>")).startswith("250 2.1.0")
+    assert (await dialog.cmd("RCPT TO:<serwis\x01@s4e.pl>")).startswith("553 5.1.3")
+    assert await dialog.cmd("QUIT") == "221 2.0.0 Bye"
+    await dialog.close()
+    assert await inbound_rows(gateway) == []

@@ -87,7 +87,10 @@ _COMMCELL_IN_VALUE = re.compile(
     r"\b(?:comm\s*cell(?:\s*id)?|ccid|cc\s*id)\b\s*(?:[:#=]|-(?=\s))?\s*([A-Za-z0-9][A-Za-z0-9-]*)", re.I
 )
 _SERIAL_PREFIX = re.compile(
-    r"^(?:s/n|sn|serial(?:\s*(?:number|no\.?|nr))?|n(?:ume)?r\.?\s*seryjny)\s*(?:[:#=]|-(?=\s))?\s*", re.I
+    # The prefix must be followed by a separator or a space: in "SN-7F3K-0005" the
+    # "SN" is part of the serial number itself.
+    r"^(?:s/n|sn|serial(?:\s*(?:number|no\.?|nr))?|n(?:ume)?r\.?\s*seryjny)"
+    r"(?:\s*(?:[:#=]|-(?=\s))\s*|\s+)", re.I
 )
 
 

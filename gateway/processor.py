@@ -79,6 +79,8 @@ class Processor:
                 log.exception("processor: claiming a message failed")
                 worked = False
             if worked:
+                # Let SMTP sessions waiting for their 250 in before the next message.
+                await asyncio.sleep(0)
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)

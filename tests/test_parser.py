@@ -611,3 +611,15 @@ def test_large_messages_in_time(kind: str) -> None:
     elapsed = time.monotonic() - start
     assert elapsed < 2.0, f"{kind}: {elapsed:.2f} s"
     assert_attachments_intact(report)
+
+
+@pytest.mark.parametrize("value, serial, commcell", [
+    ("SN-7F3K-0005, CommCell ID 2A9F4", "SN-7F3K-0005", "2A9F4"),
+    ("S/N: ABC-1, CommCell ID 2A9F4", "ABC-1", "2A9F4"),
+    ("CCID 2A9F4", None, "2A9F4"),
+])
+def test_combined_device_label_keeps_the_serial_whole(value: str, serial, commcell) -> None:
+    raw = ("From: a@b.pl\r\nSubject: x\r\n\r\n"
+           f"5. Numer seryjny urządzenia / numer Commcell ID: {value}\r\n").encode()
+    fields = parse_report(raw).fields
+    assert (fields.serial_number, fields.commcell_id) == (serial, commcell)

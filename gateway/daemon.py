@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 30.0
 HOUSEKEEPING_SECONDS = 30.0
+# While SMTP transactions are open the processor waits up to this long before each
+# message: answering 250 quickly is the first promise (a slow 250 makes MTAs time out
+# and send again), processing catches up in the lulls and never stops entirely.
+INTAKE_FIRST_MAX = 0.05
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Gateway:
         await self._load_contracts(house_conn)
 
         async def pipeline(conn: Any, row: Any) -> Processed:
+            await self._intake_first()
             return await process_message(conn, context, row)
 
         async def reject_check(inbound: Any, utf8: bool) -> str | None:
@@ -188,6 +193,13 @@ class Gateway:
             log.info("contracts loaded from %s: %d", path, count)
         except Exception as err:  # noqa: BLE001 - keep the contracts already loaded
             log.error("contracts not loaded, keeping the previous ones: %s", err)
+
+    async def _intake_first(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INTAKE_FIRST_MAX
+        while (self.handler and loop.time() < deadline
+               and any(session.in_transaction for session in self.handler.sessions)):
+            await asyncio.sleep(0.002)
 
     def _wake_mailer(self) -> None:
         if self.mailer:

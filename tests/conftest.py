@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -229,17 +230,25 @@ def desk_options() -> str:
     return ""
 
 
-@pytest.fixture
-async def desk(tmp_path: Path, desk_options: str) -> AsyncIterator[Desk]:
+@asynccontextmanager
+async def running_desk(tmp_path: Path, options: str = "",
+                       sink: "Sink | None" = None) -> AsyncIterator[Desk]:
+    """A gateway started from a real config file (as `serve` would), stopped after."""
     from gateway.config import load_config
 
-    path = write_config(tmp_path, desk_options)
+    path = write_config(tmp_path, options, sink=sink)
     gw = Gateway(load_config(path))
     await gw.start(port=0)
     try:
         yield Desk(gw, path)
     finally:
         await gw.stop(grace=2)
+
+
+@pytest.fixture
+async def desk(tmp_path: Path, desk_options: str) -> AsyncIterator[Desk]:
+    async with running_desk(tmp_path, desk_options) as running:
+        yield running
 
 
 def body_text(message: EmailMessage) -> str:
@@ -250,12 +259,5 @@ def body_text(message: EmailMessage) -> str:
 @pytest.fixture
 async def desk_with_relay(tmp_path: Path, smtp_sink: Sink, desk_options: str) -> AsyncIterator[Desk]:
     """The desk with the real aiosmtpd sink as its relay: assert on what arrives."""
-    from gateway.config import load_config
-
-    path = write_config(tmp_path, desk_options, sink=smtp_sink)
-    gw = Gateway(load_config(path))
-    await gw.start(port=0)
-    try:
-        yield Desk(gw, path)
-    finally:
-        await gw.stop(grace=2)
+    async with running_desk(tmp_path, desk_options, sink=smtp_sink) as running:
+        yield running

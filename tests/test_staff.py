@@ -172,17 +172,10 @@ def desk_options(request) -> str:
 
 @pytest.fixture
 async def desk_with_cap(tmp_path):
-    from gateway.config import load_config
-    from gateway.daemon import Gateway
-    from tests.conftest import write_config
+    from tests.conftest import running_desk
 
-    path = write_config(tmp_path, "[tickets]\nmax_auto_replies_per_hour = 2\n")
-    gw = Gateway(load_config(path))
-    await gw.start(port=0)
-    try:
-        yield Desk(gw, path)
-    finally:
-        await gw.stop(grace=2)
+    async with running_desk(tmp_path, "[tickets]\nmax_auto_replies_per_hour = 2\n") as desk:
+        yield desk
 
 
 @pytest.mark.parametrize("desk_options", ['[tickets]\nrating_window = "0"\n'], indirect=True)

@@ -252,7 +252,7 @@ def describe(env: Env, args: argparse.Namespace, scenarios: list[Scenario]) -> N
           f"SQLite {sqlite_v}")
     how = ("python -m gateway serve" if env.processor == "production" else
            f"DIAGNOSIS: processor {env.processor}")
-    print(f"  gateway   {Path(gw_file).parent}{_revision(Path(gw_file).parent)}")
+    print(f"  gateway   {Path(gw_file).parent}{_load.git_revision(Path(gw_file).parent)}")
     print(f"            {how}; SQLite WAL, synchronous=FULL")
     print(f"  database  {env.base}  on {mount} ({fstype}); a fresh database per gateway round")
     for sc in scenarios:
@@ -260,20 +260,6 @@ def describe(env: Env, args: argparse.Namespace, scenarios: list[Scenario]) -> N
               f" (+{sc.warmup} warm-up), {args.rounds} round(s) per server, cap "
               f"{sc.time_cap:.0f} s")
     print(flush=True)
-
-
-def _revision(package: Path) -> str:
-    """" at <commit>" (and whether the package has uncommitted changes), if in git."""
-    try:
-        head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return ""
-        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return f" at {head.stdout.strip()}" + (" + uncommitted changes" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

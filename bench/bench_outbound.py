@@ -757,7 +757,7 @@ def describe(args: argparse.Namespace, base: Path, rate_source: str) -> None:
     print(f"  machine   {os.cpu_count()} CPUs, {platform.machine()}, Python "
           f"{platform.python_version()}, aiosmtpd {smtpd_v}, aiosmtplib {smtplib_v}, "
           f"aiosqlite {aiosqlite_v}")
-    print(f"  gateway   {Path(gw_file).parent}{_revision(Path(gw_file).parent)}")
+    print(f"  gateway   {Path(gw_file).parent}{_load.git_revision(Path(gw_file).parent)}")
     print("            python -m gateway serve; [outbound] relay = the sink, retry_first 1s")
     print(f"  database  {base} on {mount} ({fstype}); fresh database and sink per mode")
     print(f"  reports   complete (six fields), {sample.size:,} B, own Message-ID and sender "
@@ -772,21 +772,6 @@ def describe(args: argparse.Namespace, base: Path, rate_source: str) -> None:
               f"{args.duration:.0f} s = {round(args.rate * args.duration)} reports; "
               f"R {rate_source}")
     print(flush=True)
-
-
-def _revision(package: Path) -> str:
-    """" at <commit>" (and whether the package has uncommitted changes), if in git."""
-    try:
-        head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=False)
-        if head.returncode != 0:
-            return ""
-        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "."],
-                               capture_output=True, text=True, timeout=10,
-                               check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return f" at {head.stdout.strip()}" + (" + uncommitted changes" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,9 +239,10 @@ async def cmd_tickets_set_status(config: Config, args: argparse.Namespace) -> in
 
 
 async def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
-    from gateway.staff import parse_number, reply
+    from gateway.staff import parse_number, read_attachment, reply
 
     number = parse_number(args.number)
+    files = [read_attachment(Path(p)) for p in args.attach]
     path = Path(args.message_file)
     try:
         message = sys.stdin.read() if args.message_file == "-" else path.read_text("utf-8")
@@ -250,8 +251,7 @@ async def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
     except UnicodeDecodeError:
         raise GatewayError(f"{path}: not UTF-8 text") from None
     async with open_db(config) as conn:
-        await reply(conn, await _context(conn, config), number, message,
-                    [Path(p) for p in args.attach])
+        await reply(conn, await _context(conn, config), number, message, files)
     print(f"#{number:06d}: reply queued to the reporter")
     return 0
 

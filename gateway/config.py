@@ -119,6 +119,18 @@ class TicketsConfig:
     max_auto_replies_per_hour: int = 20
     phone_numbers: tuple[str, ...] = ("(0-12) 444-65-00", "801 090 101")
     contracts: Path | None = None
+    timezone: str = "Europe/Warsaw"  # times shown to people
+    templates: Path | None = None  # a folder overriding packaged templates by file name
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Who really sent a message (SPEC §10)."""
+
+    trusted_authserv_ids: tuple[str, ...] = ()
+    verify: str = "off"  # "off" | "dns"
+    resolver: str = ""  # "host:port" of the DNS resolver; "" = the system's
+    trusted_relays: tuple[str, ...] = ()  # IPs/CIDRs whose mail counts as verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +141,7 @@ class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     source: Path | None = None  # the file it was read from; None = built-in defaults
 
 
@@ -139,22 +152,25 @@ _SECTIONS: dict[str, type] = {
     "outbound": OutboundConfig,
     "metrics": MetricsConfig,
     "tickets": TicketsConfig,
+    "auth": AuthConfig,
 }
 
 # Which keys hold what kind of value; everything else is a plain str.
 _INTS = {"max_message_size", "max_recipients", "max_auto_replies_per_hour"}
 _BOOLS = {"starttls"}
 _PATHS = {"tls_cert", "tls_key", "lmtp_socket", "database", "attachments",
-          "password_file", "maildir", "contracts"}
-_LISTS = {"staff_domains", "notify", "phone_numbers"}
+          "password_file", "maildir", "contracts", "templates"}
+_LISTS = {"staff_domains", "notify", "phone_numbers", "trusted_authserv_ids", "trusted_relays"}
 _CHOICES = {
     ("outbound", "transport"): ("smtp", "maildir"),
     ("tickets", "language"): ("pl", "en"),
     ("tickets", "reply_policy"): ("reporter", "domain", "any"),
     ("tickets", "closed_action"): ("reply", "reject"),
+    ("auth", "verify"): ("off", "dns"),
 }
 _DURATIONS = {"timeout", "retry_first", "retry_max", "give_up_after", "rating_window"}
-_HOSTPORTS = {("smtp", "listen"), ("outbound", "relay"), ("metrics", "listen")}
+_HOSTPORTS = {("smtp", "listen"), ("outbound", "relay"), ("metrics", "listen"),
+              ("auth", "resolver")}
 _EMAILS = {("addresses", "intake"), ("addresses", "crm")}
 
 
@@ -180,6 +196,14 @@ def _convert(section: str, key: str, value: Any, base: Path) -> Any:
                     raise ValueError(f"not an e-mail address: {item!r}")
         if key == "staff_domains":
             items = tuple(v.lower().lstrip("@") for v in items)
+        if key == "trusted_relays":
+            for item in items:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"not an IP address or CIDR network: {item!r}") from None
+        if key == "trusted_authserv_ids":
+            items = tuple(v.lower() for v in items if v)
         return items
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {type(value).__name__}")
@@ -198,11 +222,22 @@ def _convert(section: str, key: str, value: Any, base: Path) -> Any:
             raise ValueError("must be longer than 0")
     if (section, key) in _HOSTPORTS and value:
         parse_hostport(value)
+    if (section, key) == ("tickets", "timezone"):
+        _check_timezone(value)
     if (section, key) in _EMAILS:
         if not _ADDRESS.match(value):
             raise ValueError(f"not an e-mail address: {value!r}")
         value = value.lower()
     return value
+
+
+def _check_timezone(name: str) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (e.g. \"Europe/Warsaw\", \"UTC\")") from None
 
 
 def _fail(reason: str) -> Any:
@@ -300,6 +335,8 @@ def check_files(config: Config) -> None:
             raise ConfigError(f"{key}: {path}: no such file")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"{key}: {path}: not readable (permission denied)")
+    if tickets.templates is not None and not tickets.templates.is_dir():
+        raise ConfigError(f"tickets.templates: {tickets.templates}: no such folder")
     if smtp.tls_cert and smtp.tls_key:
         import ssl
 

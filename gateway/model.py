@@ -42,7 +42,46 @@ class Outcome(StrEnum):
     HELD = "held"
     IGNORED_AUTO = "ignored_auto"
     DUPLICATE = "duplicate"
+    STAFF_REPLY = "staff_reply"
+    STAFF_NOTE = "staff_note"
     FAILED = "failed"
+
+
+class MessageKind(StrEnum):
+    """What one entry of a ticket's thread is (`tickets show --json` messages[].kind)."""
+
+    CUSTOMER = "customer"
+    STAFF_REPLY = "staff_reply"
+    STAFF_NOTE = "staff_note"
+    NOTICE = "notice"
+
+
+class AuthResult(StrEnum):
+    """The sender verdict of SPEC §10."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Who really sent a message: the result and why (shown to staff)."""
+
+    result: AuthResult
+    reason: str
+    domain: str = ""  # the From domain the verdict is about, "" when there is none
+
+    @property
+    def passed(self) -> bool:
+        return self.result is AuthResult.PASS
+
+    @property
+    def failed(self) -> bool:
+        return self.result is AuthResult.FAIL
+
+
+UNVERIFIED = Verdict(AuthResult.NONE, "not checked")
 
 
 # The report fields in the order of the procedure. `device_id` is the name used in

@@ -29,8 +29,9 @@ from typing import Any
 import aiosqlite
 
 from gateway import msgid, store
+from gateway.attachments import save_attachments
 from gateway.config import Config
-from gateway.model import (FIELD_NAMES, TICKET_REF, Attachment, Fields, Inbound, Outcome,
+from gateway.model import (FIELD_NAMES, TICKET_REF, Attachment, Fields, Inbound, MessageKind, Outcome,
                            Outgoing, Report, Status, missing_fields)
 from gateway.parser import parse_report
 from gateway.processor import Processed
@@ -123,29 +124,6 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
              getattr(decision, "reason", ""))
     ctx.wake_mailer()
     return Processed(decision.outcome, ticket)
-
-
-def save_attachments(folder: Path, attachments: Iterable[Attachment]) -> list[dict[str, Any]]:
-    """Write attachment bytes under generated names (content hashes), never the
-    sender's file name. Idempotent: the same bytes land in the same file."""
-    saved = []
-    for attachment in attachments:
-        path = attachment_path(folder, attachment.sha256)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(attachment.data)
-            os.replace(tmp, path)
-        saved.append({"id": uuid.uuid4().hex, "filename": attachment.filename,
-                      "content_type": attachment.content_type, "size": attachment.size,
-                      "sha256": attachment.sha256, "is_log": attachment.is_log})
-    return saved
-
-
-def attachment_path(folder: Path, sha256: str) -> Path:
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise ValueError(f"not a sha256: {sha256!r}")
-    return folder / sha256[:2] / sha256
 
 
 async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
@@ -507,7 +485,8 @@ async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repo
 
 async def notify(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow | None, event: str,
                  now: datetime, *, in_reply_to: Report | None = None, auto: bool = True,
-                 attachments: tuple[Any, ...] = (), **extra: Any) -> None:
+                 files: tuple[Any, ...] = (), kind: str = MessageKind.NOTICE,
+                 author: str | None = None, **extra: Any) -> None:
     """A notice to the ticket's reporter in the ticket's thread (status changes, staff
     replies, closing)."""
     assert ticket is not None
@@ -520,8 +499,9 @@ async def notify(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow | N
     out = Outgoing(kind=event, ticket=ticket.number, to=ticket.reporter_email,
                    subject=reply_subject(ticket.number, ticket.subject, language=ctx.language),
                    body=ctx.renderer.render(event, **context), in_reply_to=parent,
-                   references=refs, auto=auto, attachments=attachments)
-    await queue(conn, ctx, out, now, inbound_id=None, record_ticket=ticket.number)
+                   references=refs, auto=auto, attachments=files)
+    await queue(conn, ctx, out, now, inbound_id=None, record_ticket=ticket.number,
+                record_kind=kind, author=author)
 
 
 async def thread_tail(conn: aiosqlite.Connection, ticket: int) -> tuple[str, tuple[str, ...]]:
@@ -552,7 +532,8 @@ async def copy_to_staff(conn: aiosqlite.Connection, ctx: Context, ticket: Ticket
 
 async def queue(conn: aiosqlite.Connection, ctx: Context, out: Outgoing, now: datetime, *,
                 inbound_id: int | None, record_ticket: int | None,
-                topic: str = "") -> int | None:
+                topic: str = "", record_kind: str = MessageKind.NOTICE,
+                author: str | None = None) -> int | None:
     """Compose and put one mail in the outbox (inside the caller's transaction)."""
     message_id = msgid.make_message_id(ctx.hmac_key, ctx.domain, out.ticket)
     try:
@@ -573,7 +554,8 @@ async def queue(conn: aiosqlite.Connection, ctx: Context, out: Outgoing, now: da
         await store.add_ticket_message(
             conn, ticket=record_ticket, direction="out", outbox_id=outbox_id,
             from_addr=ctx.crm, to_addrs=[out.to], subject=out.subject,
-            message_id=message_id, date=now, body=out.body)
+            message_id=message_id, date=now, body=out.body, kind=record_kind,
+            author=author)
     return outbox_id
 
 

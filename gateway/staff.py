@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import mimetypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ import aiosqlite
 from gateway import store
 from gateway.config import parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
-from gateway.model import TRANSITIONS, OutAttachment, Status
+from gateway.model import TRANSITIONS, MessageKind, OutAttachment, Report, Status
 from gateway.pipeline import Context, notify, report_context
 from gateway.store import TicketRow, Tx
 
@@ -50,33 +51,46 @@ async def require_ticket(conn: aiosqlite.Connection, number: int) -> TicketRow:
     return ticket
 
 
-async def set_status(conn: aiosqlite.Connection, ctx: Context, number: int, status_text: str,
-                     note: str | None, *, actor: str = "staff") -> TicketRow:
+def parse_status(status_text: str) -> Status:
     try:
-        target = Status(status_text)
+        return Status(status_text.strip().lower())
     except ValueError:
         raise GatewayError(f"unknown status {status_text!r} (one of: "
                            f"{', '.join(s.value for s in Status)})") from None
+
+
+async def change_status(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
+                        target: Status, note: str | None, *, actor: str,
+                        now: datetime) -> TicketRow:
+    """Move `ticket` to `target` inside the caller's transaction, with its history
+    entry and the notice to the reporter. Raises TransitionError when not allowed."""
+    number, current = ticket.number, Status(ticket.status)
+    if target not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "none: closed is final"
+        raise TransitionError(f"ticket #{number:06d}: cannot go from {current} to {target} "
+                              f"(allowed: {allowed})")
+    values: dict[str, Any] = {"status": target.value}
+    if target is Status.RESOLVED:
+        values["resolved_at"] = store.iso(now)
+    if target is Status.CLOSED:
+        values.update(closed_at=store.iso(now), closed_reason="staff")
+    if target is Status.ACCEPTED and ticket.missing:
+        values["missing"] = "[]"  # staff accepted it as it is
+    await store.update_ticket(conn, number, now, **values)
+    await store.add_history(conn, ticket=number, from_status=current, to_status=target,
+                            actor=actor, note=note, now=now)
+    updated = await require_ticket(conn, number)
+    await send_notice(conn, ctx, updated, target, note, now, reason="staff")
+    return updated
+
+
+async def set_status(conn: aiosqlite.Connection, ctx: Context, number: int, status_text: str,
+                     note: str | None, *, actor: str = "staff") -> TicketRow:
+    target = parse_status(status_text)
     now = ctx.clock()
     async with Tx(conn):
         ticket = await require_ticket(conn, number)
-        current = Status(ticket.status)
-        if target not in TRANSITIONS[current]:
-            allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "none: closed is final"
-            raise TransitionError(f"ticket #{number:06d}: cannot go from {current} to {target} "
-                                  f"(allowed: {allowed})")
-        values: dict[str, Any] = {"status": target.value}
-        if target is Status.RESOLVED:
-            values["resolved_at"] = store.iso(now)
-        if target is Status.CLOSED:
-            values.update(closed_at=store.iso(now), closed_reason="staff")
-        if target is Status.ACCEPTED and ticket.missing:
-            values["missing"] = "[]"  # staff accepted it as it is
-        await store.update_ticket(conn, number, now, **values)
-        await store.add_history(conn, ticket=number, from_status=current, to_status=target,
-                                actor=actor, note=note, now=now)
-        updated = await require_ticket(conn, number)
-        await send_notice(conn, ctx, updated, target, note, now, reason="staff")
+        updated = await change_status(conn, ctx, ticket, target, note, actor=actor, now=now)
     ctx.wake_mailer()
     return updated
 
@@ -100,22 +114,68 @@ async def send_notice(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRo
     await notify(conn, ctx, ticket, event, now, **extra)
 
 
-async def reply(conn: aiosqlite.Connection, ctx: Context, number: int, message: str,
-                attachments: list[Path]) -> TicketRow:
-    if not message.strip():
+def check_engineer(ctx: Context, engineer: str) -> str:
+    """An assignee is a staff e-mail address (one of the staff domains)."""
+    address = engineer.strip().lower()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or " " in address or not domain:
+        raise GatewayError(f"not an e-mail address: {engineer!r}")
+    if domain not in ctx.config.addresses.staff_domains:
+        raise GatewayError(f"{engineer!r} is not a staff address (staff domains: "
+                           f"{', '.join(ctx.config.addresses.staff_domains)})")
+    return address
+
+
+async def change_assignee(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
+                          engineer: str, *, actor: str, now: datetime) -> TicketRow:
+    """Assign `ticket` to a staff address inside the caller's transaction."""
+    address = check_engineer(ctx, engineer)
+    await store.update_ticket(conn, ticket.number, now, assignee=address)
+    await store.add_history(conn, ticket=ticket.number, from_status=ticket.status,
+                            to_status=ticket.status, actor=actor,
+                            note=f"assigned to {address}", now=now)
+    return await require_ticket(conn, ticket.number)
+
+
+async def record_note(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow, text: str,
+                      *, author: str, now: datetime, inbound_id: int | None = None,
+                      message_id: str = "", subject: str = "") -> None:
+    """An internal note on the thread: recorded for staff, never sent to anyone."""
+    await store.add_ticket_message(
+        conn, ticket=ticket.number, direction="in", inbound_id=inbound_id,
+        from_addr=author, to_addrs=[], subject=subject or ticket.subject,
+        message_id=message_id or f"<note.{ticket.number}.{store.iso(now)}@local>",
+        date=now, body=text, kind=MessageKind.STAFF_NOTE, author=author)
+    await store.add_history(conn, ticket=ticket.number, from_status=ticket.status,
+                            to_status=ticket.status, actor=author, note="internal note",
+                            now=now)
+
+
+async def queue_staff_reply(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
+                            text: str, files: Sequence[OutAttachment], *, author: str,
+                            now: datetime, in_reply_to: Report | None = None) -> None:
+    """An engineer's answer to the reporter, in the thread, inside the caller's
+    transaction. Refused on a closed ticket (the customer could not answer it)."""
+    if not text.strip():
         raise GatewayError("the message is empty")
-    files = [read_attachment(path) for path in attachments]
+    if ticket.status == Status.CLOSED:
+        raise TransitionError(f"ticket #{ticket.number:06d} is closed: replies go nowhere "
+                              "(the customer must report anew at the intake address)")
+    await notify(conn, ctx, ticket, "staff_reply", now, auto=False, files=tuple(files),
+                 in_reply_to=in_reply_to, message=text, status=ticket.status,
+                 kind=MessageKind.STAFF_REPLY, author=author)
+    await store.update_ticket(conn, ticket.number, now, last_staff_at=store.iso(now))
+    await store.add_history(conn, ticket=ticket.number, from_status=ticket.status,
+                            to_status=ticket.status, actor=author,
+                            note=f"reply sent ({len(files)} attachment(s))", now=now)
+
+
+async def reply(conn: aiosqlite.Connection, ctx: Context, number: int, message: str,
+                files: Sequence[OutAttachment], *, actor: str = "staff") -> TicketRow:
     now = ctx.clock()
     async with Tx(conn):
         ticket = await require_ticket(conn, number)
-        if ticket.status == Status.CLOSED:
-            raise TransitionError(f"ticket #{number:06d} is closed: replies go nowhere "
-                                  "(the customer must report anew at the intake address)")
-        await notify(conn, ctx, ticket, "staff_reply", now, auto=False,
-                     attachments=tuple(files), message=message, status=ticket.status)
-        await store.add_history(conn, ticket=number, from_status=ticket.status,
-                                to_status=ticket.status, actor="staff",
-                                note=f"reply sent ({len(files)} attachment(s))", now=now)
+        await queue_staff_reply(conn, ctx, ticket, message, files, author=actor, now=now)
     ctx.wake_mailer()
     return ticket
 

@@ -810,12 +810,14 @@ async def add_ticket_message(conn: aiosqlite.Connection, *, ticket: int, directi
                              from_addr: str, to_addrs: Iterable[str], subject: str,
                              message_id: str, date: datetime, body: str = "",
                              inbound_id: int | None = None,
-                             outbox_id: int | None = None) -> None:
+                             outbox_id: int | None = None, kind: str = "customer",
+                             auth: str | None = None, author: str | None = None) -> None:
     await conn.execute(
         "INSERT INTO ticket_messages (ticket, direction, inbound_id, outbox_id, from_addr,"
-        " to_addrs, subject, message_id, body, date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " to_addrs, subject, message_id, body, date, kind, auth, author)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (ticket, direction, inbound_id, outbox_id, from_addr, json.dumps(list(to_addrs)),
-         subject, message_id, body, iso(date)))
+         subject, message_id, body, iso(date), str(kind), auth, author))
 
 
 async def ticket_messages(conn: aiosqlite.Connection, ticket: int) -> list[Any]:

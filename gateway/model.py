@@ -213,3 +213,8 @@ class Outgoing:
     auto: bool = True  # an automatic answer (RFC 3834 headers); False for staff replies
     urgent: bool = False
     attachments: tuple[OutAttachment, ...] = ()
+    cc: tuple[str, ...] = ()  # shown as Cc (each copy is its own outbox row)
+    from_name: str = ""  # display name of From; "" = the default ("Serwis S4E")
+    # RFC 3834: "auto-replied" for answers to a message, "auto-generated" for copies and
+    # digests that answer nothing.
+    auto_submitted: str = "auto-replied"

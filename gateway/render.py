@@ -122,6 +122,9 @@ EVENTS: tuple[str, ...] = (
     "staff_reply",
     "held_notice",
     "staff_copy",
+    "rating_request",
+    "staff_notice",
+    "held_digest",
 )
 
 LANGUAGES: tuple[str, ...] = ("pl", "en")
@@ -183,7 +186,7 @@ _CUSTOMER_FIELD_EVENTS = frozenset({"acknowledgement", "missing_fields"})
 _ATTACHMENT_KEYS = ("attachments", "log_attachments")
 _NEEDS_NUMBER = frozenset(
     {"acknowledgement", "missing_fields", "status_changed", "resolved", "closed",
-     "staff_reply", "staff_copy"}
+     "staff_reply", "staff_copy", "rating_request", "staff_notice"}
 )
 _COMMON_KEYS = ("number", "ticket", "subject", "intake", "crm", "phone_numbers")
 # What each template gets (besides the common keys, unless it says otherwise).
@@ -201,13 +204,22 @@ _EVENT_KEYS: dict[str, tuple[str, ...]] = {
     "held_notice": ("number", "ticket", "intake", "crm", "phone_numbers"),
     "staff_copy": _COMMON_KEYS
     + ("fields", "missing", "missing_labels", "phone_confirmation_required", "reporter",
-       "attachment_names", "status", "status_label") + _ATTACHMENT_KEYS,
+       "attachment_names", "status", "status_label", "text", "copy_kind", "verdict",
+       "files", "notes", "dispatcher", "contact", "assignee", "linked") + _ATTACHMENT_KEYS,
+    "rating_request": _COMMON_KEYS,
+    "staff_notice": _COMMON_KEYS + ("problem", "detail", "status", "status_label"),
+    "held_digest": ("intake", "crm", "held", "phone_numbers"),
 }
+# Staff copies, staff notices and the held digest go to staff only.
+STAFF_EVENTS = frozenset({"staff_copy", "staff_notice", "held_digest"})
+COPY_KINDS = ("new", "follow_up", "reply_unrated")
+NOTICE_PROBLEMS = ("empty", "closed", "bad_command", "not_sent")
 _ACCEPTED_KEYS = frozenset(
     {"number", "ticket", "subject", "intake", "crm", "phone_numbers", "fields",
      "attachments", "log_attachments", "phone_confirmation_required", "accepted_by_staff",
      "missing", "again", "status", "note", "rating", "rating_window_days", "reason",
-     "message", "reporter"}
+     "message", "reporter", "text", "copy_kind", "verdict", "files", "notes", "dispatcher",
+     "contact", "assignee", "linked", "problem", "detail", "held"}
 )
 
 
@@ -282,7 +294,36 @@ _E164 = re.compile(r"\+[1-9][0-9]{6,14}", re.ASCII)
 
 
 def _value_text(value: object) -> str:
-    return clean_header_text(value).translate(_FORMAT_TABLE).strip()
+    """One line; the lines of a multi-line value (an address) joined with commas."""
+    if value is None:
+        return ""
+    lines = [clean_header_text(line).translate(_FORMAT_TABLE).strip().rstrip(",;")
+             for line in str(value).splitlines()]
+    return ", ".join(line for line in lines if line)
+
+
+def plural_pl(count: object, one: str, few: str, many: str) -> str:
+    """The Polish form for `count`: 1 plik, 2-4 (22-24...) pliki, 5+ (12-14) plików."""
+    n = abs(int(count)) if isinstance(count, int) else 0
+    if n == 1:
+        return one
+    if n % 10 in (2, 3, 4) and n % 100 not in (12, 13, 14):
+        return few
+    return many
+
+
+def plural_en(count: object, one: str, other: str) -> str:
+    return one if count == 1 else other
+
+
+def format_size(size: object) -> str:
+    """A size as people read it: 512 B, 14 KB, 3.2 MB."""
+    n = int(size) if isinstance(size, int) else 0
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.0f} KB"
+    return f"{n / 1024 / 1024:.1f} MB"
 
 
 def _repeatable(text: str, limit: int) -> bool:
@@ -443,15 +484,22 @@ def reply_subject(
 class Renderer:
     """The templates of one language, loaded and checked once."""
 
-    def __init__(self, templates_dir: Path, language: str = "pl") -> None:
+    def __init__(self, templates_dir: Path, language: str = "pl",
+                 override_dir: Path | None = None) -> None:
+        """`override_dir` (`[tickets] templates`): its `<language>/<name>` files, or
+        files directly in it, win over the packaged ones of the same name."""
         self.language = _check_language(language)
         folder = Path(templates_dir) / language
+        folders = [folder]
+        if override_dir is not None:
+            override = Path(override_dir)
+            folders[:0] = [override / language, override]
         missing = [f"{folder / (e + '.txt.j2')}" for e in EVENTS
-                   if not (folder / f"{e}.txt.j2").is_file()]
+                   if not any((f / f"{e}.txt.j2").is_file() for f in folders)]
         if missing:
             raise RenderError(f"missing template(s): {', '.join(missing)}")
         self._env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(folder),
+            loader=jinja2.FileSystemLoader([str(f) for f in folders if f.is_dir()]),
             undefined=jinja2.StrictUndefined,
             # Only plain text today; any future HTML template is escaped. Names end in
             # ".j2", so list the double extensions too (select_autoescape matches the end).
@@ -474,15 +522,16 @@ class Renderer:
         self._env.filters["device_id"] = lambda v: device_id_value(v, withheld)
         self._env.filters["phone"] = format_phone
         self._env.filters["alternatives"] = lambda items: _join_alternatives(items, word)
+        self._env.filters["plural"] = plural_pl if language == "pl" else plural_en
+        self._env.filters["size"] = format_size
         self._templates: dict[str, jinja2.Template] = {}
-        for name in sorted(self._env.list_templates(extensions=["j2"])):
+        for event in EVENTS:
+            name = f"{event}.txt.j2"
             try:
-                template = self._env.get_template(name)
+                self._templates[event] = self._env.get_template(name)
             except jinja2.TemplateSyntaxError as exc:
-                raise RenderError(f"{folder / name}:{exc.lineno}: {exc.message}") from exc
-            event = name.removesuffix(".txt.j2")
-            if event in EVENTS:
-                self._templates[event] = template
+                where = exc.filename or str(folder / name)
+                raise RenderError(f"{where}:{exc.lineno}: {exc.message}") from exc
         self._self_check(folder)
 
     def _self_check(self, folder: Path) -> None:
@@ -503,13 +552,31 @@ class Renderer:
             "rating_window_days": 14,
             "message": "x",
             "reporter": "jan@example.com",
+            "text": "Serwer nie działa.\nPozdrawiam",
+            "copy_kind": "new",
+            "verdict": "pass (dmarc=pass)",
+            "files": [{"filename": "a.log", "size": 2048, "is_log": True, "attached": True}],
+            "notes": ["x"],
+            "dispatcher": "anna@example.com",
+            "contact": "jan@example.org",
+            "assignee": "inz@s4e.pl",
+            "linked": "654321",
+            "problem": "empty",
+            "detail": "x",
+            "held": [{"id": "1", "sender": "x@example.com", "subject": "x", "reason": "x",
+                      "received": "2026-12-01 10:00", "ticket": "#123456"}],
         }
         # Both sides of every flag, so a typo in a rarely taken branch fails here too.
         variants = (
             {},
             {"again": True, "accepted_by_staff": True, "attachments": ["a.log"],
              "log_attachments": None, "rating": None, "reason": "staff",
-             "rating_window_days": 1, "phone_numbers": ["801 090 101"]},
+             "rating_window_days": 1, "phone_numbers": ["801 090 101"],
+             "copy_kind": "reply_unrated", "problem": "bad_command", "files": [],
+             "notes": [], "dispatcher": "", "contact": "", "assignee": "", "linked": None,
+             "verdict": "", "held": [], "text": ""},
+            {"copy_kind": "follow_up", "problem": "closed"},
+            {"problem": "not_sent"},
         )
         for event in EVENTS:
             for variant in variants:
@@ -620,7 +687,56 @@ class Renderer:
             "reason": reason,
             "message": message,
             "reporter": clean_header_text(context.get("reporter")),
+            "text": _body_text(context.get("text")).strip("\n"),
+            "copy_kind": _choice(event, "copy_kind", context.get("copy_kind"), COPY_KINDS),
+            "verdict": clean_header_text(context.get("verdict")),
+            "files": _context_files(context.get("files")),
+            "notes": [clean_header_text(n) for n in context.get("notes") or () if n],
+            "dispatcher": clean_header_text(context.get("dispatcher")),
+            "contact": clean_header_text(context.get("contact")),
+            "assignee": clean_header_text(context.get("assignee")),
+            "linked": _linked(context.get("linked")),
+            "problem": _choice(event, "problem", context.get("problem"), NOTICE_PROBLEMS),
+            "detail": _body_text(context.get("detail")).strip("\n"),
+            "held": _context_held(context.get("held")),
         }
+
+
+def _choice(event: str, key: str, value: object, choices: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    if value not in choices:
+        raise RenderError(f"{event}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _linked(value: object) -> str | None:
+    if value is None:
+        return None
+    try:
+        return format_ticket(_check_number(value))
+    except ValueError as exc:
+        raise RenderError(str(exc)) from None
+
+
+def _context_files(value: object) -> list[dict[str, Any]]:
+    """Attachments listed for staff: cleaned display name, size, whether a log."""
+    files = []
+    for item in value or ():
+        size = _item_attr(item, "size")
+        files.append({"name": clean_filename(_item_attr(item, "filename")),
+                      "size": size if _is_count(size) else 0,
+                      "is_log": bool(_item_attr(item, "is_log")),
+                      "attached": bool(_item_attr(item, "attached"))})
+    return files
+
+
+def _context_held(value: object) -> list[dict[str, Any]]:
+    held = []
+    for item in value or ():
+        held.append({key: clean_header_text(_item_attr(item, key))
+                     for key in ("id", "sender", "subject", "reason", "received", "ticket")})
+    return held
 
 
 def _context_number(context: Mapping[str, Any]) -> int | None:
@@ -805,9 +921,11 @@ def compose_message(
 
     msg = EmailMessage(policy=_POLICY)
     msg["Date"] = format_datetime(date)
-    msg["From"] = Address(display_name=_header_safe(from_name), addr_spec=sender)
+    msg["From"] = Address(display_name=_header_safe(out.from_name or from_name),
+                          addr_spec=sender)
     msg["Reply-To"] = Address(addr_spec=sender)
     msg["To"] = Address(addr_spec=to)
+    cc = [_check_address(a, "cc") for a in out.cc]
     # Folded here and stored verbatim: the email package's own folding may leave the
     # first line empty ("Subject:" CRLF " text"), which its parser then reads back with a
     # leading space; keep the text on the header line instead.
@@ -816,6 +934,9 @@ def compose_message(
     # RFC 2047 encoded words, which no mail client matches against its threads.
     msg.set_raw("Message-ID", _fold_header("Message-ID", msgid))
     expected = ["Date", "From", "Reply-To", "To", "Subject", "Message-ID"]
+    if cc:
+        msg["Cc"] = [Address(addr_spec=a) for a in cc]
+        expected.append("Cc")
     if in_reply_to:
         msg.set_raw("In-Reply-To", _fold_header("In-Reply-To", in_reply_to))
         expected.append("In-Reply-To")
@@ -823,7 +944,10 @@ def compose_message(
         msg.set_raw("References", _fold_header("References", " ".join(references)))
         expected.append("References")
     if out.auto:
-        msg["Auto-Submitted"] = "auto-replied"
+        if out.auto_submitted not in ("auto-replied", "auto-generated"):
+            raise ValueError(f"Auto-Submitted must be auto-replied or auto-generated, "
+                             f"got {out.auto_submitted!r}")
+        msg["Auto-Submitted"] = out.auto_submitted
         msg["X-Auto-Response-Suppress"] = "All"
         expected += ["Auto-Submitted", "X-Auto-Response-Suppress"]
     if out.urgent:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.model import OPEN_STATUSES, Outcome, Report, Status
+from gateway.model import OPEN_STATUSES, UNVERIFIED, Outcome, Report, Status, Verdict
+from gateway.staff_mail import parse_staff_mail
 
 # --- what the processor looked up ---------------------------------------------------
 
@@ -47,9 +48,11 @@ class Situation:
     auto_replies_last_hour: int
     policy: Policy = Policy()
     # The sender is the ticket's reporter or one of its first message's addresses:
-    # only then may the mail change the ticket's fields or rate it (staff domains and
-    # reply_policy admit the mail into the thread, not more).
+    # only then may the mail change the ticket's fields or rate it (reply_policy admits
+    # the mail into the thread, not more).
     is_participant: bool = False
+    verdict: Verdict = UNVERIFIED  # who really sent it (SPEC §10)
+    staff_sender: bool = False  # the From is in a staff domain (verified or not)
 
 
 # --- decisions ------------------------------------------------------------------------
@@ -104,6 +107,32 @@ class HoldForOperator:
 
 
 @dataclass(frozen=True, slots=True)
+class StaffMail:
+    """A verified engineer's mail on an open ticket: relayed to the reporter, or with
+    `internal` recorded as a note that is never sent (SPEC §9)."""
+
+    number: int
+    internal: bool
+    reason: str
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.STAFF_NOTE if self.internal else Outcome.STAFF_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class StaffRefused:
+    """A verified engineer's mail that cannot go to the customer (the ticket is
+    closed): recorded, and the engineer is told why."""
+
+    number: int
+    problem: str  # render.NOTICE_PROBLEMS
+    reason: str
+
+    outcome = Outcome.CLOSED_GUIDANCE
+
+
+@dataclass(frozen=True, slots=True)
 class StoreOnly:
     """Stored, never answered: automatic mail, our own mail, duplicates."""
 
@@ -115,7 +144,7 @@ class StoreOnly:
 # (closed_rejected is decided at the SMTP edge, before the 250: see
 # pipeline.closed_ticket_refusal; by the time the router runs the mail is accepted.)
 Decision = (NewTicket | AppendToTicket | ClosedTicketGuidance | UnknownTicketGuidance
-            | HoldForOperator | StoreOnly)
+            | HoldForOperator | StaffMail | StaffRefused | StoreOnly)
 
 
 # --- the checks, in order ---------------------------------------------------------------
@@ -140,8 +169,43 @@ def check_automatic(s: Situation) -> Decision | None:
     if s.mail_from == "":
         reasons.insert(0, "null reverse-path")
     if reasons:
+        # Only a real DSN (null reverse-path, RFC 3464) may mark our mail bounced: a
+        # stranger's mail naming our Message-IDs must not flag a reporter.
+        bounced = s.report.bounced_ids if s.mail_from == "" else ()
         return StoreOnly("automatic mail: " + ", ".join(reasons), Outcome.IGNORED_AUTO,
-                         bounced_ids=s.report.bounced_ids)
+                         bounced_ids=bounced)
+    return None
+
+
+def check_forged(s: Situation) -> Decision | None:
+    """DMARC fail: the From is forged. Nothing changes, nothing is answered (an answer
+    would go to the forged address): held for operators."""
+    if s.verdict.failed:
+        return HoldForOperator(s.ticket.number if s.ticket else s.named_ref,
+                               f"sender verification failed: {s.verdict.reason}",
+                               answer=False)
+    return None
+
+
+def check_staff(s: Situation) -> Decision | None:
+    """Staff-domain mail on a ticket: staff only with a verified sender (SPEC §9, §10)."""
+    ticket = s.ticket
+    if not s.staff_sender or ticket is None:
+        return None
+    if not s.verdict.passed:
+        if not ticket.is_open and s.to_intake:
+            return None  # a new report naming a closed ticket: as anybody's
+        return HoldForOperator(ticket.number, "staff-domain sender not verified "
+                               f"({s.verdict.reason}): never relayed", answer=_may_answer(s))
+    if ticket.is_open:
+        if not s.to_crm:
+            return StaffMail(ticket.number, internal=True,
+                             reason="verified staff mail to the intake address: kept as a note")
+        internal = parse_staff_mail(s.report.text).internal
+        return StaffMail(ticket.number, internal=internal,
+                         reason="verified staff " + ("note" if internal else "reply"))
+    if s.to_crm:
+        return StaffRefused(ticket.number, "closed", "staff reply on a closed ticket: not sent")
     return None
 
 
@@ -190,6 +254,8 @@ CHECKS: tuple[Check, ...] = (
     check_duplicate,
     check_own_mail,
     check_automatic,
+    check_forged,
+    check_staff,
     check_open_ticket,
     check_closed_ticket,
     check_new_report,
@@ -211,8 +277,9 @@ def decide(situation: Situation) -> Decision:
 
 def is_authorised(sender: str, ticket: TicketView, *, staff_domains: tuple[str, ...],
                   reply_policy: str) -> bool:
-    """SPEC §4: the reporter, addresses on the first message's To/Cc, staff domains;
-    "domain" also admits the reporter's domain, "any" everyone."""
+    """SPEC §4: the reporter, addresses on the first message's To/Cc, staff domains
+    (pass `()` unless the sender is verified: SPEC §10); "domain" also admits the
+    reporter's domain, "any" everyone."""
     sender = sender.lower()
     if not sender:
         return reply_policy == "any"

@@ -460,12 +460,16 @@ class InboundRow:
     outcome: str | None
     ticket: int | None
     error: str | None
+    peer: str = ""
+    auth: str | None = None  # the sender verdict, once processed
+    auth_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> InboundRow:
         return cls(row["id"], row["message_id"], row["mail_from"],
                    tuple(json.loads(row["rcpt_tos"])), row["received_at"], row["size"],
-                   row["state"], row["attempts"], row["outcome"], row["ticket"], row["error"])
+                   row["state"], row["attempts"], row["outcome"], row["ticket"], row["error"],
+                   row["peer"], row["auth"], row["auth_reason"])
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "message_id": self.message_id, "mail_from": self.mail_from,
@@ -475,7 +479,7 @@ class InboundRow:
 
 
 _INBOUND_COLUMNS = ("id, message_id, mail_from, rcpt_tos, received_at, size, state,"
-                    " attempts, outcome, ticket, error")
+                    " attempts, outcome, ticket, error, peer, auth, auth_reason")
 
 
 async def recover_inbound(conn: aiosqlite.Connection) -> int:
@@ -504,11 +508,13 @@ async def read_raw(conn: aiosqlite.Connection, inbound_id: int) -> bytes:
 
 async def mark_inbound(conn: aiosqlite.Connection, inbound_id: int, *, state: str,
                        outcome: str | None, ticket: int | None = None,
-                       error: str | None = None, report: str | None = None) -> None:
+                       error: str | None = None, report: str | None = None,
+                       auth: str | None = None, auth_reason: str | None = None) -> None:
     await conn.execute(
         "UPDATE inbound SET state = ?, outcome = ?, ticket = ?, error = ?,"
-        " report = coalesce(?, report), processed_at = ? WHERE id = ?",
-        (state, outcome, ticket, error, report, iso(utcnow()), inbound_id))
+        " report = coalesce(?, report), auth = coalesce(?, auth),"
+        " auth_reason = coalesce(?, auth_reason), processed_at = ? WHERE id = ?",
+        (state, outcome, ticket, error, report, auth, auth_reason, iso(utcnow()), inbound_id))
 
 
 async def list_inbound(conn: aiosqlite.Connection, outcome: str | None = None,
@@ -591,10 +597,10 @@ async def enqueue_outbox(conn: aiosqlite.Connection, *, ticket: int | None,
     """Queue one composed mail; call inside the transaction of the change causing it."""
     rows = await conn.execute_fetchall(
         "INSERT INTO outbox (ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject,"
-        " auto, next_attempt_at, queued_at, created_at, topic)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        " auto, next_attempt_at, queued_at, created_at, topic, rcpt_key)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject, int(auto),
-         iso(now), iso(now), iso(now), topic))
+         iso(now), iso(now), iso(now), topic, address_key(rcpt_to)))
     outbox_id = rows[0][0]
     await conn.execute("INSERT INTO outbox_raw (id, raw) VALUES (?, ?)", (outbox_id, raw))
     return outbox_id
@@ -741,6 +747,12 @@ class TicketRow:
     closed_reason: str | None
     created_at: str
     updated_at: str
+    assignee: str | None = None
+    dispatcher: str | None = None  # gets a copy (Cc) of every mail of the ticket
+    contact_email: str | None = None  # named in the report's body; never mailed
+    rating_requested: bool = False
+    last_customer_at: str | None = None
+    last_staff_at: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> TicketRow:
@@ -752,7 +764,8 @@ class TicketRow:
             row["linked_to"], bool(row["phone_confirmation_required"]),
             bool(row["phone_confirmed"]), row["rating"], bool(row["reporter_bounced"]),
             row["resolved_at"], row["closed_at"], row["closed_reason"], row["created_at"],
-            row["updated_at"])
+            row["updated_at"], row["assignee"], row["dispatcher"], row["contact_email"],
+            bool(row["rating_requested"]), row["last_customer_at"], row["last_staff_at"])
 
 
 async def get_ticket(conn: aiosqlite.Connection, number: int) -> TicketRow | None:
@@ -892,27 +905,39 @@ async def answered(conn: aiosqlite.Connection, inbound_id: int, kind: str) -> bo
     return bool(rows)
 
 
+def address_key(address: str) -> str:
+    """An address as the automatic-answer cap counts it: lower-case, without a +tag."""
+    local, at, domain = address.strip().lower().rpartition("@")
+    if not at:
+        return address.strip().lower()
+    return f"{local.split('+', 1)[0]}@{domain}"
+
+
 async def auto_replies_since(conn: aiosqlite.Connection, addresses: Iterable[str],
                              since: datetime) -> int:
-    """Automatic answers to these addresses' mail (not the notices staff caused)."""
-    wanted = [a for a in addresses if a]
+    """The most automatic answers any one of these addresses (a sender, a recipient)
+    got for inbound mail since `since` (not the notices staff caused)."""
+    wanted = sorted({address_key(a) for a in addresses if a})
     if not wanted:
         return 0
     marks = ", ".join("?" * len(wanted))
     rows = await conn.execute_fetchall(
-        f"SELECT count(*) FROM outbox WHERE rcpt_to IN ({marks}) AND auto = 1"
-        " AND created_at >= ? AND inbound_id IS NOT NULL", (*wanted, iso(since)))
-    return rows[0][0]
+        f"SELECT rcpt_key, count(*) FROM outbox WHERE rcpt_key IN ({marks}) AND auto = 1"
+        " AND created_at >= ? AND inbound_id IS NOT NULL GROUP BY rcpt_key",
+        (*wanted, iso(since)))
+    return max((r[1] for r in rows), default=0)
 
 
-async def mark_bounced(conn: aiosqlite.Connection, message_ids: Iterable[str]) -> list[int]:
+async def mark_bounced(conn: aiosqlite.Connection, message_ids: Iterable[str],
+                       reason: str = "bounced") -> list[int]:
     """A DSN reports on mail we sent: mark it bounced and flag the ticket's reporter
-    address. Returns the tickets concerned."""
+    address. Only rows already sent: a DSN never cancels mail not yet sent (a forged one
+    could otherwise stop an acknowledgement for good). Returns the tickets concerned."""
     tickets = []
     for message_id in message_ids:
         rows = await conn.execute_fetchall(
-            "UPDATE outbox SET status = 'bounced' WHERE message_id = ? RETURNING ticket",
-            (message_id,))
+            "UPDATE outbox SET status = 'bounced', last_error = ? WHERE message_id = ?"
+            " AND status = 'sent' RETURNING ticket", (reason[:1000], message_id))
         for (ticket,) in rows:
             if ticket is not None:
                 await conn.execute(

@@ -33,3 +33,9 @@ UPDATE ticket_messages SET kind = CASE
 
 -- Held mail announced to notify in an hourly digest: when it was announced.
 ALTER TABLE held ADD COLUMN announced_at TEXT;
+
+-- The automatic-answer cap counts per recipient as well as per sender, compared
+-- lower-case without a +tag ("victim+1@" and "victim+2@" are one recipient).
+ALTER TABLE outbox ADD COLUMN rcpt_key TEXT NOT NULL DEFAULT '';
+UPDATE outbox SET rcpt_key = lower(rcpt_to);
+CREATE INDEX outbox_rcpt_key ON outbox (rcpt_key, auto, created_at);

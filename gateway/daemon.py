@@ -23,6 +23,7 @@ from typing import Any
 
 from gateway import staff, store
 from gateway.config import Config, check_files, parse_hostport
+from gateway.digest import send_held_digest
 from gateway.errors import ConfigError
 from gateway.mailer import Mailer, Transport, make_transport
 from gateway.metrics import Metrics, MetricsServer
@@ -66,6 +67,8 @@ class Gateway:
     _house_conn: Any = None
     _house_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _lock: Any = None
+    # How often the timed jobs run (rating window, held digest, gauges); tests shorten it.
+    housekeeping_seconds: float = HOUSEKEEPING_SECONDS
 
     @property
     def intake_conn(self) -> Any:
@@ -229,16 +232,18 @@ class Gateway:
         return f"listening; {queued} inbound to process, {depth} outgoing waiting"
 
     async def _housekeeping(self, conn: Any) -> None:
-        """Every HOUSEKEEPING_SECONDS: the rating window, gauges, systemd STATUS."""
+        """Every `housekeeping_seconds`: the rating window, the held digest, gauges,
+        systemd STATUS."""
         assert self.context is not None
         while True:
             try:
                 async with self._house_lock:
                     await staff.close_expired_ratings(conn, self.context)
+                    await send_held_digest(conn, self.context)
                     self.notifier.status(await self._status(conn))
             except Exception:  # noqa: BLE001 - e.g. a locked database: next round
                 log.exception("housekeeping failed")
-            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            await asyncio.sleep(self.housekeeping_seconds)
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: if the loop stalls, the pings stop.

@@ -14,11 +14,9 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import re
 import secrets
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
@@ -31,14 +29,18 @@ import aiosqlite
 from gateway import msgid, store
 from gateway.attachments import save_attachments
 from gateway.config import Config
-from gateway.model import (FIELD_NAMES, TICKET_REF, Attachment, Fields, Inbound, MessageKind, Outcome,
-                           Outgoing, Report, Status, missing_fields)
+from gateway.model import (FIELD_NAMES, TICKET_REF, UNVERIFIED, Attachment, AuthResult,
+                           Fields, Inbound, MessageKind, OutAttachment, Outcome, Outgoing,
+                           Report, Status, Verdict, missing_fields)
 from gateway.parser import parse_report
 from gateway.processor import Processed
-from gateway.render import Renderer, compose_message, reply_subject
+from gateway.errors import GatewayError
+from gateway.render import Renderer, clean_header_text, compose_message, reply_subject
+from gateway.staff_mail import parse_staff_mail
 from gateway.router import (AppendToTicket, ClosedTicketGuidance, Decision,
-                            HoldForOperator, NewTicket, Policy, Situation, StoreOnly,
-                            TicketView, UnknownTicketGuidance, decide, is_authorised)
+                            HoldForOperator, NewTicket, Policy, Situation, StaffMail,
+                            StaffRefused, StoreOnly, TicketView, UnknownTicketGuidance, decide,
+                            is_authorised)
 from gateway.store import InboundRow, TicketRow, Tx
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,14 @@ class Context:
     wake_mailer: Callable[[], None] = lambda: None
     draw_number: Callable[[], int] = field(
         default=lambda: store.TICKET_MIN + secrets.randbelow(store.TICKET_MAX - store.TICKET_MIN + 1))
+    # Who really sent a message (SPEC §10): (raw, peer, envelope sender) -> Verdict.
+    # Blocking (DNS): called in a thread.
+    verify: Callable[[bytes, str, str], Verdict] | None = None
+
+    def verdict_for(self, raw: bytes, peer: str, mail_from: str) -> Verdict:
+        if self.verify is not None:
+            return self.verify(raw, peer, mail_from)
+        return check_sender(self.config, raw, peer, mail_from)
 
     @property
     def crm(self) -> str:
@@ -77,15 +87,17 @@ class Context:
         return self.crm.rpartition("@")[2]
 
     def policy(self) -> Policy:
-        return Policy(max_auto_replies_per_hour=self.config.tickets.max_auto_replies_per_hour)
+        return Policy(max_auto_replies_per_hour=self.config.tickets.max_auto_replies_per_hour,
+                      staff_domains=self.config.addresses.staff_domains)
 
 
 def load_renderer(config: Config) -> Renderer:
-    """The templates shipped with the package, in the configured language."""
+    """The templates shipped with the package, in the configured language, under the
+    operator's `[tickets] templates` folder (its files win by name)."""
     from importlib import resources
 
     templates = Path(str(resources.files("gateway.templates")))
-    return Renderer(templates, config.tickets.language)
+    return Renderer(templates, config.tickets.language, override_dir=config.tickets.templates)
 
 
 async def make_context(conn: aiosqlite.Connection, config: Config,
@@ -94,11 +106,28 @@ async def make_context(conn: aiosqlite.Connection, config: Config,
     return Context(config, load_renderer(config), key, wake_mailer=wake_mailer)
 
 
+def check_sender(config: Config, raw: bytes, peer: str, mail_from: str) -> Verdict:
+    """The sender verdict from what the gateway can tell by itself: mail from a
+    `[auth] trusted_relays` address is verified; nothing else is (yet)."""
+    import ipaddress
+
+    host = peer.rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return Verdict(AuthResult.NONE, "no client address to go by")
+    for network in config.auth.trusted_relays:
+        if ip in ipaddress.ip_network(network, strict=False):
+            return Verdict(AuthResult.PASS, f"received from trusted relay {ip}")
+    return Verdict(AuthResult.NONE, "no verification of this sender")
+
+
 # --- the stages ----------------------------------------------------------------------
 
 async def process_message(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, *,
-                          release: bool = False) -> Processed:
-    """`release`: an operator vouches for the sender (held release)."""
+                          release: bool = False, new_ticket: bool = False) -> Processed:
+    """`release`: an operator vouches for the sender (held release); with `new_ticket`
+    the message is taken as a new report, whatever it names (sent to crm@ by mistake)."""
     recorded = await store.ticket_of_inbound(conn, row.id)
     if recorded is not None and row.outcome and not release:
         # Reprocessing a message already in a ticket changes nothing (idempotent).
@@ -107,18 +136,27 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
         return Processed(Outcome(row.outcome), recorded)
     raw = await store.read_raw(conn, row.id)
     report = await asyncio.to_thread(parse_report, raw)
+    if release:
+        verdict = Verdict(AuthResult.PASS, "released by an operator", _domain(report.sender))
+    else:
+        verdict = await asyncio.to_thread(ctx.verdict_for, raw, row.peer, row.mail_from)
     saved = await asyncio.to_thread(save_attachments, ctx.config.storage.attachments,
                                     report.attachments)
-    situation = await look_up(conn, ctx, row, report, raw)
+    situation = await look_up(conn, ctx, row, report, raw, verdict)
     if release:
         situation = dataclasses.replace(situation, authorised=True, duplicate_of=None,
-                                        to_intake=False)
+                                        to_intake=new_ticket, to_crm=not new_ticket,
+                                        auto_replies_last_hour=0)
+        if new_ticket:
+            situation = dataclasses.replace(situation, ticket=None, named_ref=None,
+                                            staff_sender=False)
     decision = decide(situation)
     now = ctx.clock()
     async with Tx(conn):
         ticket = await apply(conn, ctx, row, report, situation, decision, saved, now)
         await store.mark_inbound(conn, row.id, state="done", outcome=decision.outcome,
-                                 ticket=ticket, report=report_json(report))
+                                 ticket=ticket, report=report_json(report),
+                                 auth=verdict.result, auth_reason=verdict.reason)
     log.info("%s inbound %d: outcome=%s ticket=%s (%s)", report.message_id or "<no-id>",
              row.id, decision.outcome, f"#{ticket:06d}" if ticket else "-",
              getattr(decision, "reason", ""))
@@ -127,7 +165,7 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
 
 
 async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
-                  report: Report, raw: bytes) -> Situation:
+                  report: Report, raw: bytes, verdict: Verdict = UNVERIFIED) -> Situation:
     cfg = ctx.config
     rcpts = {r.lower() for r in row.rcpt_tos}
     sender = report.sender or row.mail_from.lower()
@@ -143,21 +181,24 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
         if number is not None:
             ticket = await store.get_ticket(conn, number)
     view = ticket_view(ticket) if ticket else None
+    staff_sender = _domain(sender) in cfg.addresses.staff_domains
+    # Staff domains admit mail only from a verified sender (SPEC §10).
     authorised = bool(view) and is_authorised(
-        sender, view, staff_domains=cfg.addresses.staff_domains,
+        sender, view, staff_domains=cfg.addresses.staff_domains if verdict.passed else (),
         reply_policy=cfg.tickets.reply_policy)
     participant = bool(view) and (sender == view.reporter_email or sender in view.participants)
     own = is_own_mail(ctx, report)
     duplicate = await earlier_copy(conn, row, report, raw)
     since = ctx.clock() - timedelta(hours=1)
-    # The cap counts answers to this sender's From and to the e-mail its report names.
+    # The cap counts answers per sender and per recipient: this From and the e-mail
+    # its report names, each without a +tag.
     replies = await store.auto_replies_since(
         conn, {answer_address(report, row), (report.fields.reporter_email or "").lower()}, since)
     return Situation(report=report, mail_from=row.mail_from, to_intake=ctx.intake in rcpts,
                      to_crm=ctx.crm in rcpts, named_ref=named_ref, ticket=view,
                      authorised=authorised, own_mail=own, duplicate_of=duplicate,
                      auto_replies_last_hour=replies, policy=ctx.policy(),
-                     is_participant=participant)
+                     is_participant=participant, verdict=verdict, staff_sender=staff_sender)
 
 
 async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Report,
@@ -206,8 +247,11 @@ def answer_address(report: Report, row: InboundRow) -> str:
 
 # Answers about no particular ticket go at most once a day per address and kind: a
 # customer's own helpdesk robot answering our notice must not make a loop.
-DAMPED_EVENTS = frozenset({"held_notice", "unknown_ticket_guidance", "closed_ticket_guidance"})
+DAMPED_EVENTS = frozenset({"held_notice", "unknown_ticket_guidance", "closed_ticket_guidance",
+                           "staff_notice"})
 DAMPING = timedelta(hours=24)
+# Logs attached to a staff copy, in all (SPEC §9); bigger ones are listed only.
+STAFF_COPY_LOG_LIMIT = 10 * 1024 * 1024
 
 
 async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, report: Report,
@@ -215,10 +259,20 @@ async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repor
                 now: datetime) -> int | None:
     match decision:
         case NewTicket():
-            return await open_ticket(conn, ctx, row, report, decision, saved, now)
+            return await open_ticket(conn, ctx, row, report, situation, decision, saved, now)
         case AppendToTicket():
             return await append_to_ticket(conn, ctx, row, report, situation, decision,
                                           saved, now)
+        case StaffMail():
+            return await apply_staff_mail(conn, ctx, row, report, situation, decision,
+                                          saved, now)
+        case StaffRefused():
+            ticket = await store.get_ticket(conn, decision.number)
+            assert ticket is not None
+            await refuse_staff_mail(conn, ctx, row, report, ticket, saved, now,
+                                    problem=decision.problem, detail=decision.detail,
+                                    verdict=situation.verdict)
+            return decision.number
         case ClosedTicketGuidance():
             await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
             if not decision.name_ticket:
@@ -243,13 +297,21 @@ async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repor
         case HoldForOperator():
             await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
             await hold(conn, row, report, decision.ticket, decision.reason, now)
-            if decision.answer:
+            if decision.answer and situation.staff_sender and decision.ticket is not None:
+                # An engineer whose mail could not be verified learns why; never the
+                # customer (a forger must not make crm@ write to anyone).
+                await answer(conn, ctx, row, report, "staff_notice", now,
+                             staff_notice=("not_sent", f"held for an operator: "
+                                           f"{decision.reason}"), notice_ticket=decision.ticket)
+            elif decision.answer:
                 await answer(conn, ctx, row, report, "held_notice", now)
             return decision.ticket
         case StoreOnly():
             await store.replace_attachments(conn, inbound_id=row.id, ticket=None, items=saved)
             if decision.bounced_ids:
-                for number in await store.mark_bounced(conn, decision.bounced_ids):
+                for number in await store.mark_bounced(
+                        conn, decision.bounced_ids,
+                        f"bounced: delivery status notification, inbound {row.id}"):
                     log.warning("#%06d: a message to the reporter bounced", number)
             return None
     raise AssertionError(f"unhandled decision {decision!r}")  # pragma: no cover
@@ -263,26 +325,48 @@ async def hold(conn: aiosqlite.Connection, row: InboundRow, report: Report,
                          reason=reason, now=now)
 
 
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def choose_reporter(report: Report, row: InboundRow) -> tuple[str, str | None, str | None]:
+    """(reporter, dispatcher, contact) of a new report (SPEC §4).
+
+    The e-mail the body names becomes the reporter only when it is in the sender's own
+    domain; the sender, a dispatcher, then gets a copy of every mail. A body address in
+    another domain is only a contact for staff: otherwise anyone could make crm@ mail
+    any address by naming it in a report."""
+    sender = answer_address(report, row)
+    named = (report.fields.reporter_email or "").strip().lower()
+    if not named or named == sender or not sender:
+        return sender or named, None, None
+    if _domain(named) == _domain(sender):
+        return named, sender, None
+    return sender, None, named
+
+
 async def open_ticket(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
-                      report: Report, decision: NewTicket, saved: list[dict[str, Any]],
-                      now: datetime) -> int:
+                      report: Report, situation: Situation, decision: NewTicket,
+                      saved: list[dict[str, Any]], now: datetime) -> int:
     fields = report.fields
     missing = missing_fields(fields)
     status = Status.AWAITING_INFO if missing else Status.ACCEPTED
     hours = await store.contract_hours(
         conn, [v for v in (fields.serial_number, fields.commcell_id) if v])
     phone_required = hours is not None and hours < 24
-    reporter = (fields.reporter_email or answer_address(report, row)).lower()
+    reporter, dispatcher, contact = choose_reporter(report, row)
     values = {name: getattr(fields, name) for name in FIELD_NAMES}
+    subject = ticket_subject(report.subject, drop_tokens=decision.linked_to is not None)
     values.update(
-        reporter_email=reporter, status=str(status), subject=ticket_subject(report.subject),
+        reporter_email=reporter, status=str(status), subject=subject,
         missing=json.dumps(list(missing)), linked_to=decision.linked_to,
         participants=json.dumps(participants(ctx, report, row)),
-        phone_confirmation_required=int(phone_required))
+        phone_confirmation_required=int(phone_required), dispatcher=dispatcher,
+        contact_email=contact, last_customer_at=store.iso(now))
     number = await store.create_ticket(conn, values=values, now=now, draw=ctx.draw_number)
     await store.add_history(conn, ticket=number, from_status=None, to_status=status,
                             actor="gateway", note=decision.reason, now=now)
-    await record_inbound(conn, number, row, report, saved, now)
+    await record_inbound(conn, number, row, report, saved, now, verdict=situation.verdict)
     ticket = await store.get_ticket(conn, number)
     assert ticket is not None
     event = "missing_fields" if missing else "acknowledgement"
@@ -290,7 +374,8 @@ async def open_ticket(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
         await answer(conn, ctx, row, report, event, now, ticket=ticket)
     else:
         await suppressed(conn, ticket, event, now)
-    await copy_to_staff(conn, ctx, ticket, saved, now)
+    await copy_to_staff(conn, ctx, ticket, report, saved, now, kind="new",
+                        verdict=situation.verdict)
     return number
 
 
@@ -312,31 +397,47 @@ async def append_to_ticket(conn: aiosqlite.Connection, ctx: Context, row: Inboun
     assert ticket is not None
     if await already_recorded(conn, number, row.id):
         return number  # reprocessing: never append the same message twice
-    await record_inbound(conn, number, row, report, saved, now)
-    # Staff domains and reply_policy admit mail into the thread; only the ticket's own
-    # people may change its fields or rate it (a From header is easy to forge).
-    if not situation.is_participant:
-        return number
-    if ticket.status == Status.AWAITING_INFO:
-        await complete_report(conn, ctx, row, report, ticket, decision.answer, now)
-    elif ticket.status == Status.RESOLVED and report.rating is not None:
-        await store.update_ticket(conn, number, now, rating=report.rating,
-                                  status=str(Status.CLOSED), closed_at=store.iso(now),
-                                  closed_reason="rating")
-        await store.add_history(conn, ticket=number, from_status=ticket.status,
-                                to_status=Status.CLOSED, actor="customer",
-                                note=f"rating {report.rating}", now=now)
-        closed = await store.get_ticket(conn, number)
-        await notify(conn, ctx, closed, "closed", now, rating=report.rating, reason="rating",
-                     in_reply_to=report)
-    elif ticket.status == Status.RESOLVED and ticket.resolved_at is not None:
-        # A reply without a rating ("still broken?") is for staff: the rating window
-        # must not close the ticket under the customer's feet.
-        await store.update_ticket(conn, number, now, resolved_at=None)
-        await store.add_history(conn, ticket=number, from_status=ticket.status,
-                                to_status=ticket.status, actor="customer", now=now,
-                                note="reply without a rating: rating window stopped, for staff")
+    await record_inbound(conn, number, row, report, saved, now, verdict=situation.verdict)
+    await store.update_ticket(conn, number, now, last_customer_at=store.iso(now))
+    kind = "follow_up"
+    # reply_policy admits mail into the thread; only the ticket's own people may change
+    # its fields or rate it (a From header is easy to forge).
+    if situation.is_participant:
+        if ticket.status == Status.AWAITING_INFO:
+            await complete_report(conn, ctx, row, report, ticket, decision.answer, now)
+        elif ticket.status == Status.RESOLVED and report.rating is not None:
+            await store.update_ticket(conn, number, now, rating=report.rating,
+                                      status=str(Status.CLOSED), closed_at=store.iso(now),
+                                      closed_reason="rating")
+            await store.add_history(conn, ticket=number, from_status=ticket.status,
+                                    to_status=Status.CLOSED, actor="customer",
+                                    note=f"rating {report.rating}", now=now)
+            closed = await store.get_ticket(conn, number)
+            await notify(conn, ctx, closed, "closed", now, rating=report.rating,
+                         reason="rating", in_reply_to=report)
+        elif ticket.status == Status.RESOLVED:
+            kind = "reply_unrated"
+            await ask_for_rating(conn, ctx, row, report, ticket, decision.answer, now)
+    current = await store.get_ticket(conn, number)
+    assert current is not None
+    await copy_to_staff(conn, ctx, current, report, saved, now, kind=kind,
+                        verdict=situation.verdict)
     return number
+
+
+async def ask_for_rating(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
+                         report: Report, ticket: TicketRow, may_answer: bool,
+                         now: datetime) -> None:
+    """A reply on a resolved ticket without a readable rating ("Dziękuję, działa",
+    "Ocena: 4,5"): the ticket stays resolved and its rating window keeps running; the
+    customer is asked once per ticket for a rating 1-5."""
+    await store.add_history(conn, ticket=ticket.number, from_status=ticket.status,
+                            to_status=ticket.status, actor="customer", now=now,
+                            note="reply without a rating: for staff")
+    if ticket.rating_requested or not may_answer:
+        return
+    await store.update_ticket(conn, ticket.number, now, rating_requested=1)
+    await answer(conn, ctx, row, report, "rating_request", now, ticket=ticket)
 
 
 async def complete_report(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
@@ -385,12 +486,16 @@ async def already_recorded(conn: aiosqlite.Connection, ticket: int, inbound_id: 
 
 
 async def record_inbound(conn: aiosqlite.Connection, ticket: int, row: InboundRow,
-                         report: Report, saved: list[dict[str, Any]], now: datetime) -> None:
+                         report: Report, saved: list[dict[str, Any]], now: datetime, *,
+                         verdict: Verdict = UNVERIFIED,
+                         kind: str = MessageKind.CUSTOMER, author: str | None = None,
+                         body: str | None = None) -> None:
     await store.add_ticket_message(
         conn, ticket=ticket, direction="in", inbound_id=row.id,
         from_addr=report.sender or row.mail_from, to_addrs=[*report.to, *report.cc],
         subject=report.subject, message_id=report.message_id or f"<inbound.{row.id}@local>",
-        date=report.date or now, body=report.text)
+        date=report.date or now, body=report.text if body is None else body, kind=kind,
+        auth=str(verdict.result), author=author)
     await store.replace_attachments(conn, inbound_id=row.id, ticket=ticket, items=saved)
 
 
@@ -408,16 +513,138 @@ def participants(ctx: Context, report: Report, row: InboundRow) -> list[str]:
 _LEADING_TOKEN = re.compile(r"^\s*\[?\s*#[0-9]{6}(?![0-9])\s*\]?\s*[:\-–]?\s*", re.ASCII)
 
 
-def ticket_subject(subject: str) -> str:
+def ticket_subject(subject: str, *, drop_tokens: bool = False) -> str:
     """The customer's subject without leading reply prefixes and ticket tokens, so the
     subject of every later mail is "[#NNNNNN] <this>". A token inside the text
-    ("Ponowna awaria (dot. #610190)") is the customer's words and stays."""
+    ("Ponowna awaria (dot. #610190)") is the customer's words and stays, except for a
+    new ticket linked to a closed one (`drop_tokens`): there the old number loses its
+    "#", so neither the customer nor the router takes it for this ticket's."""
     text, previous = subject.strip(), None
     while previous != text:
         previous = text
         text = _REPLY_PREFIX.sub("", text)
         text = _LEADING_TOKEN.sub("", text)
+    if drop_tokens:
+        text = TICKET_REF.sub(lambda m: m.group(1), text)
     return re.sub(r"\s+", " ", text).strip()[:200]
+
+
+
+# --- staff mail (SPEC §9) -----------------------------------------------------------------
+
+async def apply_staff_mail(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
+                           report: Report, situation: Situation, decision: StaffMail,
+                           saved: list[dict[str, Any]], now: datetime) -> int:
+    """A verified engineer's mail on an open ticket: commands applied as the CLI would,
+    then the text relayed to the reporter in the thread, or kept as an internal note."""
+    from gateway import staff  # staff builds on this module's notify/queue
+
+    number = decision.number
+    ticket = await store.get_ticket(conn, number)
+    assert ticket is not None
+    if await already_recorded(conn, number, row.id):
+        return number
+    engineer = answer_address(report, row)
+    mail = parse_staff_mail(report.text)
+    if decision.internal:
+        await staff.record_note(conn, ctx, ticket, mail.text or "(no text)", author=engineer,
+                                now=now, inbound_id=row.id, message_id=report.message_id,
+                                subject=report.subject)
+        await store.replace_attachments(conn, inbound_id=row.id, ticket=number, items=saved)
+    elif mail.text:
+        files = tuple(OutAttachment(a.filename, a.content_type, a.data)
+                      for a in report.attachments)
+        await staff.queue_staff_reply(conn, ctx, ticket, mail.text, files, author=engineer,
+                                      now=now, inbound_id=row.id,
+                                      from_name=_engineer_name(report))
+        await store.replace_attachments(conn, inbound_id=row.id, ticket=number, items=saved)
+    else:
+        await record_inbound(conn, number, row, report, saved, now, verdict=situation.verdict,
+                             kind=MessageKind.STAFF_NOTE, author=engineer,
+                             body="commands: " + "; ".join(c.line for c in mail.commands))
+    for command in mail.commands:
+        current = await store.get_ticket(conn, number)
+        assert current is not None
+        if command.name == "status":
+            await staff.change_status(conn, ctx, current, staff.parse_status(command.value),
+                                      None, actor=engineer, now=now)
+        else:
+            await staff.change_assignee(conn, ctx, current, command.value, actor=engineer,
+                                        now=now)
+    return number
+
+
+def _engineer_name(report: Report) -> str:
+    name = clean_header_text(report.sender_name)
+    return f"{name} – Serwis S4E" if name else ""
+
+
+async def refuse_staff_mail(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
+                            report: Report, ticket: TicketRow, saved: list[dict[str, Any]],
+                            now: datetime, *, problem: str, detail: str,
+                            verdict: Verdict) -> None:
+    """Not sent to the customer: kept on the thread as a note for staff, and the engineer
+    is told why in a short notice."""
+    engineer = answer_address(report, row)
+    await record_inbound(conn, ticket.number, row, report, saved, now, verdict=verdict,
+                         kind=MessageKind.STAFF_NOTE, author=engineer,
+                         body=f"[not sent: {problem}{': ' + detail if detail else ''}]\n"
+                              f"{report.text}")
+    await answer(conn, ctx, row, report, "staff_notice", now,
+                 staff_notice=(problem, detail), notice_ticket=ticket.number)
+
+
+# --- staff copies (SPEC §9) ---------------------------------------------------------------
+
+def staff_recipients(ctx: Context, ticket: TicketRow) -> list[str]:
+    """The assignee, else every `notify` address."""
+    if ticket.assignee:
+        return [ticket.assignee]
+    return list(ctx.config.addresses.notify)
+
+
+def logs_to_attach(attachments: tuple[Attachment, ...]) -> set[str]:
+    """The sha256 of the logs that fit, in order, in STAFF_COPY_LOG_LIMIT."""
+    chosen, total = set(), 0
+    for attachment in attachments:
+        if attachment.is_log and total + attachment.size <= STAFF_COPY_LOG_LIMIT:
+            chosen.add(attachment.sha256)
+            total += attachment.size
+    return chosen
+
+
+async def copy_to_staff(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
+                        report: Report, saved: list[dict[str, Any]], now: datetime, *,
+                        kind: str, verdict: Verdict) -> None:
+    """Every customer message that enters a ticket goes to the desk: the new text, the
+    attachments with sizes (logs attached up to 10 MiB), Reply-To crm@ and a Message-ID
+    of ours, so that pressing Reply answers the customer in the thread."""
+    recipients = staff_recipients(ctx, ticket)
+    if not recipients:
+        return
+    attach = logs_to_attach(report.attachments)
+    files = tuple(OutAttachment(a.filename, a.content_type, a.data)
+                  for a in report.attachments if a.sha256 in attach)
+    listing = [{"filename": a.filename, "size": a.size, "is_log": a.is_log,
+                "attached": a.sha256 in attach} for a in report.attachments]
+    context = template_context(ctx, ticket)
+    context.update(
+        fields=ticket_fields(ticket), missing=list(ticket.missing), status=ticket.status,
+        phone_confirmation_required=ticket.phone_confirmation_required and kind == "new",
+        reporter=report.sender or ticket.reporter_email, text=report.text, copy_kind=kind,
+        verdict=f"{verdict.result}: {verdict.reason}", files=listing,
+        notes=list(report.notes), dispatcher=ticket.dispatcher or "",
+        contact=ticket.contact_email or "", assignee=ticket.assignee or "",
+        linked=ticket.linked_to if kind == "new" else None)
+    body = ctx.renderer.render("staff_copy", **context)
+    name = clean_header_text(report.sender_name or ticket.reporter_name or report.sender)
+    for address in recipients:
+        out = Outgoing(kind="staff_copy", ticket=ticket.number, to=address,
+                       subject=reply_subject(ticket.number, ticket.subject, language=ctx.language),
+                       body=body, auto=True, auto_submitted="auto-generated", attachments=files,
+                       urgent=ticket.phone_confirmation_required and kind == "new",
+                       from_name=f"{name} via S4E" if name else "")
+        await queue(conn, ctx, out, now, inbound_id=None, record_ticket=None)
 
 
 # --- outgoing mail ------------------------------------------------------------------------
@@ -442,15 +669,21 @@ async def report_context(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[
             "log_attachments": sum(1 for a in attachments if a["is_log"])}
 
 
+# Events that answer about a ticket and go to its reporter (and the dispatcher in Cc).
+_TICKET_ANSWERS = frozenset({"acknowledgement", "missing_fields", "rating_request"})
+
+
 async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, report: Report,
                  event: str, now: datetime, *, ticket: TicketRow | None = None,
-                 record: bool = True, again: bool = False) -> None:
+                 record: bool = True, again: bool = False,
+                 staff_notice: tuple[str, str] | None = None,
+                 notice_ticket: int | None = None) -> None:
     """An automatic answer to the message in hand, in its thread (once per message and
     kind, also when the message is processed again). About a ticket it goes to the
     ticket's reporter; otherwise to the From address."""
     if await store.answered(conn, row.id, event):
         return
-    if ticket is not None and event in ("acknowledgement", "missing_fields"):
+    if ticket is not None and event in _TICKET_ANSWERS:
         to = ticket.reporter_email
     else:
         to = answer_address(report, row)
@@ -470,25 +703,37 @@ async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repo
             context.update(missing=list(ticket.missing), again=again)
         else:
             context["phone_confirmation_required"] = ticket.phone_confirmation_required
-    if ticket is None and event != "closed_ticket_guidance":
+    if staff_notice is not None:
+        notice = await store.get_ticket(conn, notice_ticket) if notice_ticket else None
+        context.update(template_context(ctx, notice))
+        context.update(problem=staff_notice[0], detail=staff_notice[1],
+                       status=notice.status if notice else None)
+    if ticket is None and staff_notice is None and event != "closed_ticket_guidance":
         context["subject"] = report.subject
     body = ctx.renderer.render(event, **context)
     number = ticket.number if ticket is not None else None
     subject_source = ticket.subject if ticket is not None else ticket_subject(report.subject)
+    if staff_notice is not None:
+        number = None  # about a ticket, but not in the customer's thread
+        subject_source = report.subject
     out = Outgoing(kind=event, ticket=number, to=to,
                    subject=reply_subject(number, subject_source, language=ctx.language),
                    body=body, in_reply_to=report.message_id,
                    references=tuple(report.references), auto=True)
-    await queue(conn, ctx, out, now, inbound_id=row.id,
-                record_ticket=number if record else None, topic=topic)
+    if ticket is not None and record and event in _TICKET_ANSWERS:
+        await queue_ticket_mail(conn, ctx, ticket, out, now, inbound_id=row.id, topic=topic)
+    else:
+        await queue(conn, ctx, out, now, inbound_id=row.id,
+                    record_ticket=number if record else None, topic=topic)
 
 
 async def notify(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow | None, event: str,
                  now: datetime, *, in_reply_to: Report | None = None, auto: bool = True,
                  files: tuple[Any, ...] = (), kind: str = MessageKind.NOTICE,
-                 author: str | None = None, **extra: Any) -> None:
+                 author: str | None = None, inbound_id: int | None = None,
+                 from_name: str = "", **extra: Any) -> None:
     """A notice to the ticket's reporter in the ticket's thread (status changes, staff
-    replies, closing)."""
+    replies, closing), with a copy to the ticket's dispatcher."""
     assert ticket is not None
     if in_reply_to is not None:
         parent, refs = in_reply_to.message_id, tuple(in_reply_to.references)
@@ -499,9 +744,27 @@ async def notify(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow | N
     out = Outgoing(kind=event, ticket=ticket.number, to=ticket.reporter_email,
                    subject=reply_subject(ticket.number, ticket.subject, language=ctx.language),
                    body=ctx.renderer.render(event, **context), in_reply_to=parent,
-                   references=refs, auto=auto, attachments=files)
-    await queue(conn, ctx, out, now, inbound_id=None, record_ticket=ticket.number,
-                record_kind=kind, author=author)
+                   references=refs, auto=auto, attachments=files, from_name=from_name)
+    await queue_ticket_mail(conn, ctx, ticket, out, now, inbound_id=inbound_id,
+                            record_kind=kind, author=author, counted=False)
+
+
+async def queue_ticket_mail(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
+                            out: Outgoing, now: datetime, *, inbound_id: int | None,
+                            record_kind: str = MessageKind.NOTICE, author: str | None = None,
+                            topic: str = "", counted: bool = True) -> None:
+    """One mail of the ticket's thread: to the reporter, and the same mail to the
+    dispatcher, who is shown in Cc (SPEC §4). `counted`: it answers the inbound message
+    (the automatic-answer cap counts it)."""
+    dispatcher = ticket.dispatcher if ticket.dispatcher not in (None, "", out.to) else None
+    if dispatcher:
+        out = dataclasses.replace(out, cc=(dispatcher,))
+    await queue(conn, ctx, out, now, inbound_id=inbound_id if counted else None,
+                record_ticket=ticket.number, topic=topic, record_kind=record_kind,
+                author=author, record_inbound=inbound_id)
+    if dispatcher:
+        await queue(conn, ctx, out, now, inbound_id=inbound_id if counted else None,
+                    record_ticket=None, topic=topic, rcpt=dispatcher)
 
 
 async def thread_tail(conn: aiosqlite.Connection, ticket: int) -> tuple[str, tuple[str, ...]]:
@@ -515,47 +778,36 @@ async def thread_tail(conn: aiosqlite.Connection, ticket: int) -> tuple[str, tup
     return ids[-1], refs
 
 
-async def copy_to_staff(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
-                        saved: list[dict[str, Any]], now: datetime) -> None:
-    for address in ctx.config.addresses.notify:
-        context = template_context(ctx, ticket)
-        context.update(fields=ticket_fields(ticket), missing=list(ticket.missing),
-                       phone_confirmation_required=ticket.phone_confirmation_required,
-                       reporter=ticket.reporter_email,
-                       attachments=[a["filename"] for a in saved])
-        out = Outgoing(kind="staff_copy", ticket=ticket.number, to=address,
-                       subject=reply_subject(ticket.number, ticket.subject, language=ctx.language),
-                       body=ctx.renderer.render("staff_copy", **context), auto=True,
-                       urgent=ticket.phone_confirmation_required)
-        await queue(conn, ctx, out, now, inbound_id=None, record_ticket=None)
-
-
 async def queue(conn: aiosqlite.Connection, ctx: Context, out: Outgoing, now: datetime, *,
                 inbound_id: int | None, record_ticket: int | None,
                 topic: str = "", record_kind: str = MessageKind.NOTICE,
-                author: str | None = None) -> int | None:
-    """Compose and put one mail in the outbox (inside the caller's transaction)."""
+                author: str | None = None, rcpt: str | None = None,
+                record_inbound: int | None = None) -> int | None:
+    """Compose and put one mail in the outbox (inside the caller's transaction).
+    `rcpt`: the envelope recipient when it is not the To (a copy to the dispatcher)."""
     message_id = msgid.make_message_id(ctx.hmac_key, ctx.domain, out.ticket)
+    rcpt_to = rcpt or out.to
     try:
         raw = compose_message(out, from_addr=ctx.crm, message_id=message_id, date=now)
     except ValueError as err:
-        log.warning("%s: not sending %s to %r: %s", message_id, out.kind, out.to, err)
+        log.warning("%s: not sending %s to %r: %s", message_id, out.kind, rcpt_to, err)
         if out.ticket is not None:  # where staff look: the customer got nothing
-            await store.add_history(conn, ticket=out.ticket, from_status=None,
-                                    to_status=(await store.get_ticket(conn, out.ticket)).status,
-                                    actor="gateway", now=now,
-                                    note=f"{out.kind} to {out.to!r} not sent: {err}")
+            current = await store.get_ticket(conn, out.ticket)
+            if current is not None:
+                await store.add_history(conn, ticket=out.ticket, from_status=None,
+                                        to_status=current.status, actor="gateway", now=now,
+                                        note=f"{out.kind} to {rcpt_to!r} not sent: {err}")
         return None
     outbox_id = await store.enqueue_outbox(
         conn, ticket=out.ticket, inbound_id=inbound_id, kind=out.kind, message_id=message_id,
-        mail_from=ctx.crm, rcpt_to=out.to, subject=out.subject, auto=out.auto, raw=raw, now=now,
-        topic=topic)
+        mail_from=ctx.crm, rcpt_to=rcpt_to, subject=out.subject, auto=out.auto, raw=raw,
+        now=now, topic=topic)
     if record_ticket is not None:
         await store.add_ticket_message(
             conn, ticket=record_ticket, direction="out", outbox_id=outbox_id,
-            from_addr=ctx.crm, to_addrs=[out.to], subject=out.subject,
+            from_addr=ctx.crm, to_addrs=[out.to, *out.cc], subject=out.subject,
             message_id=message_id, date=now, body=out.body, kind=record_kind,
-            author=author)
+            author=author, inbound_id=record_inbound)
     return outbox_id
 
 
@@ -625,7 +877,7 @@ async def closed_ticket_refusal(conn: aiosqlite.Connection, ctx: Context, inboun
 async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int) -> Processed:
     """`held release ID`: the operator vouches for the sender; the message goes into the
     ticket it named, as a follow-up. Never into a closed ticket."""
-    from gateway.errors import GatewayError, NotFoundError
+    from gateway.errors import NotFoundError
 
     held = await store.get_held(conn, held_id)
     if held is None:

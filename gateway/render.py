@@ -293,13 +293,16 @@ _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._/-]{0,39}", re.ASCII)
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}", re.ASCII)
 
 
-def _value_text(value: object) -> str:
-    """One line; the lines of a multi-line value (an address) joined with commas."""
+def _value_text(value: object, joiner: str = " ") -> str:
+    """One line; the lines of a multi-line value joined with `joiner` (", " for an
+    address written over several lines)."""
     if value is None:
         return ""
+    if joiner == " ":
+        return clean_header_text(value).translate(_FORMAT_TABLE).strip()
     lines = [clean_header_text(line).translate(_FORMAT_TABLE).strip().rstrip(",;")
              for line in str(value).splitlines()]
-    return ", ".join(line for line in lines if line)
+    return joiner.join(line for line in lines if line)
 
 
 def plural_pl(count: object, one: str, few: str, many: str) -> str:
@@ -336,7 +339,7 @@ def _repeatable(text: str, limit: int) -> bool:
 
 
 def customer_value(value: object, placeholder: str = WITHHELD["pl"],
-                   limit: int = VALUE_LIMIT) -> str:
+                   limit: int = VALUE_LIMIT, joiner: str = " ") -> str:
     """The `value` filter: a short structured customer value, or `placeholder`.
 
     One line, controls and invisible format characters removed. A value containing a
@@ -344,7 +347,7 @@ def customer_value(value: object, placeholder: str = WITHHELD["pl"],
     run, or longer than `limit` characters is not repeated: `placeholder` is returned
     instead. None or an empty value gives "".
     """
-    text = _value_text(value)
+    text = _value_text(value, joiner)
     if not text:
         return ""
     return text if _repeatable(text, limit) else placeholder
@@ -519,6 +522,8 @@ class Renderer:
         self._env.filters["oneline"] = clean_header_text
         self._env.filters["value"] = (
             lambda v, limit=VALUE_LIMIT: customer_value(v, withheld, limit))
+        self._env.filters["address"] = (
+            lambda v, limit=VALUE_LIMIT: customer_value(v, withheld, limit, joiner=", "))
         self._env.filters["device_id"] = lambda v: device_id_value(v, withheld)
         self._env.filters["phone"] = format_phone
         self._env.filters["alternatives"] = lambda items: _join_alternatives(items, word)

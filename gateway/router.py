@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.model import OPEN_STATUSES, UNVERIFIED, Outcome, Report, Status, Verdict
-from gateway.staff_mail import parse_staff_mail
+from gateway.staff_mail import command_problem, parse_staff_mail
 
 # --- what the processor looked up ---------------------------------------------------
 
@@ -32,6 +32,7 @@ class TicketView:
 @dataclass(frozen=True, slots=True)
 class Policy:
     max_auto_replies_per_hour: int = 20
+    staff_domains: tuple[str, ...] = ("s4e.pl",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +123,18 @@ class StaffMail:
 
 @dataclass(frozen=True, slots=True)
 class StaffRefused:
-    """A verified engineer's mail that cannot go to the customer (the ticket is
-    closed): recorded, and the engineer is told why."""
+    """A verified engineer's mail that cannot go to the customer: the ticket is closed
+    (outcome closed_guidance), or the text is empty or a command is not valid (kept as a
+    note, outcome staff_note). The engineer is told why; nothing is applied."""
 
     number: int
     problem: str  # render.NOTICE_PROBLEMS
     reason: str
+    detail: str = ""
 
-    outcome = Outcome.CLOSED_GUIDANCE
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.CLOSED_GUIDANCE if self.problem == "closed" else Outcome.STAFF_NOTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +206,15 @@ def check_staff(s: Situation) -> Decision | None:
         if not s.to_crm:
             return StaffMail(ticket.number, internal=True,
                              reason="verified staff mail to the intake address: kept as a note")
-        internal = parse_staff_mail(s.report.text).internal
-        return StaffMail(ticket.number, internal=internal,
-                         reason="verified staff " + ("note" if internal else "reply"))
+        mail = parse_staff_mail(s.report.text)
+        problem = command_problem(mail.commands, ticket.status, s.policy.staff_domains)
+        if problem:
+            return StaffRefused(ticket.number, "bad_command", "staff mail with a bad command",
+                                detail=problem)
+        if not mail.text and not mail.commands:
+            return StaffRefused(ticket.number, "empty", "staff mail without text")
+        return StaffMail(ticket.number, internal=mail.internal,
+                         reason="verified staff " + ("note" if mail.internal else "reply"))
     if s.to_crm:
         return StaffRefused(ticket.number, "closed", "staff reply on a closed ticket: not sent")
     return None

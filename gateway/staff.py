@@ -21,6 +21,7 @@ from gateway.config import parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
 from gateway.model import TRANSITIONS, MessageKind, OutAttachment, Report, Status
 from gateway.pipeline import Context, notify, report_context
+from gateway.staff_mail import engineer_problem
 from gateway.store import TicketRow, Tx
 
 log = logging.getLogger(__name__)
@@ -116,14 +117,10 @@ async def send_notice(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRo
 
 def check_engineer(ctx: Context, engineer: str) -> str:
     """An assignee is a staff e-mail address (one of the staff domains)."""
-    address = engineer.strip().lower()
-    local, at, domain = address.rpartition("@")
-    if not at or not local or " " in address or not domain:
-        raise GatewayError(f"not an e-mail address: {engineer!r}")
-    if domain not in ctx.config.addresses.staff_domains:
-        raise GatewayError(f"{engineer!r} is not a staff address (staff domains: "
-                           f"{', '.join(ctx.config.addresses.staff_domains)})")
-    return address
+    problem = engineer_problem(engineer, ctx.config.addresses.staff_domains)
+    if problem:
+        raise GatewayError(problem)
+    return engineer.strip().lower()
 
 
 async def change_assignee(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
@@ -153,7 +150,8 @@ async def record_note(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRo
 
 async def queue_staff_reply(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
                             text: str, files: Sequence[OutAttachment], *, author: str,
-                            now: datetime, in_reply_to: Report | None = None) -> None:
+                            now: datetime, in_reply_to: Report | None = None,
+                            inbound_id: int | None = None, from_name: str = "") -> None:
     """An engineer's answer to the reporter, in the thread, inside the caller's
     transaction. Refused on a closed ticket (the customer could not answer it)."""
     if not text.strip():
@@ -163,7 +161,8 @@ async def queue_staff_reply(conn: aiosqlite.Connection, ctx: Context, ticket: Ti
                               "(the customer must report anew at the intake address)")
     await notify(conn, ctx, ticket, "staff_reply", now, auto=False, files=tuple(files),
                  in_reply_to=in_reply_to, message=text, status=ticket.status,
-                 kind=MessageKind.STAFF_REPLY, author=author)
+                 kind=MessageKind.STAFF_REPLY, author=author, inbound_id=inbound_id,
+                 from_name=from_name)
     await store.update_ticket(conn, ticket.number, now, last_staff_at=store.iso(now))
     await store.add_history(conn, ticket=ticket.number, from_status=ticket.status,
                             to_status=ticket.status, actor=author,
@@ -319,7 +318,8 @@ async def ticket_json(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str
         for a in await store.ticket_attachments(conn, ticket.number)]
     messages = [
         {"direction": m["direction"], "from": m["from_addr"], "to": json.loads(m["to_addrs"]),
-         "subject": m["subject"], "message_id": m["message_id"], "date": m["date"]}
+         "subject": m["subject"], "message_id": m["message_id"], "date": m["date"],
+         "kind": m["kind"], "auth": m["auth"] if m["direction"] == "in" else None}
         for m in await store.ticket_messages(conn, ticket.number)]
     history = [
         {"from": h["from_status"], "to": h["to_status"], "actor": h["actor"], "note": h["note"],
@@ -336,7 +336,7 @@ async def ticket_json(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str
         "attachments": attachments, "messages": messages,
         "linked_to": None if ticket.linked_to is None else f"{ticket.linked_to:06d}",
         "reporter_bounced": ticket.reporter_bounced, "closed_reason": ticket.closed_reason,
-        "history": history,
+        "history": history, "assignee": ticket.assignee,
     }
 
 

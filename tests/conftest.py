@@ -129,7 +129,7 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
 REPORT_BODY = """Dzień dobry,
 
 1. Imię i nazwisko osoby zgłaszającej problem: Jan Kowalski
-2. Dane kontaktowe osoby zgłaszającej (mail, telefon): jan@example.com, tel. 600 100 200
+2. Dane kontaktowe osoby zgłaszającej (mail, telefon): jan.kowalski@example.com, tel. 600 100 200
 3. Adres instalacji sprzętu – realizacji naprawy: ul. Prosta 1, 30-001 Kraków
 4. Opis problemu: Serwer nie uruchamia się po aktualizacji.
 5. Numer seryjny urządzenia / numer Commcell ID: SN-12345

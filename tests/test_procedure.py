@@ -10,12 +10,23 @@ from email.message import EmailMessage
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail, wait_for
 
 JAN = "jan.kowalski@example.com"
+# Jan reports for his colleague: the report names her address in his own domain, so she
+# is the reporter and he, the dispatcher, gets every mail in Cc.
 REPORTER = "jan@example.com"
+REPORT_BODY = REPORT_BODY.replace(JAN, REPORTER)
+
+
+def to_reporter(sink: Sink) -> list[bytes]:
+    return [raw for _, rcpts, raw in sink.messages if REPORTER in rcpts]
 
 
 async def arrived(sink: Sink, count: int) -> list[EmailMessage]:
-    await wait_for(lambda: len(sink.messages) >= count, timeout=15)
-    return sink.parsed()
+    """The mail the reporter got (the sender, a colleague in the same domain, gets the
+    same mail as the dispatcher in Cc)."""
+    from email import message_from_bytes, policy
+
+    await wait_for(lambda: len(to_reporter(sink)) >= count, timeout=15)
+    return [message_from_bytes(raw, policy=policy.default) for raw in to_reporter(sink)]
 
 
 async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_sink: Sink,
@@ -36,6 +47,11 @@ async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_
     assert ack["In-Reply-To"] == "<report@example.com>"
     assert "Przyjęte" in body_text(ack)
     thread = [ack["Message-ID"]]
+    # The sender named a colleague in his own domain as the reporter: he is the
+    # dispatcher and gets the same mail, shown in Cc.
+    assert ack["Cc"] == JAN
+    copies = [m for m in sink.parsed() if m["Message-ID"] != ack["Message-ID"]]
+    assert [c["Subject"] for c in copies] == [ack["Subject"]] and copies[0]["Cc"] == JAN
 
     # 3. The engineer starts the diagnosis: the customer is told, in the thread.
     await desk.cli("tickets", "set-status", number, "in_progress", "--note",
@@ -79,7 +95,12 @@ async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_
                      body="Jeszcze jedno pytanie.\n", message_id="<late@example.com>")
     row = await desk.mail(late, mail_from=JAN, rcpts=(CRM,))
     assert row["outcome"] == "closed_guidance"
-    guidance = (await arrived(sink, 6))[5]
+    # The guidance answers the sender (it is about no open ticket): no copy to anyone.
+    # (the dispatcher had five copies of the thread so far: this is his sixth mail)
+    await wait_for(lambda: sum(1 for _, rcpts, _ in sink.messages if rcpts == [JAN]) == 6,
+                   timeout=15)
+    guidance = sink.parsed()[-1]
+    assert guidance["To"] == JAN and guidance["Cc"] is None
     assert INTAKE in body_text(guidance) and f"#{number}" in body_text(guidance)
     messages_before = len(ticket["messages"])
     assert len((await desk.ticket(number))["messages"]) == messages_before
@@ -91,20 +112,21 @@ async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_
     assert row["outcome"] == "closed_new"
     new = await desk.ticket(row["ticket"])
     assert new["linked_to"] == number and new["status"] == "accepted"
-    new_ack = (await arrived(sink, 7))[6]
+    new_ack = (await arrived(sink, 6))[5]
     assert new_ack["Subject"] == f"[#{row['ticket']}] Awaria macierzy dyskowej"
 
     # Every mail to the customer came from crm@, is threaded and loop-safe.
     for mail in sink.parsed():
         assert mail["From"].addresses[0].addr_spec == CRM
         assert mail["Message-ID"] and mail["In-Reply-To"] and mail["References"]
-    assert [m["Auto-Submitted"] for m in sink.parsed()] == [
-        "auto-replied", "auto-replied", None, "auto-replied", "auto-replied", "auto-replied",
-        "auto-replied"]
-    # Exactly one mail per outbox row, each sent.
+    assert [m["Auto-Submitted"] for m in await arrived(sink, 6)] == [
+        "auto-replied", "auto-replied", None, "auto-replied", "auto-replied", "auto-replied"]
+    # Exactly one mail per outbox row, each sent: six to the reporter, the same six to
+    # the dispatcher, and the guidance to the dispatcher's own late mail.
     outbox = await desk.cli_json("outbox", "list")
-    assert [o["status"] for o in outbox] == ["sent"] * 7
-    assert len(sink.messages) == 7
+    assert [o["status"] for o in outbox] == ["sent"] * 13
+    assert len(sink.messages) == 13
+    assert sum(1 for _, rcpts, _ in sink.messages if rcpts == [JAN]) == 7
 
 
 async def test_relay_down_then_back_every_report_gets_one_ack(desk_with_relay: Desk,

@@ -60,7 +60,19 @@ CONTEXTS: dict[str, dict] = {
                     "status": "in_progress"},
     "held_notice": {},
     "staff_copy": {"fields": FIELDS, "missing": [], "phone_confirmation_required": True,
-                   "reporter": "jan.kowalski@firma.pl", "attachments": ["cvlt.log"]},
+                   "reporter": "jan.kowalski@firma.pl", "copy_kind": "new",
+                   "text": "Serwer nie startuje po aktualizacji, na ekranie błąd 0x1F.",
+                   "verdict": "pass: dmarc=pass",
+                   "files": [{"filename": "cvlt.log", "size": 2048, "is_log": True,
+                              "attached": True},
+                             {"filename": "zdjęcie.jpg", "size": 3 * 1024 * 1024,
+                              "is_log": False, "attached": False}]},
+    "rating_request": {},
+    "staff_notice": {"problem": "bad_command", "detail": "Status: zrobione: unknown status",
+                     "status": "in_progress"},
+    "held_digest": {"held": [{"id": 7, "sender": "obcy@example.com", "subject": "Re: [#123456]",
+                              "reason": "sender not authorised for the ticket",
+                              "received": "2026-12-01 10:15", "ticket": "#123456"}]},
 }
 
 # Concrete wording the Polish mails must carry.
@@ -74,7 +86,7 @@ PL_PHRASES: dict[str, list[str]] = {
                         "- Telefon: +48 12 444 65 00\n",
                         "- Adres instalacji sprzętu: ul. Długa 5, 31-147 Kraków\n",
                         "- Numer seryjny urządzenia: SN-4711-XZ\n",
-                        "Otrzymaliśmy załączniki: 2 (w tym pliki logów: 1).",
+                        "Otrzymaliśmy 2 załączniki, w tym 1 plik z logami.",
                         "Z poważaniem,\nSerwis S4E\ncrm@s4e.pl"],
     "missing_fields": ["Szanowni Państwo,", "dziękujemy za przesłanie zgłoszenia.",
                        "zarejestrowane pod numerem #123456",
@@ -113,14 +125,26 @@ PL_PHRASES: dict[str, list[str]] = {
     "held_notice": ["Szanowni Państwo,", "nie mogła zostać automatycznie dodana",
                     "serwis@s4e.pl", "Z poważaniem,\nSerwis S4E\ncrm@s4e.pl"],
     "staff_copy": ["PILNE", "#123456", "Przyjęte", "jan.kowalski@firma.pl",
-                   "Serwer nie startuje po aktualizacji", "Załączniki: 1\n- cvlt.log\n"],
+                   "Serwer nie startuje po aktualizacji", "weryfikacja nadawcy: pass: dmarc=pass",
+                   "Załączniki (2):\n- cvlt.log, 2 KB, plik z logami – w załączeniu\n"
+                   "- zdjęcie.jpg, 3.0 MB\n", "Treść wiadomości klienta:",
+                   "trafi do klienta w wątku zgłoszenia #123456"],
+    "rating_request": ["Szanowni Państwo,", "#123456", "Rozwiązane", "Ocena: 5",
+                       "jedną liczbą całkowitą od 1 do 5", "Z poważaniem,"],
+    "staff_notice": ["#123456", "żadne polecenie nie zostało wykonane",
+                     "Szczegóły: Status: zrobione: unknown status",
+                     "Obecny status zgłoszenia: W realizacji.", "#wewnętrzne"],
+    "held_digest": ["Wiadomości wstrzymane do decyzji operatora: 1",
+                    "7. 2026-12-01 10:15 od obcy@example.com, zgłoszenie #123456",
+                    "Powód: sender not authorised", "s4e-gateway held release ID"],
 }
 
 EN_PHRASES: dict[str, list[str]] = {
     "acknowledgement": ["Dear Sir or Madam,", "#123456", "Accepted", "serwis@s4e.pl",
                         "keep the number #123456 in the subject",
                         "at one of these numbers: (0-12) 444-65-00 or 801 090 101.",
-                        "- Phone: +48 12 444 65 00\n", "Attachments received: 2 (logs: 1).",
+                        "- Phone: +48 12 444 65 00\n",
+                        "We received 2 attachments, including 1 log file.",
                         "Kind regards,\nS4E Service Desk"],
     "missing_fields": ["Dear Sir or Madam,", "Awaiting information",
                        "Serial number / CommCell ID",
@@ -134,7 +158,11 @@ EN_PHRASES: dict[str, list[str]] = {
     "staff_reply": ["Ticket #123456", "In progress",
                     "When replying, please keep #123456 in the subject."],
     "held_notice": ["Dear Sir or Madam,", "could not be added", "serwis@s4e.pl"],
-    "staff_copy": ["URGENT", "#123456", "Serwer nie startuje"],
+    "staff_copy": ["URGENT", "#123456", "Serwer nie startuje", "sender verification: pass",
+                   "- cvlt.log, 2 KB, log file – attached\n"],
+    "rating_request": ["Dear Sir or Madam,", "#123456", "Rating: 5", "one whole number"],
+    "staff_notice": ["#123456", "no command was applied", "#internal"],
+    "held_digest": ["Messages held for an operator: 1", "Reason: sender not authorised"],
 }
 
 
@@ -344,16 +372,16 @@ def test_acknowledgement_accepts_model_fields(pl: Renderer) -> None:
 @pytest.mark.parametrize("event", CUSTOMER_EVENTS)
 def test_attachments_are_counted_never_named(pl: Renderer, event: str) -> None:
     body = render(pl, event, attachments=3, log_attachments=2)
-    assert "Otrzymaliśmy załączniki: 3 (w tym pliki logów: 2).\n" in body
+    assert "Otrzymaliśmy 3 załączniki, w tym 2 pliki z logami.\n" in body
     for logs in (None, 0):
         body = render(pl, event, attachments=3, log_attachments=logs)
-        assert "Otrzymaliśmy załączniki: 3.\n" in body
+        assert "Otrzymaliśmy 3 załączniki.\n" in body
     for nothing in (0, None, []):
         assert "załącznik" not in render(pl, event, attachments=nothing, log_attachments=None)
     # A list (the old contract) is counted; its names never reach the customer.
     names = ["Wpłać na PL61109010140000071219812874.log", "www.evil.example.png"]
     body = render(pl, event, attachments=names, log_attachments=None)
-    assert "Otrzymaliśmy załączniki: 2.\n" in body
+    assert "Otrzymaliśmy 2 załączniki.\n" in body
     assert "evil" not in body and "PL61" not in body and "Wpłać" not in body
 
 
@@ -365,20 +393,33 @@ def test_attachment_objects_give_the_log_count(en: Renderer) -> None:
              Attachment(filename="x.png", content_type="image/png", data=b"x", size=1,
                         sha256="0" * 64, is_log=False)]
     body = render(en, "acknowledgement", attachments=files, log_attachments=None)
-    assert "Attachments received: 2 (logs: 1).\n" in body and "cvd.log" not in body
+    assert "We received 2 attachments, including 1 log file.\n" in body and "cvd.log" not in body
     rows = [{"filename": "a.log", "is_log": 1}, {"filename": "b.log", "is_log": 1}]
     body = render(en, "missing_fields", attachments=rows)
-    assert "Attachments received: 2 (logs: 2).\n" in body and "a.log" not in body
+    assert "We received 2 attachments, including 2 log files.\n" in body and "a.log" not in body
     # an explicit count wins
-    assert "(logs: 1)" in render(en, "acknowledgement", attachments=rows, log_attachments=1)
-    copy = render(en, "staff_copy", attachments=rows)
-    assert "Attachments: 2 (logs: 2)\n- a.log\n- b.log\n" in copy
+    assert "including 1 log file." in render(en, "acknowledgement", attachments=rows,
+                                             log_attachments=1)
+    copy = render(en, "staff_copy", files=[{**r, "size": 10} for r in rows])
+    assert "Attachments (2):\n- a.log, 10 B, log file\n- b.log, 10 B, log file\n" in copy
 
 
-def test_staff_copy_with_a_count(pl: Renderer) -> None:
-    assert "Załączniki: 4 (w tym pliki logów: 1)\n\n" in render(
-        pl, "staff_copy", attachments=4, log_attachments=1)
-    assert "Załączniki: brak\n\n" in render(pl, "staff_copy", attachments=None)
+def test_staff_copy_lists_files_with_sizes(pl: Renderer) -> None:
+    files = [{"filename": "../../etc/passwd\u202egol.exe", "size": 5 * 1024 * 1024 + 1,
+              "is_log": False}]
+    body = render(pl, "staff_copy", files=files)
+    assert "Załączniki (1):\n- _.._etc_passwd gol.exe, 5.0 MB\n" in body
+    assert "Załączniki: brak\n\n" in render(pl, "staff_copy", files=[])
+
+
+@pytest.mark.parametrize("kind, heading", [
+    ("new", "Nowe zgłoszenie #123456"),
+    ("follow_up", "Nowa wiadomość klienta w zgłoszeniu #123456"),
+    ("reply_unrated", "Odpowiedź klienta na rozwiązane zgłoszenie #123456 (bez oceny)")])
+def test_staff_copy_says_what_arrived(pl: Renderer, kind: str, heading: str) -> None:
+    body = render(pl, "staff_copy", copy_kind=kind)
+    assert body.splitlines()[2] == heading + ", status: Przyjęte"
+    assert ("Imię i nazwisko: Jan Kowalski" in body) == (kind == "new")
 
 
 def test_phone_confirmation_only_when_required(pl: Renderer) -> None:

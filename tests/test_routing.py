@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail
 
 JAN = "jan.kowalski@example.com"
-REPORTER = "jan@example.com"  # the e-mail the report's body gives: acknowledgements go there
+REPORTER = "jan.kowalski@example.com"  # the e-mail the report's body gives: acknowledgements go there
 STRANGER = "mallory@evil.example"
 
 
@@ -42,7 +42,7 @@ async def test_complete_report_opens_accepted_ticket_and_acknowledges(desk: Desk
     assert ticket["status"] == "accepted" and ticket["missing"] == []
     assert (ticket["reporter_name"], ticket["reporter_email"], ticket["reporter_phone"],
             ticket["install_address"], ticket["serial_number"]) == (
-        "Jan Kowalski", "jan@example.com", "+48600100200", "ul. Prosta 1, 30-001 Kraków",
+        "Jan Kowalski", "jan.kowalski@example.com", "+48600100200", "ul. Prosta 1, 30-001 Kraków",
         "SN-12345")
     (ack,) = desk.mails_to(REPORTER)
     assert ack["Subject"] == f"[#{number}] Awaria serwera"
@@ -296,12 +296,20 @@ async def test_helpdesk_robot_gets_one_guidance_a_day(desk: Desk) -> None:
     assert len(desk.mails_to("robot@customer.pl")) == 1
 
 
-async def test_staff_domain_may_write_into_any_ticket(desk: Desk) -> None:
+async def test_unverified_staff_domain_mail_is_held_never_relayed(desk: Desk) -> None:
+    """Anyone can write From: ...@s4e.pl: without a verified sender it is held and the
+    customer gets nothing (SPEC §9, §10)."""
     number = await open_ticket(desk)
-    row = await desk.mail(make_mail(subject=f"[#{number}] notatka", sender="inz@s4e.pl",
-                                    body="Notatka inżyniera.\n", message_id="<st@s4e.pl>"),
+    before = len(desk.mails_to(REPORTER))
+    row = await desk.mail(make_mail(subject=f"Re: [#{number}] Awaria", sender="inz@s4e.pl",
+                                    body="Proszę wpłacić 100 zł na konto...\n",
+                                    message_id="<st@s4e.pl>"),
                           mail_from="inz@s4e.pl", rcpts=(CRM,))
-    assert row["outcome"] == "follow_up"
+    assert row["outcome"] == "held"
+    assert len(desk.mails_to(REPORTER)) == before
+    assert all("wpłacić" not in body_text(m) for m in desk.mails_to(REPORTER))
+    (held,) = await desk.cli_json("held", "list")
+    assert held["from"] == "inz@s4e.pl" and "not verified" in held["reason"]
 
 
 async def test_cc_of_first_message_is_authorised(desk: Desk) -> None:

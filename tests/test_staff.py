@@ -12,7 +12,7 @@ from gateway.pipeline import make_context
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail
 
 JAN = "jan.kowalski@example.com"
-REPORTER = "jan@example.com"  # the e-mail the report's body gives
+REPORTER = "jan.kowalski@example.com"  # the e-mail the report's body gives
 
 
 async def open_ticket(desk: Desk, body: str = REPORT_BODY, mid: str = "<r1@example.com>") -> str:
@@ -119,22 +119,31 @@ async def test_rating_in_quoted_text_is_ignored(desk: Desk) -> None:
     assert ticket["status"] == "resolved" and ticket["rating"] is None
 
 
-async def test_reply_without_rating_stops_the_rating_window(desk: Desk) -> None:
+@pytest.mark.parametrize("text", ["Dziękuję, działa.", "Ocena: 4,5", "6"])
+async def test_reply_without_rating_asks_once_and_the_window_keeps_running(
+        desk: Desk, text: str) -> None:
+    """SPEC §4: stays resolved, goes to staff, one short request for a rating 1-5; the
+    rating window keeps running and closes the ticket at its end."""
     number = await open_ticket(desk)
     for status in ("in_progress", "resolved"):
         await desk.cli("tickets", "set-status", number, status)
-    await desk.mail(make_mail(subject=f"Re: [#{number}]", body="Niestety problem nadal występuje.\n",
-                              message_id="<still@example.com>"), mail_from=JAN, rcpts=(CRM,))
+    for mid in ("<t1@example.com>", "<t2@example.com>"):
+        row = await desk.mail(make_mail(subject=f"Re: [#{number}]", body=text + "\n",
+                                        message_id=mid), mail_from=JAN, rcpts=(CRM,))
+        assert row["outcome"] == "follow_up"
+    requests = [m for m in desk.mails_to(REPORTER) if "jedną liczbą całkowitą" in body_text(m)]
+    assert len(requests) == 1 and requests[0]["In-Reply-To"] == "<t1@example.com>"
+    assert (await desk.ticket(number))["status"] == "resolved"
     conn = await store.connect(desk.db)
     try:
         ctx = await make_context(conn, desk.gw.config)
-        later = dataclasses.replace(ctx, clock=lambda: store.utcnow() + timedelta(days=30))
-        assert await staff.close_expired_ratings(conn, later) == []
+        later = dataclasses.replace(ctx, clock=lambda: store.utcnow() + timedelta(days=15))
+        assert await staff.close_expired_ratings(conn, later) == [int(number)]
     finally:
         await conn.close()
     ticket = await desk.ticket(number)
-    assert ticket["status"] == "resolved"
-    assert "rating window stopped" in ticket["history"][-1]["note"]
+    assert (ticket["status"], ticket["rating"]) == ("closed", None)
+    assert "no rating within 14d" in ticket["history"][-1]["note"]
 
 
 async def test_staff_notices_do_not_eat_the_automatic_answer_cap(desk_with_cap: Desk) -> None:
@@ -288,8 +297,11 @@ async def test_ticket_json_has_the_spec_fields(desk: Desk) -> None:
         {"filename": "ekran.png", "content_type": "image/png", "size": 8,
          "sha256": hashlib.sha256(b"\x89PNG....").hexdigest(), "is_log": False}]
     message = ticket["messages"][0]
-    assert set(message) == {"direction", "from", "to", "subject", "message_id", "date"}
+    assert set(message) == {"direction", "from", "to", "subject", "message_id", "date", "auth",
+                            "kind"}
     assert message["message_id"] == "<att@example.com>" and message["direction"] == "in"
+    assert (message["kind"], message["auth"]) == ("customer", "none")
+    assert ticket["assignee"] is None
     # The bytes are kept under a generated name, retrievable by hash.
     att_dir = desk.gw.config.storage.attachments
     stored = [p for p in att_dir.rglob("*") if p.is_file()]

@@ -357,3 +357,32 @@ async def test_a_linked_new_ticket_drops_the_old_token_from_its_subject(desk: De
     ticket = await desk.ticket(row["ticket"])
     assert ticket["subject"] == f"Ponowna awaria (dot. {number})"
     assert ticket["linked_to"] == number
+
+
+async def test_a_joe_job_sends_the_victim_nothing(tmp_path: Path) -> None:
+    """200 forged reports naming one victim's address in the body (SPEC §4): the victim
+    is only a contact for staff and gets 0 mails; the forged senders' answers are capped
+    per recipient without the +tag."""
+    import smtplib
+
+    def send_all(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            for n in range(200):
+                forger = f"forger+{n}@example.net"
+                body = REPORT_BODY.replace(JAN, "victim@victim.example")
+                client.sendmail(forger, [INTAKE], make_mail(body=body, sender=forger,
+                                                            message_id=f"<j{n}@example.net>"))
+
+    async with running_desk(tmp_path, "") as desk:
+        await asyncio.to_thread(send_all, desk.gw.port)
+
+        async def all_routed() -> bool:
+            rows = await desk.inbox()
+            return len(rows) == 200 and all(r["outcome"] for r in rows)
+
+        await wait_for(all_routed, timeout=120, interval=0.5)
+        rows = [row for row, _ in desk.outbox()]
+        assert [r for r in rows if "victim" in r["rcpt_to"]] == []
+        assert len([r for r in rows if r["rcpt_to"].startswith("forger")]) == 20
+        tickets = await desk.cli_json("tickets", "list")
+        assert len(tickets) == 200  # every report is still a ticket for staff

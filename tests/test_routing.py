@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail
+from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail, wait_for
 
 JAN = "jan.kowalski@example.com"
 REPORTER = "jan.kowalski@example.com"  # the e-mail the report's body gives: acknowledgements go there
@@ -515,3 +515,39 @@ async def test_reprocess_is_idempotent(desk: Desk) -> None:
 async def test_reprocess_unknown_id_is_one_line(desk: Desk) -> None:
     code, _, err = await desk.cli("inbox", "reprocess", "999", ok=False)
     assert code == 1 and "not found" in err and err.count("\n") == 1
+
+
+async def test_a_forged_bounce_from_a_normal_sender_marks_nothing(desk: Desk) -> None:
+    """A stranger names our Message-ID in a DSN-looking mail with a normal envelope
+    sender: 0 rows marked bounced, the reporter not flagged (SPEC §4)."""
+    number = await open_ticket(desk)
+    (ack,) = desk.mails_to(REPORTER)
+    row = await desk.mail(dsn_for(ack["Message-ID"], REPORTER), mail_from="mallory@example.net",
+                          rcpts=(CRM,))
+    assert row["outcome"] == "ignored_auto"
+    (out,) = await desk.cli_json("outbox", "list")
+    assert out["status"] == "sent"
+    assert (await desk.ticket(number))["reporter_bounced"] is False
+
+
+async def test_bounced_rows_say_why(desk: Desk) -> None:
+    await open_ticket(desk)
+    (ack,) = desk.mails_to(REPORTER)
+    await desk.mail(dsn_for(ack["Message-ID"], REPORTER), mail_from="", rcpts=(CRM,))
+    (out,) = await desk.cli_json("outbox", "list")
+    assert out["status"] == "bounced" and "delivery status notification" in out["last_error"]
+
+
+async def test_a_dsn_never_cancels_mail_not_yet_sent(desk_with_relay: Desk,
+                                                    smtp_sink: Sink) -> None:
+    """The relay defers: the acknowledgement waits in the outbox. A DSN naming it (even
+    a real-looking one) must not cancel it for good: it is delivered once the relay
+    takes it."""
+    desk = desk_with_relay
+    smtp_sink.fail_next = ["451 4.3.0 try later"] * 2
+    await open_ticket(desk)
+    ((row, ack),) = desk.outbox()
+    await desk.mail(dsn_for(ack["Message-ID"], REPORTER), mail_from="", rcpts=(CRM,))
+    await wait_for(lambda: len(smtp_sink.messages) == 1, timeout=15)
+    (out,) = await desk.cli_json("outbox", "list")
+    assert out["status"] == "sent"

@@ -247,8 +247,7 @@ def answer_address(report: Report, row: InboundRow) -> str:
 
 # Answers about no particular ticket go at most once a day per address and kind: a
 # customer's own helpdesk robot answering our notice must not make a loop.
-DAMPED_EVENTS = frozenset({"held_notice", "unknown_ticket_guidance", "closed_ticket_guidance",
-                           "staff_notice"})
+DAMPED_EVENTS = frozenset({"held_notice", "unknown_ticket_guidance", "closed_ticket_guidance"})
 DAMPING = timedelta(hours=24)
 # Logs attached to a staff copy, in all (SPEC §9); bigger ones are listed only.
 STAFF_COPY_LOG_LIMIT = 10 * 1024 * 1024

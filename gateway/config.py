@@ -131,6 +131,11 @@ class AuthConfig:
     verify: str = "off"  # "off" | "dns"
     resolver: str = ""  # "host:port" of the DNS resolver; "" = the system's
     trusted_relays: tuple[str, ...] = ()  # IPs/CIDRs whose mail counts as verified
+    timeout: str = "3s"  # the whole time the DNS checks of one message may take
+
+    @property
+    def timeout_seconds(self) -> int:
+        return parse_duration(self.timeout)
 
 
 @dataclass(frozen=True, slots=True)

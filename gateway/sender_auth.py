@@ -105,7 +105,8 @@ def _verify(raw: bytes, peer: str, mail_from: str, config: AuthConfig, helo: str
     if verdict is not None:
         return verdict
     if config.verify == "dns":
-        return verify_by_dns(raw, domain, ip, mail_from, helo, config)
+        signed = any(name == "dkim-signature" for name, _ in fields)
+        return verify_by_dns(raw, domain, ip, mail_from, helo, config, signed)
     if note:
         return Verdict(AuthResult.NONE, note, domain)
     if trusted:
@@ -269,7 +270,7 @@ def read_authentication_results(fields: Sequence[tuple[str, str]],
         except Exception:  # authres raises its own SyntaxError and friends on junk
             log.info("unreadable Authentication-Results field skipped: %.80r", value)
             continue
-        authserv_id = str(parsed.authserv_id or "").lower()
+        authserv_id = _without_job_id(str(parsed.authserv_id or ""))
         if authserv_id not in trusted:
             continue
         for result in parsed.results:
@@ -284,7 +285,12 @@ def read_authentication_results(fields: Sequence[tuple[str, str]],
 def _authserv_id(value: str) -> str:
     """The first token of an A-R value, comments skipped: a cheap filter before parsing."""
     rest = _LEADING_COMMENTS.sub("", value, count=1)
-    return re.split(r"[\s;(]", rest, maxsplit=1)[0].lower()
+    return _without_job_id(re.split(r"[\s;(]", rest, maxsplit=1)[0])
+
+
+def _without_job_id(authserv_id: str) -> str:
+    """"mx.s4e.pl/4XyZ" (OpenDKIM/OpenDMARC with AuthservIDWithJobID) -> "mx.s4e.pl"."""
+    return authserv_id.split("/", 1)[0].lower()
 
 
 def _result_domain(method: str, props: dict[str, str]) -> str:
@@ -600,8 +606,9 @@ def _spf_query_class(lookup: Callable[..., list[Any]]) -> type:
 
 
 def verify_by_dns(raw: bytes, from_domain: str, ip: IpAddress | None, mail_from: str,
-                  helo: str, config: AuthConfig) -> Verdict:
-    """The gateway's own DKIM / SPF / DMARC evaluation (RFC 7489 §4.2)."""
+                  helo: str, config: AuthConfig, signed: bool = True) -> Verdict:
+    """The gateway's own DKIM / SPF / DMARC evaluation (RFC 7489 §4.2); `signed`: the
+    message has a DKIM-Signature field (else dkimpy need not parse it)."""
     try:
         budget = DnsBudget(config.resolver, config.timeout_seconds)
         policy = lookup_dmarc(budget, from_domain)
@@ -612,7 +619,7 @@ def verify_by_dns(raw: bytes, from_domain: str, ip: IpAddress | None, mail_from:
     strict_dkim = policy.strict_dkim if policy else False
     strict_spf = policy.strict_spf if policy else False
 
-    dkim_checks = check_dkim(raw, from_domain, strict_dkim, budget)
+    dkim_checks = check_dkim(raw, from_domain, strict_dkim, budget) if signed else []
     for check in dkim_checks:
         if check.result == "pass":
             return Verdict(AuthResult.PASS, _cut(f"{dmarc} (dkim d={check.domain} aligned"

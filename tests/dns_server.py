@@ -87,7 +87,9 @@ class DnsServer:
         self.address = f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self._server.start_thread()
+        thread = threading.Thread(target=self._server.server.serve_forever,
+                                  kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
 
     def stop(self) -> None:
         self._server.stop()

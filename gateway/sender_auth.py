@@ -552,6 +552,8 @@ def check_spf(ip: IpAddress | None, mail_from: str, helo: str, budget: DnsBudget
     identity = mail_from or (f"postmaster@{helo}" if helo else "")
     if ip is None:
         return SpfCheck("skipped", "", "no client IP")
+    if ip.is_loopback:  # Postfix on this host handed it over: its IP says nothing
+        return SpfCheck("skipped", "", f"client {ip} is a relay on this host")
     if not identity:
         return SpfCheck("skipped", "", "no envelope sender or HELO")
     domain = identity.rpartition("@")[2].lower().rstrip(".")

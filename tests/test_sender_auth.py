@@ -317,6 +317,18 @@ def test_lmtp_socket_peer_skips_spf(zones: DnsServer) -> None:
                               "(no client IP), no dkim signature", "example.com")
 
 
+def test_loopback_peer_skips_spf_but_dkim_still_counts(zones: DnsServer,
+                                                       dkim_key: DkimKey) -> None:
+    zones.add_txt("loop.example", "v=spf1 ip4:127.0.0.0/8 -all")  # would wrongly pass
+    zones.add_txt("_dmarc.loop.example", "v=DMARC1; p=reject")
+    verdict = verify(mail(sender="a@loop.example"), dns_config(zones), peer="127.0.0.1:40000",
+                     mail_from="a@loop.example")
+    assert verdict == Verdict(AuthResult.FAIL, "dmarc=fail: p=reject, spf not checked (client "
+                              "127.0.0.1 is a relay on this host), no dkim signature", "loop.example")
+    signed = dkim_key.sign(mail(), domain="example.com")
+    assert verify(signed, dns_config(zones), peer="127.0.0.1:40000").result is AuthResult.PASS
+
+
 # --- DNS trouble: none with the reason, quickly, never an exception --------------------
 
 

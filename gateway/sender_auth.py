@@ -46,6 +46,7 @@ import authres
 import dkim
 import dkim.util
 import dns.exception
+import dns.name
 import dns.rcode
 import dns.resolver
 import spf
@@ -354,11 +355,15 @@ class DnsBudget:
 
     def query(self, name: str, rdtype: str, limit: float | None = None) -> list[Any]:
         """The answer's records ([] for NXDOMAIN / no data); DnsTrouble otherwise."""
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException:
+            return []  # a name that cannot exist (label over 63 octets...): no record
         left = self.remaining() if limit is None else min(self.remaining(), limit)
         if left <= 0.05:
             raise DnsTrouble(f"dns timeout looking up {name} (time for checks used up)")
         try:
-            answer = self.resolver.resolve(name, rdtype, lifetime=left, search=False,
+            answer = self.resolver.resolve(qname, rdtype, lifetime=left, search=False,
                                            raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             return []
@@ -366,7 +371,7 @@ class DnsBudget:
             raise DnsTrouble(f"dns timeout looking up {name}") from None
         except dns.resolver.NoNameservers as err:
             raise DnsTrouble(f"dns error looking up {name}: {_rcode_text(err)}") from None
-        except dns.exception.DNSException as err:
+        except (dns.exception.DNSException, OSError) as err:
             raise DnsTrouble(f"dns error looking up {name}: {type(err).__name__}") from None
         return list(answer.rrset) if answer.rrset is not None else []
 
@@ -533,22 +538,29 @@ def _short(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SpfCheck:
-    result: str  # pyspf's: pass, fail, softfail, neutral, none, permerror, temperror; or "skipped"
+    result: str  # pyspf's: pass, fail, softfail, neutral, none, permerror, temperror;
+    #              or "skipped", "not aligned" (not evaluated)
     domain: str  # the checked identity's domain
     detail: str = ""
 
-    def describe(self, aligned_with_from: bool) -> str:
+    def describe(self) -> str:
         if self.result == "skipped":
             return f"spf not checked ({self.detail})"
+        if self.result == "not aligned":
+            return f"spf {self.domain} not aligned"
         if self.result == "temperror":
             return f"spf temperror ({self.detail})"
-        if self.result == "pass" and not aligned_with_from:
-            return f"spf pass for {self.domain} (not aligned)"
         return f"spf {self.result}"
 
 
-def check_spf(ip: IpAddress | None, mail_from: str, helo: str, budget: DnsBudget) -> SpfCheck:
-    """SPF for the envelope sender, or the HELO name for a null one (RFC 7208 §2.3)."""
+def check_spf(ip: IpAddress | None, mail_from: str, helo: str, from_domain: str,
+              strict: bool, budget: DnsBudget) -> SpfCheck:
+    """SPF for the envelope sender, or the HELO name for a null one (RFC 7208 §2.3).
+
+    Only an identity aligned with the From domain is evaluated: any other cannot make
+    DMARC pass, and evaluating it would let a sender whose own DNS is slow turn a DMARC
+    fail into a temperror.
+    """
     identity = mail_from or (f"postmaster@{helo}" if helo else "")
     if ip is None:
         return SpfCheck("skipped", "", "no client IP")
@@ -557,11 +569,17 @@ def check_spf(ip: IpAddress | None, mail_from: str, helo: str, budget: DnsBudget
     if not identity:
         return SpfCheck("skipped", "", "no envelope sender or HELO")
     domain = identity.rpartition("@")[2].lower().rstrip(".")
+    if not aligned(domain, from_domain, strict):
+        return SpfCheck("not aligned", domain)
     trouble: list[str] = []
     query_class = _spf_query_class(_spf_lookup(budget, trouble))
     left = max(budget.remaining(), 0.1)
-    query = query_class(i=str(ip), s=identity, h=helo or domain, timeout=left, querytime=left)
-    result, _code, explanation = query.check()
+    try:
+        query = query_class(i=str(ip), s=identity, h=helo or domain, timeout=left,
+                            querytime=left)
+        result, _code, explanation = query.check()
+    except Exception as err:  # pyspf on odd input: no SPF result, not a crash
+        return SpfCheck("temperror", domain, f"spf check broke: {type(err).__name__}")
     if result == "temperror":
         return SpfCheck(result, domain, trouble[0] if trouble else _short(str(explanation)))
     return SpfCheck(str(result), domain)
@@ -626,14 +644,13 @@ def verify_by_dns(raw: bytes, from_domain: str, ip: IpAddress | None, mail_from:
         if check.result == "pass":
             return Verdict(AuthResult.PASS, _cut(f"{dmarc} (dkim d={check.domain} aligned"
                                                  f"{no_record})"), from_domain)
-    spf_check = check_spf(ip, mail_from, helo, budget)
-    spf_aligned = bool(spf_check.domain) and aligned(spf_check.domain, from_domain, strict_spf)
-    if spf_check.result == "pass" and spf_aligned:
+    spf_check = check_spf(ip, mail_from, helo, from_domain, strict_spf, budget)
+    if spf_check.result == "pass":
         return Verdict(AuthResult.PASS, _cut(f"{dmarc} (spf {spf_check.domain} aligned"
                                              f"{no_record})"), from_domain)
 
     dkim_text = ", ".join(c.describe() for c in dkim_checks[:3]) or "no dkim signature"
-    summary = f"{spf_check.describe(spf_aligned)}, {dkim_text}"
+    summary = f"{spf_check.describe()}, {dkim_text}"
     troubles = [c.detail for c in dkim_checks if c.result == "temperror"]
     if spf_check.result == "temperror":
         troubles.append(spf_check.detail)

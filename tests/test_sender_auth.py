@@ -268,11 +268,28 @@ def test_spf_pass_aligned(zones: DnsServer) -> None:
     assert verdict == Verdict(AuthResult.PASS, "dmarc=pass (spf example.com aligned)", "example.com")
 
 
-def test_spf_pass_for_another_domain_is_not_aligned(zones: DnsServer) -> None:
+def test_spf_for_another_domain_is_not_aligned_and_not_even_looked_up(zones: DnsServer) -> None:
     verdict = verify(mail(), dns_config(zones), peer="198.51.100.9:25",
                      mail_from="bounce-1234@esp.example.net")
-    assert verdict == Verdict(AuthResult.FAIL, "dmarc=fail: p=reject, spf pass for "
-                              "esp.example.net (not aligned), no dkim signature", "example.com")
+    assert verdict == Verdict(AuthResult.FAIL, "dmarc=fail: p=reject, spf esp.example.net "
+                              "not aligned, no dkim signature", "example.com")
+    assert ("esp.example.net", "TXT") not in zones.queries
+
+
+def test_a_slow_misaligned_envelope_domain_cannot_turn_fail_into_none(zones: DnsServer) -> None:
+    zones.time_out("slow.example")
+    verdict = verify(mail(), dns_config(zones), mail_from="x@slow.example")
+    assert verdict == Verdict(AuthResult.FAIL, "dmarc=fail: p=reject, spf slow.example not "
+                              "aligned, no dkim signature", "example.com")
+
+
+def test_a_dkim_selector_that_cannot_exist_is_a_fail_not_a_dns_error(zones: DnsServer,
+                                                                     dkim_key: DkimKey) -> None:
+    raw = with_headers(mail(), f"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s={'x' * 70}; "
+                       "h=from; bh=AAAA; b=AAAA")
+    verdict = verify(raw, dns_config(zones))
+    assert verdict.result is AuthResult.FAIL
+    assert "dkim d=example.com fail (no key at" in verdict.reason
 
 
 def test_spf_null_sender_uses_the_helo_name(zones: DnsServer) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import spf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import make_mail
 from dns_server import DkimKey, DnsServer, dkim_key, dns_server  # noqa: F401  (fixtures)
 
@@ -58,6 +60,12 @@ def zones(dns_server: DnsServer, dkim_key: DkimKey) -> DnsServer:
 def verify(raw: bytes, config: AuthConfig, peer: str = STRANGER,
            mail_from: str = "jan@example.com", helo: str = "") -> Verdict:
     return verify_sender(raw, peer=peer, mail_from=mail_from, config=config, helo=helo)
+
+
+def handled(verdict: Verdict) -> bool:
+    """A verdict with a reason, reached by the rules, not by verify_sender's last-resort
+    catch of an unexpected exception."""
+    return bool(verdict.reason) and not verdict.reason.startswith("verification error")
 
 
 # --- 1. trusted relays ----------------------------------------------------------
@@ -431,7 +439,7 @@ def test_several_from_addresses_fail() -> None:
 ])
 def test_malformed_mail_gets_a_verdict_never_an_exception(raw: bytes, zones: DnsServer) -> None:
     verdict = verify(raw, dns_config(zones, trusted_authserv_ids=("mx.s4e.pl",)))
-    assert isinstance(verdict, Verdict) and verdict.reason
+    assert handled(verdict)
 
 
 def test_huge_header_section_is_not_verified() -> None:
@@ -460,4 +468,33 @@ def test_corpus_mail_all_get_a_verdict(zones: DnsServer) -> None:
     config = dns_config(zones, trusted_authserv_ids=("mx.s4e.pl",))
     for path in CORPUS_FILES:
         verdict = verify(path.read_bytes(), config, mail_from="someone@example.net")
-        assert isinstance(verdict, Verdict) and verdict.reason, path
+        assert handled(verdict), (path, verdict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([
+    b"From: ", b"jan@example.com", b", ", b"<", b">", b"\r\n", b"\n", b" ", b"\t", b";", b"=",
+    b"Authentication-Results: ", b"mx.s4e.pl", b"(", b")", b"\"", b"dmarc=pass", b"dkim=pass",
+    b"header.d=example.com", b"header.from=", b"DKIM-Signature: v=1; d=example.com; s=a",
+    b"\xff", b"\x00", b"@", b"/", b"\r\n\r\n",
+]), max_size=40))
+def test_any_header_soup_gets_a_verdict(parts: list[bytes]) -> None:
+    assert handled(verify(b"".join(parts), TRUSTED, peer="198.51.100.7:25"))
+
+
+class _BrokenConfig:
+    """Stands in for AuthConfig and breaks when read: the last-resort path."""
+
+    @property
+    def trusted_relays(self) -> tuple[str, ...]:
+        raise RuntimeError("broken on purpose")
+
+
+def test_an_unexpected_error_is_none_and_logged_with_the_message_id(
+        caplog: pytest.LogCaptureFixture) -> None:
+    verdict = verify_sender(mail(), peer=STRANGER, mail_from="jan@example.com",
+                            config=_BrokenConfig())  # type: ignore[arg-type]
+    assert verdict == Verdict(AuthResult.NONE, "verification error (RuntimeError)")
+    assert not handled(verdict)
+    assert any(r.getMessage().startswith("<t1@example.com> sender verification broke: "
+                                         "RuntimeError") for r in caplog.records)

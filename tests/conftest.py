@@ -261,3 +261,8 @@ async def desk_with_relay(tmp_path: Path, smtp_sink: Sink, desk_options: str) ->
     """The desk with the real aiosmtpd sink as its relay: assert on what arrives."""
     async with running_desk(tmp_path, desk_options, sink=smtp_sink) as running:
         yield running
+
+
+# A real DNS server on 127.0.0.1 (`dns_server`) and a DKIM key to sign with (`dkim_key`),
+# for every test module: see tests/dns_server.py.
+from dns_server import dkim_key, dns_server  # noqa: E402, F401

@@ -1,7 +1,7 @@
 """A real DNS server on 127.0.0.1 for tests (dnslib's server, UDP, ephemeral port),
 serving zones that the test writes, plus DKIM keys to sign test mail with.
 
-    from dns_server import DkimKey, DnsServer, dns_server  # noqa: F401  (the fixture)
+    from dns_server import DkimKey, DnsServer   # fixtures dns_server, dkim_key: conftest.py
 
     def test_x(dns_server: DnsServer, dkim_key: DkimKey) -> None:
         dns_server.add_txt("_dmarc.example.com", "v=DMARC1; p=reject")

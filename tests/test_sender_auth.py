@@ -12,7 +12,7 @@ import spf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import make_mail
-from dns_server import DkimKey, DnsServer, dkim_key, dns_server  # noqa: F401  (fixtures)
+from dns_server import DkimKey, DnsServer  # the fixtures come through conftest.py
 
 from gateway.config import AuthConfig
 from gateway.model import AuthResult, Verdict
@@ -27,7 +27,8 @@ CORPUS = Path(os.environ.get("S4E_CORPUS", Path(__file__).resolve().parents[2] /
 CORPUS_FILES = sorted(CORPUS.rglob("*.eml")) if CORPUS.is_dir() else []
 
 
-def mail(sender: str = FROM, body: str = "Dzień dobry,\nserwer nie działa.\n", **headers: str) -> bytes:
+def mail(sender: str = FROM, body: str = "Dzień dobry,\nserwer nie działa.\n",
+         **headers: str) -> bytes:
     return make_mail(sender=sender, body=body, message_id="<t1@example.com>",
                      Date="Tue, 01 Dec 2026 10:00:00 +0000", **headers)
 
@@ -433,7 +434,8 @@ def test_several_from_addresses_fail() -> None:
 
 @pytest.mark.parametrize("raw", [
     b"", b"\x00\xff\xfe garbage", b"From: \r\n\r\n", b"From: <@>\r\n\r\nx",
-    b"From: jan@[192.0.2.1]\r\n\r\nx", b"From: =?utf-8?q?=C5=BB?= <jan@\xc5\xbc\xc3\xb3\xc5\x82w.pl>\r\n\r\nx",
+    b"From: jan@[192.0.2.1]\r\n\r\nx",
+    b"From: =?utf-8?q?=C5=BB?= <jan@\xc5\xbc\xc3\xb3\xc5\x82w.pl>\r\n\r\nx",
     b"DKIM-Signature: v=1; d=example.com; garbage\r\nFrom: jan@example.com\r\n\r\nx",
     b"DKIM-Signature: \xff\xfe\r\nFrom: jan@example.com\r\n\r\nx",
 ])

@@ -15,7 +15,8 @@ Sources, in this order; the first one that decides wins:
 3. With `verify = "dns"` the gateway's own checks through `resolver`: DMARC record
    (`_dmarc.<From domain>`, else the organisational domain's, with `sp=`), DKIM (dkimpy;
    a signature whose `l=` leaves part of the body unsigned is not a pass), SPF (pyspf) for
-   the envelope sender (the HELO name for a null one) and the connecting IP. An aligned
+   the envelope sender (the HELO name for a null one) and the connecting IP, only when
+   that identity is aligned with From and the client is not on loopback. An aligned
    DKIM or SPF pass -> `pass`; a DMARC record and nothing aligned -> `fail`, whatever its
    `p=` (a forged reporter's mail must not change tickets; `p=none` only means the domain
    asks receivers not to reject, and held mail can still be released by an operator);

@@ -32,6 +32,7 @@ No From, or a From that is no address -> `none`; several From fields or addresse
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 import re
@@ -59,7 +60,8 @@ from gateway.model import AuthResult, Verdict
 
 log = logging.getLogger(__name__)
 
-MAX_HEADER_BYTES = 1024 * 1024  # a longer header section is not verified at all
+MAX_HEADER_BYTES = 256 * 1024  # a longer header section is not verified at all
+MAX_HEADER_LINES = 5000  # nor one of more lines (real mail: a few hundred at most)
 MAX_AUTH_RESULTS = 50  # Authentication-Results fields read, topmost first
 MAX_SIGNATURES = 5  # aligned DKIM signatures verified
 MAX_REASON = 240  # characters of a reason shown to staff
@@ -96,7 +98,8 @@ def _verify(raw: bytes, peer: str, mail_from: str, config: AuthConfig, helo: str
     if ip is not None and in_networks(ip, config.trusted_relays):
         return Verdict(AuthResult.PASS, f"received from trusted relay {ip}", sender.domain)
     if header is None:
-        return _none(f"header section over {MAX_HEADER_BYTES // 1024} KiB: not verified")
+        return _none(f"header section over {MAX_HEADER_BYTES // 1024} KiB or "
+                     f"{MAX_HEADER_LINES} lines: not verified")
     if not sender.domain:
         result = AuthResult.FAIL if sender.ambiguous else AuthResult.NONE
         return Verdict(result, sender.problem)
@@ -131,11 +134,16 @@ def _cut(reason: str) -> str:
 
 
 def header_section(raw: bytes) -> bytes | None:
-    """The header section without the blank line; None when over MAX_HEADER_BYTES."""
+    """The header section without the blank line; None when over MAX_HEADER_BYTES or
+    MAX_HEADER_LINES (every later step is linear in it, dkimpy's parser more than that)."""
     match = _BLANK_LINE.search(raw, 0, MAX_HEADER_BYTES + 4)
     if match is not None:
-        return raw[: match.start()]
-    return raw if len(raw) <= MAX_HEADER_BYTES else None
+        header = raw[: match.start()]
+    elif len(raw) <= MAX_HEADER_BYTES:
+        header = raw
+    else:
+        return None
+    return header if header.count(b"\n") < MAX_HEADER_LINES else None
 
 
 def header_fields(header: bytes) -> list[tuple[str, str]]:
@@ -461,9 +469,10 @@ class DkimCheck:
 
 def check_dkim(raw: bytes, from_domain: str, strict: bool, budget: DnsBudget) -> list[DkimCheck]:
     """Verify the aligned DKIM signatures, topmost first, until one passes."""
+    header, body_start = _split_body(raw)
     try:
-        signer = dkim.DKIM(raw, logger=_DKIMPY_LOG)
-    except Exception as err:  # dkimpy's message parser on malformed mail
+        signer = HeaderOnlyDKIM(header + b"\r\n\r\n", logger=_DKIMPY_LOG)
+    except Exception as err:  # dkimpy's header parser on malformed mail
         return [DkimCheck("?", "fail", f"message unreadable: {type(err).__name__}")]
     signatures = [value for name, value in signer.headers if name.lower() == b"dkim-signature"]
     checks: list[DkimCheck] = []
@@ -482,10 +491,38 @@ def check_dkim(raw: bytes, from_domain: str, strict: bool, budget: DnsBudget) ->
             break
         verified += 1
         check = _verify_signature(signer, index, domain, budget)
+        if check.result == "pass":  # the header signature holds: now the body
+            check = check_body_hash(raw, body_start, signer.signature_fields, domain)
         checks.append(check)
         if check.result == "pass":
             break
     return checks
+
+
+def _split_body(raw: bytes) -> tuple[bytes, int]:
+    """(header section, offset of the body); the caller has bounded the header's size."""
+    match = _BLANK_LINE.search(raw, 0, MAX_HEADER_BYTES + 4)
+    if match is None:
+        return raw, len(raw)
+    return raw[: match.start()], match.end()
+
+
+class HeaderOnlyDKIM(dkim.DKIM):
+    """dkimpy checks the header signature only; `check_body_hash` checks the body.
+
+    dkimpy canonicalizes and hashes the whole body in single regex calls, which hold
+    the GIL for seconds on a 25 MiB message and so stall the SMTP intake that shares the
+    process. Given only the header and a signature without `bh=`, it skips the body
+    (its `verify_sig_process` hashes the body only when `bh` is present); the signed
+    header field itself, `bh=` included, is still covered by the signature. Relies on
+    dkimpy's internals: pinned below 1.2.
+    """
+
+    def verify_sig_process(self, sig: dict[bytes, bytes], include_headers: list[bytes],
+                           sig_header: tuple[bytes, bytes], dnsfunc: Any) -> bool:
+        without_body = {key: value for key, value in sig.items() if key != b"bh"}
+        return bool(super().verify_sig_process(without_body, include_headers, sig_header,
+                                               dnsfunc))
 
 
 def _verify_signature(signer: dkim.DKIM, index: int, domain: str,
@@ -516,21 +553,87 @@ def _verify_signature(signer: dkim.DKIM, index: int, domain: str,
         return DkimCheck(domain, "fail", f"no key at {missing[0]}")
     if not ok:
         return DkimCheck(domain, "fail", "signature does not verify")
-    return _check_body_length(signer, domain)
-
-
-def _check_body_length(signer: dkim.DKIM, domain: str) -> DkimCheck:
-    """A valid signature with l= shorter than the body signs only part of it: anything
-    could have been appended. Not a pass."""
-    fields = signer.signature_fields
-    if b"l" not in fields:
-        return DkimCheck(domain, "pass")
-    policy = CanonicalizationPolicy.from_c_value(fields.get(b"c", b"simple/simple"))
-    body = len(policy.canonicalize_body(signer.body))
-    signed = int(fields[b"l"])
-    if signed < body:
-        return DkimCheck(domain, "partial", f"l= signs {signed} of {body} body bytes")
     return DkimCheck(domain, "pass")
+
+
+def check_body_hash(raw: bytes, body_start: int, tags: dict[bytes, bytes],
+                    domain: str) -> DkimCheck:
+    """The body against the signature's bh= (RFC 6376 §3.7). A signature whose l= leaves
+    part of the body unsigned is not a pass: anything could have been appended."""
+    try:
+        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+        hasher = dkim.HASH_ALGORITHMS[tags[b"a"]]
+        expected = base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"]))
+        limit = int(tags[b"l"]) if b"l" in tags else None
+    except Exception as err:  # dkimpy validated the tags; this is only belt and braces
+        return DkimCheck(domain, "fail", f"unreadable signature ({type(err).__name__})")
+    relaxed = policy.body_algorithm.name == b"relaxed"
+    digest, length = canonical_body_digest(raw, body_start, relaxed, hasher, limit)
+    if digest != expected:
+        return DkimCheck(domain, "fail", "body hash mismatch")
+    if limit is not None and limit < length:
+        return DkimCheck(domain, "partial", f"l= signs {limit} of {length} body bytes")
+    if limit is not None and limit > length:
+        return DkimCheck(domain, "fail", f"l={limit} is longer than the body ({length} bytes)")
+    return DkimCheck(domain, "pass")
+
+
+BODY_CHUNK = 256 * 1024  # canonicalized and hashed a piece at a time: short GIL holds
+_LINE_END = re.compile(rb"\r?\n")
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+_WSP = re.compile(rb"[\t ]+")
+
+
+def canonical_body_digest(raw: bytes, start: int, relaxed: bool, hasher: Callable[[], Any],
+                          limit: int | None = None,
+                          chunk: int = BODY_CHUNK) -> tuple[bytes, int]:
+    """(digest of the canonical body, or of its first `limit` bytes; its whole length).
+
+    The same result as dkimpy's canonicalize_body over the body it parses (lines joined
+    with CRLF; simple or relaxed, RFC 6376 §3.4.3-3.4.4), computed piece by piece. Pieces
+    end at a line end, so no CRLF or run of blanks is split; empty lines at a piece's end
+    are held back until more content follows, since trailing empty lines do not count.
+    """
+    digest = hasher()
+    length = 0
+    held = 0  # CRLFs of empty lines not yet known to be followed by content
+
+    def emit(data: bytes) -> None:
+        nonlocal length
+        room = len(data) if limit is None else max(0, min(len(data), limit - length))
+        if room:
+            digest.update(data[:room] if room < len(data) else data)
+        length += len(data)
+
+    position, end = start, len(raw)
+    while position < end:
+        newline = raw.find(b"\n", min(position + chunk, end) - 1)
+        stop = end if newline < 0 else newline + 1
+        piece = raw[position:stop]
+        position = stop
+        # Each substitution only where it changes something: cheap tests in C first.
+        if piece.count(b"\n") != piece.count(b"\r\n"):
+            piece = _LINE_END.sub(b"\r\n", piece)
+        if relaxed and (b" \r\n" in piece or b"\t" in piece):
+            piece = _TRAILING_WSP.sub(b"\r\n", piece)
+        if relaxed and (b"  " in piece or b"\t" in piece):
+            piece = _WSP.sub(b" ", piece)
+        trailing = 0
+        while piece.endswith(b"\r\n", 0, len(piece) - 2 * trailing):
+            trailing += 1
+        content = piece[: len(piece) - 2 * trailing]
+        if content:
+            if held:
+                emit(b"\r\n" * held)
+            emit(content)
+            held = trailing
+        else:
+            held += trailing
+    if length:
+        emit(b"\r\n")  # the last line's end, or the one added to a body without one
+    elif not relaxed:
+        emit(b"\r\n")  # an empty body is one CRLF in simple, nothing in relaxed
+    return digest.digest(), length
 
 
 def _short(text: str) -> str:

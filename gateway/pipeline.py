@@ -36,6 +36,7 @@ from gateway.parser import parse_report
 from gateway.processor import Processed
 from gateway.errors import GatewayError
 from gateway.render import Renderer, clean_header_text, compose_message, reply_subject
+from gateway.sender_auth import verify_sender
 from gateway.staff_mail import parse_staff_mail
 from gateway.router import (AppendToTicket, ClosedTicketGuidance, Decision,
                             HoldForOperator, NewTicket, Policy, Situation, StaffMail,
@@ -107,19 +108,9 @@ async def make_context(conn: aiosqlite.Connection, config: Config,
 
 
 def check_sender(config: Config, raw: bytes, peer: str, mail_from: str) -> Verdict:
-    """The sender verdict from what the gateway can tell by itself: mail from a
-    `[auth] trusted_relays` address is verified; nothing else is (yet)."""
-    import ipaddress
-
-    host = peer.rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return Verdict(AuthResult.NONE, "no client address to go by")
-    for network in config.auth.trusted_relays:
-        if ip in ipaddress.ip_network(network, strict=False):
-            return Verdict(AuthResult.PASS, f"received from trusted relay {ip}")
-    return Verdict(AuthResult.NONE, "no verification of this sender")
+    """The sender verdict (SPEC §10): trusted relays, trusted Authentication-Results,
+    and with `[auth] verify = "dns"` the gateway's own DKIM/SPF/DMARC checks."""
+    return verify_sender(raw, peer=peer, mail_from=mail_from, config=config.auth)
 
 
 # --- the stages ----------------------------------------------------------------------

@@ -50,6 +50,7 @@ async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_
     # The sender named a colleague in his own domain as the reporter: he is the
     # dispatcher and gets the same mail, shown in Cc.
     assert ack["Cc"] == JAN
+    await wait_for(lambda: len(sink.messages) >= 2, timeout=15)
     copies = [m for m in sink.parsed() if m["Message-ID"] != ack["Message-ID"]]
     assert [c["Subject"] for c in copies] == [ack["Subject"]] and copies[0]["Cc"] == JAN
 

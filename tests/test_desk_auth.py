@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail,
+from tests.conftest import (CRM, REPORT_BODY, Desk, Sink, body_text, make_mail,
                             running_desk, wait_for)
 from tests.dns_server import DkimKey, DnsServer
 

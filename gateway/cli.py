@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -65,6 +67,78 @@ def printable(text: object) -> str:
 
 def say(text: str = "") -> None:
     print(printable(text))
+
+
+def local_time(config: Config, stamp: str | None) -> str:
+    """An ISO UTC time from the database as people read it: minutes, `[tickets]
+    timezone`. JSON output keeps the ISO UTC text."""
+    if not stamp:
+        return "-"
+    from zoneinfo import ZoneInfo
+
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(ZoneInfo(config.tickets.timezone)).strftime("%Y-%m-%d %H:%M")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Rows under a header row, columns as wide as their widest cell (the last one
+    not padded)."""
+    cells = [[printable(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = []
+    for row in [list(headers), *cells]:
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths)] + [row[-1]]
+        lines.append("  ".join(padded).rstrip())
+    return lines
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], empty: str) -> None:
+    if not rows:
+        print(empty)
+        return
+    for line in table(headers, rows):
+        print(line)
+
+
+MAX_ACTOR = 200
+
+
+def actor_of(args: argparse.Namespace) -> str:
+    """Who acts, for the history: --by, else $S4E_GATEWAY_USER, else the login name."""
+    given = getattr(args, "by", None)
+    actor = given if given is not None else os.environ.get("S4E_GATEWAY_USER") or ""
+    if not actor.strip() and given is None:
+        try:
+            actor = getpass.getuser()
+        except (OSError, KeyError):
+            actor = ""
+    actor = actor.strip()
+    source = "--by" if given is not None else "S4E_GATEWAY_USER or the login name"
+    if not actor:
+        raise GatewayError(f"who is acting? {source} is empty (give --by E)")
+    if _CONTROL.search(actor) or len(actor) > MAX_ACTOR:
+        raise GatewayError(f"{source}: not a name or address: {actor[:60]!r}")
+    return actor
+
+
+def read_text_file(name: str, what: str) -> str:
+    """A UTF-8 text file given on the command line ('-' is standard input)."""
+    path = Path(name)
+    try:
+        return sys.stdin.read() if name == "-" else path.read_text("utf-8")
+    except FileNotFoundError:
+        raise GatewayError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise GatewayError(f"{path}: is a directory, not a {what} file") from None
+    except PermissionError:
+        raise GatewayError(f"{path}: {what} file not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise GatewayError(f"{path}: not UTF-8 text") from None
 
 
 @asynccontextmanager
@@ -119,18 +193,101 @@ async def cmd_inbox_list(config: Config, args: argparse.Namespace) -> int:
     if args.outcome and args.outcome not in {o.value for o in Outcome}:
         raise GatewayError(f"unknown outcome {args.outcome!r} (one of: "
                            f"{', '.join(o.value for o in Outcome)})")
+    if args.address is not None and "@" not in args.address:
+        raise GatewayError(f"not an e-mail address: {args.address!r}")
     async with open_db(config) as conn:
-        rows = await store.list_inbound(conn, outcome=args.outcome)
+        if args.address is not None:
+            rows = await store.list_inbound_for_address(conn, args.address)
+            if args.outcome:
+                rows = [r for r in rows if r.outcome == args.outcome]
+        else:
+            rows = await store.list_inbound(conn, outcome=args.outcome)
     if args.json:
         _print_json([r.as_json() for r in rows])
         return 0
-    if not rows:
-        print("no messages")
-    for r in rows:
-        ticket = f"#{r.ticket:06d}" if r.ticket is not None else "-"
-        say(f"{r.id:>6}  {r.received_at[:19]}  {r.state:<10} {r.outcome or '-':<17} "
-            f"{ticket:<8} {r.mail_from or '<>'}  {r.message_id}")
+    print_table(
+        ("ID", "RECEIVED", "STATE", "OUTCOME", "TICKET", "FROM (ENVELOPE)", "MESSAGE-ID"),
+        [(r.id, local_time(config, r.received_at), r.state, r.outcome or "-",
+          f"#{r.ticket:06d}" if r.ticket is not None else "-", r.mail_from or "<>",
+          r.message_id or "-") for r in rows], "no messages")
     return 0
+
+
+async def cmd_inbox_show(config: Config, args: argparse.Namespace) -> int:
+    from gateway.staff import inbound_json
+
+    async with open_db(config) as conn:
+        if args.raw:
+            if await store.get_inbound(conn, args.id) is None:
+                raise NotFoundError(f"inbound message {args.id} not found")
+            raw = await store.read_raw(conn, args.id)
+        else:
+            data = await inbound_json(conn, args.id)
+    if args.raw:
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:
+            raise GatewayError("--raw needs a binary standard output")
+        sys.stdout.flush()
+        out.write(raw)
+        out.flush()
+        return 0
+    if args.json:
+        _print_json(data)
+    else:
+        say(render_inbound(config, data))
+    return 0
+
+
+def _indented(label: str, value: object, width: int = 16) -> list[str]:
+    """`label: value` with the value's further lines under its first one."""
+    text = "-" if value is None or value == "" else str(value)
+    first, *rest = text.splitlines() or ["-"]
+    return [f"  {label + ':':<{width}}{first}", *(f"  {'':<{width}}{ln}" for ln in rest)]
+
+
+def render_inbound(config: Config, data: dict[str, Any]) -> str:
+    """`inbox show`: envelope, verdict, outcome and answers first (why a sender got
+    what they got), then headers, attachments and the text."""
+    ticket = f"#{data['ticket']}" if data["ticket"] else "-"
+    verdict = data["auth"] or "not checked"
+    if data["auth_reason"]:
+        verdict += f" ({data['auth_reason']})"
+    lines = [f"Inbound message {data['id']}  {data['message_id'] or '(no Message-ID)'}",
+             *_indented("Received", f"{local_time(config, data['received_at'])} from "
+                                    f"{data['peer']}, {data['size']} B"),
+             *_indented("Envelope from", data["mail_from"] or "<> (null reverse-path)"),
+             *_indented("Envelope to", ", ".join(data["rcpt_tos"])),
+             *_indented("Sender verdict", verdict),
+             *_indented("State", f"{data['state']} (attempts {data['attempts']})"),
+             *_indented("Outcome", f"{data['outcome'] or '- (not processed yet)'}"),
+             *_indented("Ticket", ticket)]
+    if data["error"]:
+        lines += _indented("Error", data["error"])
+    if data["held"]:
+        held = data["held"]
+        lines += _indented("Held", f"id {held['id']}, {held['status']}: {held['reason']}")
+    lines += ["", "Answers:"]
+    if data["answers"]:
+        lines += ["  " + ln for ln in table(
+            ("OUTBOX", "KIND", "TO", "STATUS", "QUEUED", "ERROR"),
+            [(a["id"], a["kind"], a["to"], a["status"], local_time(config, a["created_at"]),
+              a["last_error"] or "") for a in data["answers"]])]
+    else:
+        lines.append("  none")
+    lines += ["", "Headers:", *(f"  {h['name']}: {h['value']}" for h in data["headers"])]
+    if data["attachments"]:
+        lines += ["", "Attachments:", *_attachment_lines(data["attachments"])]
+    if data["notes"]:
+        lines += ["", "Parser notes:", *(f"  {n}" for n in data["notes"])]
+    lines += ["", "Text:", *(f"  | {ln}" for ln in (data["text"] or "").splitlines())]
+    return "\n".join(lines)
+
+
+def _attachment_lines(attachments: list[dict[str, Any]]) -> list[str]:
+    return ["  " + ln for ln in table(
+        ("FILE", "TYPE", "SIZE", "LOG"),
+        [(a["filename"], a["content_type"], f"{a['size']} B", "yes" if a["is_log"] else "")
+         for a in attachments])]
 
 
 async def cmd_inbox_reprocess(config: Config, args: argparse.Namespace) -> int:
@@ -153,20 +310,22 @@ async def _context(conn: aiosqlite.Connection, config: Config) -> Any:
 
 
 async def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
-    from gateway.staff import ticket_summary
+    from gateway.staff import find_tickets, ticket_summary
 
-    if args.status and args.status not in {s.value for s in Status}:
-        raise GatewayError(f"unknown status {args.status!r} (one of: "
-                           f"{', '.join(s.value for s in Status)})")
+    if args.assignee is not None and "@" not in args.assignee:
+        raise GatewayError(f"--assignee: not an e-mail address: {args.assignee!r}")
     async with open_db(config) as conn:
-        tickets = await store.list_tickets(conn, args.status)
+        listed = await find_tickets(conn, search=args.search, status=args.status,
+                                    assignee=args.assignee, waiting=args.waiting)
     if args.json:
-        _print_json([ticket_summary(t) for t in tickets])
+        _print_json([ticket_summary(t.ticket, t.waiting_since) for t in listed])
         return 0
-    if not tickets:
-        print("no tickets")
-    for t in tickets:
-        say(f"#{t.number:06d}  {t.status:<13} {t.created_at[:16]}  {t.reporter_email}  {t.subject}")
+    print_table(
+        ("NUMBER", "STATUS", "CREATED", "ASSIGNEE", "WAITING SINCE", "REPORTER", "SUBJECT"),
+        [(f"#{t.ticket.number:06d}", t.ticket.status, local_time(config, t.ticket.created_at),
+          t.ticket.assignee or "-", local_time(config, t.waiting_since),
+          t.ticket.reporter_email, t.ticket.subject) for t in listed],
+        "no tickets")
     return 0
 
 
@@ -177,53 +336,62 @@ async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
     async with open_db(config) as conn:
         ticket = await require_ticket(conn, number)
         data = await ticket_json(conn, ticket)
-        bodies = [m["body"] for m in await store.ticket_messages(conn, number)]
+        bodies = [m["body"] for m in await store.ticket_thread(conn, number)]
     if args.json:
         _print_json(data)
     else:
-        say(render_ticket(data, bodies))
+        say(render_ticket(data, bodies, config))
     return 0
 
 
-def render_ticket(data: dict[str, Any], bodies: list[str]) -> str:
-    """A readable thread for a person."""
+_KIND_MARK = {"customer": "<-", "staff_reply": "->", "notice": "->", "staff_note": "**"}
+
+
+def render_ticket(data: dict[str, Any], bodies: list[str], config: Config) -> str:
+    """A readable ticket for a person: header lines, fields (further lines of a value
+    indented under its first), attachments, the thread and the history; times in
+    `[tickets] timezone`."""
+    when = lambda stamp: local_time(config, stamp)  # noqa: E731
     lines = [f"Ticket #{data['number']}  [{data['status']}]  {data['subject']}",
-             f"created {data['created_at']}  updated {data['updated_at']}"]
+             *_indented("Created", f"{when(data['created_at'])}  (times: "
+                                   f"{config.tickets.timezone})"),
+             *_indented("Updated", when(data["updated_at"])),
+             *_indented("Assignee", data["assignee"] or "- (staff copies go to notify)")]
     if data["linked_to"]:
-        lines.append(f"follows closed ticket #{data['linked_to']}")
+        lines += _indented("Follows", f"closed ticket #{data['linked_to']}")
     labels = [("reporter_name", "Name"), ("reporter_email", "E-mail"),
               ("reporter_phone", "Phone"), ("install_address", "Address"),
               ("serial_number", "Serial number"), ("commcell_id", "CommCell ID")]
     lines.append("")
     for key, label in labels:
-        lines.append(f"  {label + ':':<15}{data[key] or '-'}")
+        lines += _indented(label, data[key])
     if data["missing"]:
-        lines.append(f"  {'Missing:':<15}{', '.join(data['missing'])}")
+        lines += _indented("Missing", ", ".join(data["missing"]))
     if data["phone_confirmation_required"]:
         state = "confirmed" if data["phone_confirmed"] else "NOT YET CONFIRMED"
-        lines.append(f"  {'Phone call:':<15}required (contract under 24 h), {state}")
+        lines += _indented("Phone call", f"required (contract under 24 h), {state}")
     if data["rating"] is not None:
-        lines.append(f"  {'Rating:':<15}{data['rating']}/5")
+        lines += _indented("Rating", f"{data['rating']}/5")
     if data["reporter_bounced"]:
-        lines.append(f"  {'Warning:':<15}mail to the reporter bounced")
-    lines += ["", "Description:", *(f"  {ln}" for ln in (data["description"] or "-").splitlines())]
+        lines += _indented("Warning", "mail to the reporter bounced")
+    lines += _indented("Description", data["description"])
     if data["attachments"]:
-        lines += ["", "Attachments:"]
-        for a in data["attachments"]:
-            log_mark = " (log)" if a["is_log"] else ""
-            lines.append(f"  {a['filename']}  {a['content_type']}  {a['size']} B{log_mark}")
+        lines += ["", "Attachments:", *_attachment_lines(data["attachments"])]
     lines += ["", "Thread:"]
     for message, body in zip(data["messages"], bodies):
-        arrow = "<-" if message["direction"] == "in" else "->"
-        lines.append(f"  {arrow} {message['date'][:16]}  {message['from']} -> "
-                     f"{', '.join(message['to'])}")
+        mark = _KIND_MARK.get(message["kind"], "--")
+        verdict = f"  [sender verdict: {message['auth']}]" if message["auth"] else ""
+        to = f" -> {', '.join(message['to'])}" if message["to"] else ""
+        lines.append(f"  {mark} {when(message['date'])}  {message['kind']}  "
+                     f"{message['from']}{to}{verdict}")
         lines.append(f"     {message['subject']}")
         for ln in body.strip().splitlines()[:40]:
             lines.append(f"     | {ln}")
     lines += ["", "History:"]
-    for h in data["history"]:
-        note = f"  ({h['note']})" if h["note"] else ""
-        lines.append(f"  {h['at'][:16]}  {h['from'] or '-'} -> {h['to']}  by {h['actor']}{note}")
+    lines += ["  " + ln for ln in table(
+        ("AT", "FROM", "TO", "BY", "NOTE"),
+        [(when(h["at"]), h["from"] or "-", h["to"], h["actor"], h["note"] or "")
+         for h in data["history"]])]
     return "\n".join(lines)
 
 
@@ -231,9 +399,10 @@ async def cmd_tickets_set_status(config: Config, args: argparse.Namespace) -> in
     from gateway.staff import parse_number, set_status
 
     number = parse_number(args.number)
+    actor = actor_of(args)
     async with open_db(config) as conn:
         ticket = await set_status(conn, await _context(conn, config), number, args.status,
-                                  args.note)
+                                  args.note, actor=actor)
     print(f"#{ticket.number:06d}: {ticket.status}; the reporter is notified")
     return 0
 
@@ -242,17 +411,57 @@ async def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
     from gateway.staff import parse_number, read_attachment, reply
 
     number = parse_number(args.number)
+    actor = actor_of(args)
     files = [read_attachment(Path(p)) for p in args.attach]
-    path = Path(args.message_file)
-    try:
-        message = sys.stdin.read() if args.message_file == "-" else path.read_text("utf-8")
-    except FileNotFoundError:
-        raise GatewayError(f"{path}: message file not found") from None
-    except UnicodeDecodeError:
-        raise GatewayError(f"{path}: not UTF-8 text") from None
+    message = read_text_file(args.message_file, "message")
     async with open_db(config) as conn:
-        await reply(conn, await _context(conn, config), number, message, files)
+        await reply(conn, await _context(conn, config), number, message, files, actor=actor)
     print(f"#{number:06d}: reply queued to the reporter")
+    return 0
+
+
+async def cmd_tickets_note(config: Config, args: argparse.Namespace) -> int:
+    from gateway.staff import add_note, parse_number
+
+    number = parse_number(args.number)
+    actor = actor_of(args)
+    text = read_text_file(args.message_file, "note")
+    if not text.strip():
+        raise GatewayError(f"{args.message_file}: the note is empty")
+    async with open_db(config) as conn:
+        await add_note(conn, await _context(conn, config), number, text, actor=actor)
+    print(f"#{number:06d}: internal note recorded (not sent to anyone)")
+    return 0
+
+
+async def cmd_tickets_assign(config: Config, args: argparse.Namespace) -> int:
+    from gateway.staff import assign, parse_number
+
+    number = parse_number(args.number)
+    actor = actor_of(args)
+    async with open_db(config) as conn:
+        ticket = await assign(conn, await _context(conn, config), number, args.engineer,
+                              actor=actor)
+    print(f"#{number:06d}: assigned to {ticket.assignee}")
+    return 0
+
+
+async def cmd_tickets_set_field(config: Config, args: argparse.Namespace) -> int:
+    from gateway.staff import parse_number, set_field
+
+    number = parse_number(args.number)
+    actor = actor_of(args)
+    async with open_db(config) as conn:
+        before = await store.get_ticket(conn, number)
+        ticket = await set_field(conn, await _context(conn, config), number, args.field,
+                                 args.value, actor=actor)
+    name = args.field.strip().lower().replace("-", "_")
+    say(f"#{number:06d}: {name} = {getattr(ticket, name) or '(empty)'}")
+    if ticket.missing:
+        print(f"still missing: {', '.join(ticket.missing)}")
+    elif before is not None and before.missing and ticket.status == Status.AWAITING_INFO:
+        print(f"report complete: `tickets set-status {number:06d} accepted` sends the "
+              "acknowledgement")
     return 0
 
 
@@ -260,8 +469,9 @@ async def cmd_tickets_confirm_phone(config: Config, args: argparse.Namespace) ->
     from gateway.staff import confirm_phone, parse_number
 
     number = parse_number(args.number)
+    actor = actor_of(args)
     async with open_db(config) as conn:
-        await confirm_phone(conn, await _context(conn, config), number)
+        await confirm_phone(conn, await _context(conn, config), number, actor=actor)
     print(f"#{number:06d}: phone confirmation recorded")
     return 0
 
@@ -274,29 +484,54 @@ async def cmd_held_list(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    if not rows:
-        print("no held messages")
-    for r in rows:
-        ticket = f"#{r['ticket']}" if r["ticket"] else "-"
-        say(f"{r['id']:>5}  {r['status']:<9} {ticket:<8} {r['from']}  {r['subject']}  ({r['reason']})")
+    print_table(("ID", "STATUS", "HELD AT", "TICKET", "FROM", "SUBJECT", "REASON"),
+                [(r["id"], r["status"], local_time(config, r["created_at"]),
+                  f"#{r['ticket']}" if r["ticket"] else "-", r["from"], r["subject"],
+                  r["reason"]) for r in rows], "no held messages")
+    return 0
+
+
+async def cmd_held_show(config: Config, args: argparse.Namespace) -> int:
+    from gateway.staff import held_json, inbound_json, require_held
+
+    async with open_db(config) as conn:
+        held = held_json(await require_held(conn, args.id))
+        held["message"] = await inbound_json(conn, held["inbound_id"])
+    if args.json:
+        _print_json(held)
+        return 0
+    decided = (f" by {held['decided_by'] or '-'} at {local_time(config, held['decided_at'])}"
+               if held["decided_at"] else "")
+    lines = [f"Held message {held['id']}  [{held['status']}]{decided}",
+             *_indented("Held at", local_time(config, held["created_at"])),
+             *_indented("Reason", held["reason"]),
+             *_indented("Named ticket", f"#{held['ticket']}" if held["ticket"] else "-"),
+             "", render_inbound(config, held["message"])]
+    say("\n".join(lines))
     return 0
 
 
 async def cmd_held_release(config: Config, args: argparse.Namespace) -> int:
     from gateway.pipeline import release_held
 
+    actor = actor_of(args)
     async with open_db(config) as conn:
-        result = await release_held(conn, await _context(conn, config), args.id)
-    print(f"held {args.id}: released into ticket #{result.ticket:06d}")
+        result = await release_held(conn, await _context(conn, config), args.id,
+                                    new_ticket=args.new_ticket, actor=actor)
+    if args.new_ticket:
+        print(f"held {args.id}: released as a new ticket #{result.ticket:06d}")
+    else:
+        print(f"held {args.id}: released into ticket #{result.ticket:06d}")
     return 0
 
 
 async def cmd_held_drop(config: Config, args: argparse.Namespace) -> int:
+    from gateway.staff import require_held
+
+    actor = actor_of(args)
     async with open_db(config) as conn:
-        held = await store.get_held(conn, args.id)
-        if held is None:
-            raise NotFoundError(f"held message {args.id} not found")
-        if not await store.decide_held(conn, args.id, "dropped", store.utcnow()):
+        held = await require_held(conn, args.id)
+        if not await store.decide_held(conn, args.id, "dropped", store.utcnow(), actor=actor):
             raise GatewayError(f"held message {args.id} was already {held['status']}")
     print(f"held {args.id}: dropped (the message stays stored in the inbox)")
     return 0
@@ -311,13 +546,11 @@ async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         _print_json([r.as_json() for r in rows])
         return 0
-    if not rows:
-        print("no outgoing mail")
-    for r in rows:
-        ticket = f"#{r.ticket:06d}" if r.ticket is not None else "-"
-        error = f"  ({r.last_error})" if r.last_error and r.status != "sent" else ""
-        say(f"{r.id:>5}  {r.status:<8} {ticket:<8} {r.kind:<24} {r.rcpt_to}  "
-            f"tries {r.attempts}{error}")
+    print_table(("ID", "STATUS", "QUEUED", "TICKET", "KIND", "TO", "TRIES", "ERROR"),
+                [(r.id, r.status, local_time(config, r.created_at),
+                  f"#{r.ticket:06d}" if r.ticket is not None else "-", r.kind, r.rcpt_to,
+                  r.attempts, r.last_error if r.last_error and r.status != "sent" else "")
+                 for r in rows], "no outgoing mail")
     return 0
 
 
@@ -342,6 +575,20 @@ async def cmd_contracts_import(config: Config, args: argparse.Namespace) -> int:
     urgent = sum(1 for c in contracts if c.repair_hours < 24)
     noun = "contract" if count == 1 else "contracts"
     print(f"imported {count} {noun} ({urgent} with repair time under 24 h)")
+    return 0
+
+
+async def cmd_contracts_list(config: Config, args: argparse.Namespace) -> int:
+    from gateway.staff import contract_json
+
+    async with open_db(config) as conn:
+        rows = [contract_json(r) for r in await store.list_contracts(conn)]
+    if args.json:
+        _print_json(rows)
+        return 0
+    print_table(("DEVICE", "CUSTOMER", "REPAIR HOURS", "IMPORTED"),
+                [(r["device_id"], r["customer"], r["repair_hours"],
+                  local_time(config, r["imported_at"])) for r in rows], "no contracts")
     return 0
 
 
@@ -377,11 +624,24 @@ def build_parser() -> argparse.ArgumentParser:
     command(commands, "check-config", cmd_check_config, "check the configuration")
     command(commands, "migrate", cmd_migrate, "create or upgrade the database")
 
+    def by(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--by", metavar="E", help="who acts, for the history (default: "
+                         "$S4E_GATEWAY_USER, else the login name)")
+        return sub
+
     inbox = commands.add_parser("inbox", help="messages received")
     inbox_cmds = inbox.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     sub = command(inbox_cmds, "list", cmd_inbox_list, "list received messages, oldest first")
     sub.add_argument("--outcome", help="only messages with this outcome")
+    sub.add_argument("--address", metavar="A", help="only messages from or to this address "
+                     "(envelope sender, a recipient or the From header)")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    sub = command(inbox_cmds, "show", cmd_inbox_show,
+                  "one received message: envelope, verdict, outcome, answers, headers, text")
+    sub.add_argument("id", type=int, help="inbound message id (see inbox list)")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_argument("--raw", action="store_true",
+                     help="write the stored message (.eml bytes) to standard output")
     sub = command(inbox_cmds, "reprocess", cmd_inbox_reprocess,
                   "run a stored message through the stages again")
     sub.add_argument("id", type=int, help="inbound message id (see inbox list)")
@@ -390,24 +650,44 @@ def build_parser() -> argparse.ArgumentParser:
     ticket_cmds = tickets.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     sub = command(ticket_cmds, "list", cmd_tickets_list, "list tickets, oldest first")
     sub.add_argument("--status", help="only tickets in this status")
+    sub.add_argument("--search", metavar="TEXT", help="words, a serial number or a "
+                     "\"phrase\" in the subject, the fields or the messages")
+    sub.add_argument("--waiting", action="store_true",
+                     help="only tickets whose customer waits for an answer, longest first")
+    sub.add_argument("--assignee", metavar="E", help="only tickets assigned to E")
     sub.add_argument("--json", action="store_true", help="print JSON")
     sub = command(ticket_cmds, "show", cmd_tickets_show, "show one ticket and its thread")
     sub.add_argument("number", help="six-digit ticket number")
     sub.add_argument("--json", action="store_true", help="print JSON")
-    sub = command(ticket_cmds, "set-status", cmd_tickets_set_status,
-                  "change a ticket's status and notify the reporter")
+    sub = by(command(ticket_cmds, "set-status", cmd_tickets_set_status,
+                     "change a ticket's status and notify the reporter"))
     sub.add_argument("number", help="six-digit ticket number")
     sub.add_argument("status", help="accepted, in_progress, resolved or closed")
     sub.add_argument("--note", help="text for the reporter, included in the notice")
-    sub = command(ticket_cmds, "reply", cmd_tickets_reply,
-                  "send an engineer's message to the reporter in the thread")
+    sub = by(command(ticket_cmds, "reply", cmd_tickets_reply,
+                     "send an engineer's message to the reporter in the thread"))
     sub.add_argument("number", help="six-digit ticket number")
     sub.add_argument("--message-file", required=True, metavar="F",
                      help="UTF-8 text of the message ('-' reads standard input)")
     sub.add_argument("--attach", action="append", default=[], metavar="F",
                      help="a file to attach (repeatable)")
-    sub = command(ticket_cmds, "confirm-phone", cmd_tickets_confirm_phone,
-                  "record the confirming phone call")
+    sub = by(command(ticket_cmds, "note", cmd_tickets_note,
+                     "record an internal note: never sent to the customer"))
+    sub.add_argument("number", help="six-digit ticket number")
+    sub.add_argument("--message-file", required=True, metavar="F",
+                     help="UTF-8 text of the note ('-' reads standard input)")
+    sub = by(command(ticket_cmds, "assign", cmd_tickets_assign,
+                     "assign a ticket to an engineer (staff copies go there)"))
+    sub.add_argument("number", help="six-digit ticket number")
+    sub.add_argument("engineer", help="a staff e-mail address")
+    sub = by(command(ticket_cmds, "set-field", cmd_tickets_set_field,
+                     "correct a report field (an empty VALUE clears it); nothing is sent"))
+    sub.add_argument("number", help="six-digit ticket number")
+    sub.add_argument("field", help="reporter_name, reporter_email, reporter_phone, "
+                     "install_address, description, serial_number or commcell_id")
+    sub.add_argument("value")
+    sub = by(command(ticket_cmds, "confirm-phone", cmd_tickets_confirm_phone,
+                     "record the confirming phone call"))
     sub.add_argument("number", help="six-digit ticket number")
 
     held = commands.add_parser("held", help="messages held for operators")
@@ -415,10 +695,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(held_cmds, "list", cmd_held_list, "list held messages")
     sub.add_argument("--json", action="store_true", help="print JSON")
     sub.add_argument("--all", action="store_true", help="also released and dropped ones")
-    sub = command(held_cmds, "release", cmd_held_release,
-                  "append a held message to the ticket it named")
+    sub = command(held_cmds, "show", cmd_held_show, "one held message and why it is held")
     sub.add_argument("id", type=int)
-    sub = command(held_cmds, "drop", cmd_held_drop, "leave a held message out for good")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub = by(command(held_cmds, "release", cmd_held_release,
+                     "append a held message to the ticket it named"))
+    sub.add_argument("id", type=int)
+    sub.add_argument("--new-ticket", action="store_true",
+                     help="open a new ticket from it instead (a report sent to crm@ by mistake)")
+    sub = by(command(held_cmds, "drop", cmd_held_drop, "leave a held message out for good"))
     sub.add_argument("id", type=int)
 
     outbox = commands.add_parser("outbox", help="outgoing mail")
@@ -434,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(contract_cmds, "import", cmd_contracts_import,
                   "replace the contracts with a CSV file (device_id,customer,repair_hours)")
     sub.add_argument("file")
+    sub = command(contract_cmds, "list", cmd_contracts_list, "list the service contracts")
+    sub.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 

@@ -3,14 +3,18 @@ one transaction with the notice it sends to the reporter's thread."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 import logging
 import mimetypes
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email import policy as email_policy
+from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,10 @@ import aiosqlite
 from gateway import store
 from gateway.config import parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
-from gateway.model import TRANSITIONS, MessageKind, OutAttachment, Report, Status
+from gateway.model import (FIELD_NAMES, TRANSITIONS, Fields, MessageKind, OutAttachment, Report,
+                           Status, missing_fields)
+from gateway.names import display_filename
+from gateway.parse_fields import normalize_phone
 from gateway.pipeline import Context, notify, report_context
 from gateway.staff_mail import engineer_problem
 from gateway.store import TicketRow, Tx
@@ -171,12 +178,26 @@ async def queue_staff_reply(conn: aiosqlite.Connection, ctx: Context, ticket: Ti
 
 async def reply(conn: aiosqlite.Connection, ctx: Context, number: int, message: str,
                 files: Sequence[OutAttachment], *, actor: str = "staff") -> TicketRow:
+    """An engineer's reply; refused (nothing queued) when the composed mail would be
+    larger than the relay path takes (`[smtp] max_message_size`)."""
     now = ctx.clock()
+    limit = ctx.config.smtp.max_message_size
     async with Tx(conn):
         ticket = await require_ticket(conn, number)
+        before = await store.last_outbox_id(conn)
         await queue_staff_reply(conn, ctx, ticket, message, files, author=actor, now=now)
+        for _, size in await store.outbox_sizes_since(conn, before):
+            if size > limit:
+                raise GatewayError(
+                    f"ticket #{number:06d}: the reply with its attachments would be "
+                    f"{_mib(size)} as mail, over the limit of {_mib(limit)} "
+                    "([smtp] max_message_size): nothing sent; attach less or smaller files")
     ctx.wake_mailer()
     return ticket
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def read_attachment(path: Path) -> OutAttachment:
@@ -194,7 +215,8 @@ def read_attachment(path: Path) -> OutAttachment:
     return OutAttachment(path.name, content_type, data)
 
 
-async def confirm_phone(conn: aiosqlite.Connection, ctx: Context, number: int) -> TicketRow:
+async def confirm_phone(conn: aiosqlite.Connection, ctx: Context, number: int, *,
+                        actor: str = "staff") -> TicketRow:
     now = ctx.clock()
     async with Tx(conn):
         ticket = await require_ticket(conn, number)
@@ -205,9 +227,88 @@ async def confirm_phone(conn: aiosqlite.Connection, ctx: Context, number: int) -
         await store.update_ticket(conn, number, now, phone_confirmed=1,
                                   phone_confirmed_at=store.iso(now))
         await store.add_history(conn, ticket=number, from_status=ticket.status,
-                                to_status=ticket.status, actor="staff",
+                                to_status=ticket.status, actor=actor,
                                 note="phone confirmation recorded", now=now)
         return await require_ticket(conn, number)
+
+
+async def add_note(conn: aiosqlite.Connection, ctx: Context, number: int, text: str, *,
+                   actor: str) -> TicketRow:
+    """An internal note on the ticket (also a closed one): for staff, never sent."""
+    if not text.strip():
+        raise GatewayError("the note is empty")
+    now = ctx.clock()
+    async with Tx(conn):
+        ticket = await require_ticket(conn, number)
+        await record_note(conn, ctx, ticket, text.strip(), author=actor, now=now)
+    return ticket
+
+
+async def assign(conn: aiosqlite.Connection, ctx: Context, number: int, engineer: str, *,
+                 actor: str) -> TicketRow:
+    check_engineer(ctx, engineer)
+    now = ctx.clock()
+    async with Tx(conn):
+        ticket = await require_ticket(conn, number)
+        if ticket.status == Status.CLOSED:
+            raise TransitionError(f"ticket #{number:06d} is closed")
+        return await change_assignee(conn, ctx, ticket, engineer, actor=actor, now=now)
+
+
+PHONE_REGION = "PL"  # as the parser reads numbers without a country code
+MULTILINE_FIELDS = frozenset({"install_address", "description"})
+_ADDRESS = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
+
+
+def parse_field_value(field: str, value: str) -> tuple[str, str | None]:
+    """The field's stored name and value (None clears it), checked and normalised as
+    the parser would store it; GatewayError naming the fields for an unknown one."""
+    name = field.strip().lower().replace("-", "_")
+    if name not in FIELD_NAMES:
+        raise GatewayError(f"unknown field {field!r} (one of: {', '.join(FIELD_NAMES)})")
+    text = value.strip().replace("\r\n", "\n")
+    if name not in MULTILINE_FIELDS and ("\n" in text or "\r" in text):
+        raise GatewayError(f"{name}: one line only")
+    if name == "reporter_email":
+        if not _ADDRESS.match(text):
+            raise GatewayError(f"reporter_email: not an e-mail address: {value!r}")
+        return name, text.lower()
+    if name == "reporter_phone" and text:
+        text = normalize_phone(text, PHONE_REGION)
+    return name, text or None
+
+
+async def set_field(conn: aiosqlite.Connection, ctx: Context, number: int, field: str,
+                    value: str, *, actor: str) -> TicketRow:
+    """Correct one report field (e.g. a serial number given by phone): `missing` and
+    the phone-call requirement are worked out again; recorded in the history. An
+    empty value clears the field. Nothing is sent."""
+    name, new = parse_field_value(field, value)
+    now = ctx.clock()
+    async with Tx(conn):
+        ticket = await require_ticket(conn, number)
+        if ticket.status == Status.CLOSED:
+            raise TransitionError(f"ticket #{number:06d} is closed")
+        fields = Fields(**{**{n: getattr(ticket, n) for n in FIELD_NAMES}, name: new})
+        values: dict[str, Any] = {name: new,
+                                  "missing": json.dumps(list(missing_fields(fields)))}
+        if name in ("serial_number", "commcell_id"):
+            hours = await store.contract_hours(
+                conn, [v for v in (fields.serial_number, fields.commcell_id) if v])
+            values["phone_confirmation_required"] = int(
+                ticket.phone_confirmation_required or (hours is not None and hours < 24))
+        await store.update_ticket(conn, number, now, **values)
+        await store.add_history(conn, ticket=number, from_status=ticket.status,
+                                to_status=ticket.status, actor=actor, now=now,
+                                note=f"{name}: {_short(getattr(ticket, name))} -> {_short(new)}")
+        return await require_ticket(conn, number)
+
+
+def _short(value: str | None, limit: int = 60) -> str:
+    if value is None:
+        return "(empty)"
+    text = " ".join(value.split())
+    return repr(text if len(text) <= limit else text[: limit - 1] + "\u2026")
 
 
 async def close_expired_ratings(conn: aiosqlite.Connection, ctx: Context) -> list[int]:
@@ -309,18 +410,26 @@ async def import_contracts(conn: aiosqlite.Connection, contracts: list[Contract]
     return len(contracts)
 
 
-# --- views for the CLI ----------------------------------------------------------------
+# --- views for the CLI (and the web desk) ---------------------------------------------
+
+def attachment_json(a: Any) -> dict[str, Any]:
+    """An attachment as staff see it: `filename` safe to show, `original_filename`
+    as the sender wrote it (for a download name, never for a terminal)."""
+    return {"filename": display_filename(a["filename"]), "content_type": a["content_type"],
+            "size": a["size"], "sha256": a["sha256"], "is_log": bool(a["is_log"]),
+            "original_filename": a["filename"]}
+
+
+def message_json(m: Any) -> dict[str, Any]:
+    return {"direction": m["direction"], "from": m["from_addr"], "to": json.loads(m["to_addrs"]),
+            "subject": m["subject"], "message_id": m["message_id"], "date": m["date"],
+            "kind": m["kind"], "auth": m["verdict"], "author": m["author"]}
+
 
 async def ticket_json(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str, Any]:
-    attachments = [
-        {"filename": a["filename"], "content_type": a["content_type"], "size": a["size"],
-         "sha256": a["sha256"], "is_log": bool(a["is_log"])}
-        for a in await store.ticket_attachments(conn, ticket.number)]
-    messages = [
-        {"direction": m["direction"], "from": m["from_addr"], "to": json.loads(m["to_addrs"]),
-         "subject": m["subject"], "message_id": m["message_id"], "date": m["date"],
-         "kind": m["kind"], "auth": m["auth"] if m["direction"] == "in" else None}
-        for m in await store.ticket_messages(conn, ticket.number)]
+    attachments = [attachment_json(a)
+                   for a in await store.ticket_attachments(conn, ticket.number)]
+    messages = [message_json(m) for m in await store.ticket_thread(conn, ticket.number)]
     history = [
         {"from": h["from_status"], "to": h["to_status"], "actor": h["actor"], "note": h["note"],
          "at": h["at"]} for h in await store.ticket_history(conn, ticket.number)]
@@ -333,16 +442,35 @@ async def ticket_json(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str
         "phone_confirmation_required": ticket.phone_confirmation_required,
         "phone_confirmed": ticket.phone_confirmed, "rating": ticket.rating,
         "created_at": ticket.created_at, "updated_at": ticket.updated_at,
+        "assignee": ticket.assignee,
         "attachments": attachments, "messages": messages,
         "linked_to": None if ticket.linked_to is None else f"{ticket.linked_to:06d}",
         "reporter_bounced": ticket.reporter_bounced, "closed_reason": ticket.closed_reason,
-        "history": history, "assignee": ticket.assignee,
+        "history": history,
     }
 
 
-def ticket_summary(ticket: TicketRow) -> dict[str, Any]:
+def ticket_summary(ticket: TicketRow, waiting_since: str | None = None) -> dict[str, Any]:
     return {"number": f"{ticket.number:06d}", "status": ticket.status, "subject": ticket.subject,
-            "reporter_email": ticket.reporter_email, "created_at": ticket.created_at}
+            "reporter_email": ticket.reporter_email, "created_at": ticket.created_at,
+            "assignee": ticket.assignee, "waiting_since": waiting_since}
+
+
+async def find_tickets(conn: aiosqlite.Connection, *, search: str | None = None,
+                       status: str | None = None, assignee: str | None = None,
+                       waiting: bool = False) -> list[store.ListedTicket]:
+    """`tickets list` (and the web desk's lists): user text for `search` is quoted, so
+    it can never break the full-text query."""
+    if status:
+        status = parse_status(status).value
+    expression = None
+    if search is not None:
+        expression = store.search_expression(search)
+        if not expression:
+            raise GatewayError(f"nothing to search for in {search!r} (give a word, a "
+                               "serial number or a \"phrase\")")
+    return await store.find_tickets(conn, status=status, assignee=assignee,
+                                    search=expression, waiting=waiting)
 
 
 def held_json(row: Any) -> dict[str, Any]:
@@ -350,4 +478,66 @@ def held_json(row: Any) -> dict[str, Any]:
             "ticket": None if row["ticket"] is None else f"{row['ticket']:06d}",
             "from": row["sender"], "subject": row["subject"], "reason": row["reason"],
             "status": row["status"], "created_at": row["created_at"],
-            "decided_at": row["decided_at"]}
+            "decided_at": row["decided_at"], "decided_by": row["decided_by"]}
+
+
+async def require_held(conn: aiosqlite.Connection, held_id: int) -> Any:
+    held = await store.get_held(conn, held_id)
+    if held is None:
+        raise NotFoundError(f"held message {held_id} not found")
+    return held
+
+
+_SHOWN_HEADERS = ("From", "Sender", "Reply-To", "To", "Cc", "Subject", "Date", "Message-ID",
+                  "In-Reply-To", "Auto-Submitted")
+
+
+def header_lines(raw: bytes) -> list[tuple[str, str]]:
+    """The headers a person asks about, decoded, in the message's own order."""
+    head = store.header_block(raw)[:256 * 1024]
+    message = BytesHeaderParser(policy=email_policy.default).parsebytes(head)
+    shown = []
+    for name, value in message.items():
+        if name.title() in {h.title() for h in _SHOWN_HEADERS}:
+            try:
+                text = str(value)
+            except Exception:  # noqa: BLE001 - a broken header is shown raw
+                text = str(getattr(value, "_parse_tree", "")) or "(unreadable)"
+            shown.append((name, " ".join(text.split())))
+    return shown
+
+
+async def inbound_json(conn: aiosqlite.Connection, inbound_id: int) -> dict[str, Any]:
+    """`inbox show`: what arrived, what the gateway made of it and what it answered."""
+    row = await store.inbound_details(conn, inbound_id)
+    if row is None:
+        raise NotFoundError(f"inbound message {inbound_id} not found")
+    raw = await store.read_raw(conn, inbound_id)
+    from gateway.parser import parse_report
+
+    report = await asyncio.to_thread(parse_report, raw)
+    held = await store.held_of_inbound(conn, inbound_id)
+    answers = await store.outbox_for_inbound(conn, inbound_id)
+    return {
+        "id": row["id"], "message_id": row["message_id"], "mail_from": row["mail_from"],
+        "rcpt_tos": json.loads(row["rcpt_tos"]), "peer": row["peer"],
+        "received_at": row["received_at"], "size": row["size"], "sha256": row["sha256"],
+        "state": row["state"], "attempts": row["attempts"], "outcome": row["outcome"],
+        "ticket": None if row["ticket"] is None else f"{row['ticket']:06d}",
+        "error": row["error"], "processed_at": row["processed_at"],
+        "auth": row["auth"], "auth_reason": row["auth_reason"],
+        "headers": [{"name": n, "value": v} for n, v in header_lines(raw)],
+        "text": report.text, "notes": list(report.notes),
+        "attachments": [attachment_json({"filename": a.filename, "content_type": a.content_type,
+                                         "size": a.size, "sha256": a.sha256, "is_log": a.is_log})
+                        for a in report.attachments],
+        "held": None if held is None else held_json(held),
+        "answers": [{"id": o.id, "kind": o.kind, "to": o.rcpt_to, "status": o.status,
+                     "created_at": o.created_at, "sent_at": o.sent_at,
+                     "last_error": o.last_error} for o in answers],
+    }
+
+
+def contract_json(row: Any) -> dict[str, Any]:
+    return {"device_id": row["device_id"], "customer": row["customer"],
+            "repair_hours": row["repair_hours"], "imported_at": row["imported_at"]}

@@ -537,6 +537,28 @@ async def get_inbound(conn: aiosqlite.Connection, inbound_id: int) -> InboundRow
     return InboundRow.from_row(rows[0]) if rows else None
 
 
+async def list_inbound_for_address(conn: aiosqlite.Connection,
+                                   address: str) -> list[InboundRow]:
+    """Messages whose envelope sender, an envelope recipient or From header is
+    `address` (case-insensitive), oldest first."""
+    address = address.strip().lower()
+    sql = (f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE lower(mail_from) = ?"
+           " OR lower(json_extract(report, '$.sender')) = ?"
+           " OR EXISTS (SELECT 1 FROM json_each(inbound.rcpt_tos) WHERE lower(value) = ?)"
+           " ORDER BY id")
+    return [InboundRow.from_row(r)
+            for r in await conn.execute_fetchall(sql, (address, address, address))]
+
+
+async def inbound_details(conn: aiosqlite.Connection, inbound_id: int) -> Any | None:
+    """Everything stored about one inbound message except its raw bytes."""
+    rows = await conn.execute_fetchall(
+        "SELECT id, message_id, sha256, size, peer, mail_from, rcpt_tos, received_at, state,"
+        " attempts, outcome, ticket, error, report, processed_at, auth, auth_reason"
+        " FROM inbound WHERE id = ?", (inbound_id,))
+    return rows[0] if rows else None
+
+
 async def requeue_inbound(conn: aiosqlite.Connection, inbound_id: int) -> bool:
     cursor = await conn.execute(
         "UPDATE inbound SET state = 'queued', attempts = 0 WHERE id = ?"
@@ -682,6 +704,25 @@ async def list_outbox(conn: aiosqlite.Connection, status: str | None = None) -> 
     return [OutboxRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
 
 
+async def outbox_for_inbound(conn: aiosqlite.Connection, inbound_id: int) -> list[OutboxRow]:
+    """The answers a received message caused."""
+    rows = await conn.execute_fetchall(
+        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE inbound_id = ? ORDER BY id", (inbound_id,))
+    return [OutboxRow.from_row(r) for r in rows]
+
+
+async def outbox_sizes_since(conn: aiosqlite.Connection, after_id: int) -> list[tuple[int, int]]:
+    """(id, size of the composed mail) of the outbox rows after `after_id`."""
+    rows = await conn.execute_fetchall(
+        "SELECT id, length(raw) FROM outbox_raw WHERE id > ? ORDER BY id", (after_id,))
+    return [(r[0], r[1]) for r in rows]
+
+
+async def last_outbox_id(conn: aiosqlite.Connection) -> int:
+    rows = await conn.execute_fetchall("SELECT coalesce(max(id), 0) FROM outbox")
+    return rows[0][0]
+
+
 async def outbox_depth(conn: aiosqlite.Connection) -> tuple[int, str | None]:
     """How many mails wait to be sent, and since when the oldest waits."""
     rows = await conn.execute_fetchall(
@@ -782,6 +823,71 @@ async def list_tickets(conn: aiosqlite.Connection, status: str | None = None) ->
     return [TicketRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
 
 
+_SEARCH_TERM = re.compile(r'"([^"]*)"|(\S+)')
+
+
+def search_expression(text: str) -> str:
+    """User text as an FTS5 query that cannot break the MATCH syntax: each "quoted
+    phrase" and each word becomes one quoted FTS5 string (a word also matches as a
+    prefix), all of them required. "" when the text holds nothing to search for."""
+    terms = []
+    for phrase, word in _SEARCH_TERM.findall(text):
+        term = (phrase or word).replace("ł", "l").replace("Ł", "L")
+        if not any(c.isalnum() for c in term):
+            continue
+        quoted = '"' + term.replace('"', '""') + '"'
+        terms.append(quoted if phrase else quoted + " *")
+    return " AND ".join(terms)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedTicket:
+    ticket: TicketRow
+    waiting_since: str | None  # the oldest customer message no staff reply followed
+
+
+# Per ticket: the first customer message after the last staff reply, if the newest of
+# the two kinds is the customer's. Notices and internal notes answer nobody.
+_WAITING = """
+    SELECT last.ticket AS ticket,
+           (SELECT m.date FROM ticket_messages m WHERE m.ticket = last.ticket
+             AND m.kind = 'customer' AND m.id > last.staff ORDER BY m.id LIMIT 1) AS since
+      FROM (SELECT ticket,
+                   max(CASE WHEN kind = 'staff_reply' THEN id ELSE 0 END) AS staff,
+                   max(CASE WHEN kind = 'customer' THEN id ELSE 0 END) AS customer
+              FROM ticket_messages GROUP BY ticket) AS last
+     WHERE last.customer > last.staff"""
+
+
+async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
+                       assignee: str | None = None, search: str | None = None,
+                       waiting: bool = False) -> list[ListedTicket]:
+    """Tickets by status, assignee (case-insensitive) and full-text `search` (an
+    expression from `search_expression`); `waiting`: only open tickets whose customer
+    waits for an answer, oldest wait first; otherwise oldest ticket first."""
+    sql = (f"SELECT t.*, w.since AS waiting_since FROM tickets t"
+           f" LEFT JOIN ({_WAITING}) AS w ON w.ticket = t.number")
+    where: list[str] = []
+    params: list[Any] = []
+    if status:
+        where.append("t.status = ?")
+        params.append(status)
+    if assignee:
+        where.append("lower(t.assignee) = lower(?)")
+        params.append(assignee)
+    if search is not None:
+        where.append("t.number IN (SELECT rowid FROM ticket_search WHERE ticket_search MATCH ?"
+                     " UNION SELECT ticket FROM message_search WHERE message_search MATCH ?)")
+        params += [search, search]
+    if waiting:
+        where.append("w.since IS NOT NULL AND t.status != 'closed'")
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY w.since, t.number" if waiting else " ORDER BY t.created_at, t.number"
+    return [ListedTicket(TicketRow.from_row(r), r["waiting_since"])
+            for r in await conn.execute_fetchall(sql, params)]
+
+
 async def ticket_for_message_ids(conn: aiosqlite.Connection,
                                  message_ids: Iterable[str]) -> int | None:
     """The ticket a message we sent or received for it belongs to (newest id first)."""
@@ -836,6 +942,16 @@ async def add_ticket_message(conn: aiosqlite.Connection, *, ticket: int, directi
 async def ticket_messages(conn: aiosqlite.Connection, ticket: int) -> list[Any]:
     return list(await conn.execute_fetchall(
         "SELECT * FROM ticket_messages WHERE ticket = ? ORDER BY date, id", (ticket,)))
+
+
+async def ticket_thread(conn: aiosqlite.Connection, ticket: int) -> list[Any]:
+    """The thread entries with the sender verdict of the inbound message each came
+    from (`verdict`: NULL for entries of ours)."""
+    return list(await conn.execute_fetchall(
+        "SELECT m.*, CASE WHEN m.inbound_id IS NULL THEN m.auth"
+        " ELSE coalesce(m.auth, i.auth, 'none') END AS verdict"
+        " FROM ticket_messages m LEFT JOIN inbound i ON i.id = m.inbound_id"
+        " WHERE m.ticket = ? ORDER BY m.date, m.id", (ticket,)))
 
 
 async def add_history(conn: aiosqlite.Connection, *, ticket: int, from_status: str | None,
@@ -957,6 +1073,12 @@ async def contract_hours(conn: aiosqlite.Connection, device_ids: Iterable[str]) 
     return best
 
 
+async def list_contracts(conn: aiosqlite.Connection) -> list[Any]:
+    return list(await conn.execute_fetchall(
+        "SELECT device_id, customer, repair_hours, imported_at FROM contracts"
+        " ORDER BY device_id COLLATE NOCASE"))
+
+
 # --- held -------------------------------------------------------------------------
 
 async def add_held(conn: aiosqlite.Connection, *, inbound_id: int, ticket: int | None,
@@ -981,8 +1103,13 @@ async def get_held(conn: aiosqlite.Connection, held_id: int) -> Any | None:
 
 
 async def decide_held(conn: aiosqlite.Connection, held_id: int, status: str,
-                      now: datetime) -> bool:
+                      now: datetime, *, actor: str | None = None) -> bool:
     cursor = await conn.execute(
-        "UPDATE held SET status = ?, decided_at = ? WHERE id = ? AND status = 'held'",
-        (status, iso(now), held_id))
+        "UPDATE held SET status = ?, decided_at = ?, decided_by = ? WHERE id = ?"
+        " AND status = 'held'", (status, iso(now), actor, held_id))
     return cursor.rowcount == 1
+
+
+async def held_of_inbound(conn: aiosqlite.Connection, inbound_id: int) -> Any | None:
+    rows = await conn.execute_fetchall("SELECT * FROM held WHERE inbound_id = ?", (inbound_id,))
+    return rows[0] if rows else None

@@ -269,7 +269,8 @@ async def test_tickets_list_filters_and_show_is_readable(desk: Desk) -> None:
     await desk.cli("tickets", "set-status", second, "in_progress")
     listed = await desk.cli_json("tickets", "list", "--status", "in_progress")
     assert [t["number"] for t in listed] == [second]
-    assert set(listed[0]) == {"number", "status", "subject", "reporter_email", "created_at"}
+    assert set(listed[0]) == {"number", "status", "subject", "reporter_email", "created_at",
+                              "assignee", "waiting_since"}
     _, out, _ = await desk.cli("tickets", "show", first)
     assert f"Ticket #{first}" in out and "Jan Kowalski" in out and "Thread:" in out
     code, _, err = await desk.cli("tickets", "list", "--status", "open", ok=False)
@@ -293,14 +294,17 @@ async def test_ticket_json_has_the_spec_fields(desk: Desk) -> None:
     import hashlib
     assert ticket["attachments"] == [
         {"filename": "controller.log", "content_type": "text/plain", "size": 19,
-         "sha256": hashlib.sha256(b"ERROR disk failure\n").hexdigest(), "is_log": True},
+         "sha256": hashlib.sha256(b"ERROR disk failure\n").hexdigest(), "is_log": True,
+         "original_filename": "controller.log"},
         {"filename": "ekran.png", "content_type": "image/png", "size": 8,
-         "sha256": hashlib.sha256(b"\x89PNG....").hexdigest(), "is_log": False}]
+         "sha256": hashlib.sha256(b"\x89PNG....").hexdigest(), "is_log": False,
+         "original_filename": "ekran.png"}]
     message = ticket["messages"][0]
-    assert set(message) == {"direction", "from", "to", "subject", "message_id", "date", "auth",
-                            "kind"}
-    assert message["message_id"] == "<att@example.com>" and message["direction"] == "in"
+    assert set(message) == {"direction", "from", "to", "subject", "message_id", "date",
+                            "kind", "auth", "author"}
     assert (message["kind"], message["auth"]) == ("customer", "none")
+    assert ticket["messages"][1]["kind"] == "notice" and ticket["messages"][1]["auth"] is None
+    assert message["message_id"] == "<att@example.com>" and message["direction"] == "in"
     assert ticket["assignee"] is None
     # The bytes are kept under a generated name, retrievable by hash.
     att_dir = desk.gw.config.storage.attachments

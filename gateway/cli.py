@@ -128,17 +128,14 @@ def actor_of(args: argparse.Namespace) -> str:
 
 def read_text_file(name: str, what: str) -> str:
     """A UTF-8 text file given on the command line ('-' is standard input)."""
-    path = Path(name)
+    from gateway.staff import read_user_file
+
+    if name == "-":
+        return sys.stdin.read()
     try:
-        return sys.stdin.read() if name == "-" else path.read_text("utf-8")
-    except FileNotFoundError:
-        raise GatewayError(f"{path}: {what} file not found") from None
-    except IsADirectoryError:
-        raise GatewayError(f"{path}: is a directory, not a {what} file") from None
-    except PermissionError:
-        raise GatewayError(f"{path}: {what} file not readable (permission denied)") from None
+        return read_user_file(Path(name), f"{what} file").decode("utf-8")
     except UnicodeDecodeError:
-        raise GatewayError(f"{path}: not UTF-8 text") from None
+        raise GatewayError(f"{name}: not UTF-8 text") from None
 
 
 @asynccontextmanager

@@ -200,15 +200,20 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-def read_attachment(path: Path) -> OutAttachment:
+def read_user_file(path: Path, what: str) -> bytes:
+    """A file named on the command line; `what` names it in the one-line errors."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise GatewayError(f"{path}: attachment not found") from None
+        raise GatewayError(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise GatewayError(f"{path}: is a directory, not a file") from None
     except PermissionError:
-        raise GatewayError(f"{path}: attachment not readable (permission denied)") from None
+        raise GatewayError(f"{path}: {what} not readable (permission denied)") from None
+
+
+def read_attachment(path: Path) -> OutAttachment:
+    data = read_user_file(path, "attachment")
     if len(data) > MAX_STAFF_ATTACHMENT:
         raise GatewayError(f"{path}: larger than {MAX_STAFF_ATTACHMENT // 2**20} MiB")
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

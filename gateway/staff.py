@@ -498,17 +498,20 @@ _SHOWN_HEADERS = ("From", "Sender", "Reply-To", "To", "Cc", "Subject", "Date", "
 
 
 def header_lines(raw: bytes) -> list[tuple[str, str]]:
-    """The headers a person asks about, decoded, in the message's own order."""
+    """The headers a person asks about, decoded, in the message's own order; a header
+    that cannot be decoded is shown as it came."""
     head = store.header_block(raw)[:256 * 1024]
     message = BytesHeaderParser(policy=email_policy.default).parsebytes(head)
+    wanted = {h.lower() for h in _SHOWN_HEADERS}
     shown = []
-    for name, value in message.items():
-        if name.title() in {h.title() for h in _SHOWN_HEADERS}:
-            try:
-                text = str(value)
-            except Exception:  # noqa: BLE001 - a broken header is shown raw
-                text = str(getattr(value, "_parse_tree", "")) or "(unreadable)"
-            shown.append((name, " ".join(text.split())))
+    for name, value in message.raw_items():
+        if name.lower() not in wanted:
+            continue
+        try:
+            text = str(email_policy.default.header_factory(name, value))
+        except Exception:  # noqa: BLE001 - a broken header is shown raw, never a crash
+            text = str(value)
+        shown.append((name, " ".join(text.split())))
     return shown
 
 

@@ -528,3 +528,35 @@ async def test_bad_input_is_one_line(desk: Desk, tmp_path, argv: list[str], expe
     if ticket:
         history = (await desk.ticket(ticket))["history"]
         assert [h["actor"] for h in history] == ["gateway"]  # nothing applied
+
+
+# --- the real-world corpus --------------------------------------------------------------------
+
+CORPUS_FILES = sorted(Path(__file__).parent.joinpath("data").rglob("*.eml"))
+
+
+def test_inbox_show_reads_the_headers_of_every_corpus_mail() -> None:
+    """`inbox show` must work for whatever was stored: the corpus of odd real mail."""
+    from gateway.parser import parse_report
+    from gateway.staff import header_lines
+    from tests.test_parser_corpus import CORPUS_FILES as SHARED
+
+    files = [*SHARED, *CORPUS_FILES]
+    assert files
+    for path in files:
+        raw = path.read_bytes()
+        for name, value in header_lines(raw):
+            assert "\n" not in value and "\r" not in value, (path, name)
+        for attachment in parse_report(raw).attachments:
+            shown = display_filename(attachment.filename)
+            assert shown and "/" not in shown and "\\" not in shown, (path, shown)
+            assert not any(ord(c) < 32 or 0x202a <= ord(c) <= 0x202e for c in shown), path
+
+
+def test_broken_headers_are_shown_not_fatal() -> None:
+    from gateway.staff import header_lines
+
+    raw = (b"From: \"unclosed <a@b\r\nSubject: =?x-unknown?q?abc?= =?utf-8?b?!!!?=\r\n"
+           b"To: ,,,@@@\r\nMessage-ID: <a@b>\r\nX-Other: hidden\r\n\r\nbody\r\n")
+    names = [name for name, _ in header_lines(raw)]
+    assert names == ["From", "Subject", "To", "Message-ID"]

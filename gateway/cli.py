@@ -56,12 +56,13 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: object) -> str:
     """Customer text for a terminal: control characters (escape sequences that could
-    retitle or rewrite an operator's terminal) shown as U+FFFD."""
+    retitle or rewrite an operator's terminal) and bidi overrides (which reorder what
+    the line shows) as U+FFFD."""
     return _CONTROL.sub("\ufffd", str(text))
 
 
@@ -348,7 +349,9 @@ def render_ticket(data: dict[str, Any], bodies: list[str], config: Config) -> st
     """A readable ticket for a person: header lines, fields (further lines of a value
     indented under its first), attachments, the thread and the history; times in
     `[tickets] timezone`."""
-    when = lambda stamp: local_time(config, stamp)  # noqa: E731
+    def when(stamp: str | None) -> str:
+        return local_time(config, stamp)
+
     lines = [f"Ticket #{data['number']}  [{data['status']}]  {data['subject']}",
              *_indented("Created", f"{when(data['created_at'])}  (times: "
                                    f"{config.tickets.timezone})"),

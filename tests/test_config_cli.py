@@ -242,3 +242,7 @@ def test_inbox_outcome_is_checked(tmp_path, capsys) -> None:
 
 def test_customer_text_cannot_drive_the_operators_terminal() -> None:
     assert cli.printable("Jan \x1b[8mNiewidzialny\x07\n") == "Jan \ufffd[8mNiewidzialny\ufffd\n"
+
+
+def test_bidi_overrides_cannot_reorder_the_operators_terminal() -> None:
+    assert cli.printable("Faktura \u202egpj.exe \u2066x\u2069") == "Faktura \ufffdgpj.exe \ufffdx\ufffd"

@@ -846,17 +846,14 @@ class ListedTicket:
     waiting_since: str | None  # the oldest customer message no staff reply followed
 
 
-# Per ticket: the first customer message after the last staff reply, if the newest of
-# the two kinds is the customer's. Notices and internal notes answer nobody.
-_WAITING = """
-    SELECT last.ticket AS ticket,
-           (SELECT m.date FROM ticket_messages m WHERE m.ticket = last.ticket
-             AND m.kind = 'customer' AND m.id > last.staff ORDER BY m.id LIMIT 1) AS since
-      FROM (SELECT ticket,
-                   max(CASE WHEN kind = 'staff_reply' THEN id ELSE 0 END) AS staff,
-                   max(CASE WHEN kind = 'customer' THEN id ELSE 0 END) AS customer
-              FROM ticket_messages GROUP BY ticket) AS last
-     WHERE last.customer > last.staff"""
+# The first customer message after the last staff reply: the customer waits since
+# then. NULL when staff answered last (notices and internal notes answer nobody).
+_WAITING_SINCE = """
+    (SELECT m.date FROM ticket_messages m
+      WHERE m.ticket = t.number AND m.kind = 'customer'
+        AND m.id > coalesce((SELECT max(s.id) FROM ticket_messages s
+                              WHERE s.ticket = t.number AND s.kind = 'staff_reply'), 0)
+      ORDER BY m.id LIMIT 1)"""
 
 
 async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
@@ -865,8 +862,6 @@ async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
     """Tickets by status, assignee (case-insensitive) and full-text `search` (an
     expression from `search_expression`); `waiting`: only open tickets whose customer
     waits for an answer, oldest wait first; otherwise oldest ticket first."""
-    sql = (f"SELECT t.*, w.since AS waiting_since FROM tickets t"
-           f" LEFT JOIN ({_WAITING}) AS w ON w.ticket = t.number")
     where: list[str] = []
     params: list[Any] = []
     if status:
@@ -880,10 +875,13 @@ async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
                      " UNION SELECT ticket FROM message_search WHERE message_search MATCH ?)")
         params += [search, search]
     if waiting:
-        where.append("w.since IS NOT NULL AND t.status != 'closed'")
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY w.since, t.number" if waiting else " ORDER BY t.created_at, t.number"
+        where.append("t.status != 'closed'")
+    sql = (f"SELECT t.*, {_WAITING_SINCE} AS waiting_since FROM tickets t"
+           + (" WHERE " + " AND ".join(where) if where else ""))
+    if waiting:
+        sql = f"SELECT * FROM ({sql}) WHERE waiting_since IS NOT NULL ORDER BY waiting_since, number"
+    else:
+        sql += " ORDER BY t.created_at, t.number"
     return [ListedTicket(TicketRow.from_row(r), r["waiting_since"])
             for r in await conn.execute_fetchall(sql, params)]
 

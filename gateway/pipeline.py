@@ -912,6 +912,10 @@ async def _release_as_new_report(conn: aiosqlite.Connection, ctx: Context, row: 
         if not await store.decide_held(conn, held_id, "released", now, actor=actor):
                 raise GatewayError(f"held message {held_id} was decided meanwhile")
         number = await open_ticket(conn, ctx, row, report, decision, saved, now)
+        await store.add_history(conn, ticket=number, from_status=None,
+                                to_status=(await store.get_ticket(conn, number)).status,
+                                actor=actor, note=f"opened from held message {held_id}",
+                                now=now)
         await store.mark_inbound(conn, row.id, state="done", outcome=decision.outcome,
                                  ticket=number, report=report_json(report))
     log.info("%s inbound %d: released as a new ticket #%06d", report.message_id or "<no-id>",

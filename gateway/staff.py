@@ -520,9 +520,13 @@ async def inbound_json(conn: aiosqlite.Connection, inbound_id: int) -> dict[str,
     row = await store.inbound_details(conn, inbound_id)
     if row is None:
         raise NotFoundError(f"inbound message {inbound_id} not found")
-    raw = await store.read_raw(conn, inbound_id)
+    from gateway.errors import StoreError
     from gateway.parser import parse_report
 
+    try:
+        raw = await store.read_raw(conn, inbound_id)
+    except StoreError:
+        raw = b""  # dropped (keep_raw): the stored metadata still tells the story
     report = await asyncio.to_thread(parse_report, raw)
     held = await store.held_of_inbound(conn, inbound_id)
     answers = await store.outbox_for_inbound(conn, inbound_id)
@@ -535,7 +539,8 @@ async def inbound_json(conn: aiosqlite.Connection, inbound_id: int) -> dict[str,
         "error": row["error"], "processed_at": row["processed_at"],
         "auth": row["auth"], "auth_reason": row["auth_reason"],
         "headers": [{"name": n, "value": v} for n, v in header_lines(raw)],
-        "text": report.text, "notes": list(report.notes),
+        "text": report.text,
+        "notes": list(report.notes) if raw else ["the raw message is no longer stored"],
         "attachments": [attachment_json({"filename": a.filename, "content_type": a.content_type,
                                          "size": a.size, "sha256": a.sha256, "is_log": a.is_log})
                         for a in report.attachments],

@@ -19,7 +19,7 @@ import pytest
 
 from gateway import store
 from gateway.names import display_filename
-from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail
+from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail, wait_for
 
 JAN = "jan.kowalski@example.com"
 REPORTER = "jan@example.com"  # the e-mail the report's body gives
@@ -57,12 +57,18 @@ def one_line_error(result: tuple[int, str, str], expected: str) -> None:
 
 # --- set-status from awaiting_info, --by ------------------------------------------------
 
-async def test_accepting_an_awaiting_info_ticket_sends_the_acknowledgement(desk: Desk) -> None:
+async def test_accepting_an_awaiting_info_ticket_sends_the_acknowledgement(
+        desk_with_relay: Desk, smtp_sink) -> None:
+    desk = desk_with_relay
     number = await open_ticket(desk, body=NO_SERIAL)
     assert (await desk.ticket(number))["missing"] == ["device_id"]
     _, out, _ = await desk.cli("tickets", "set-status", number, "accepted", "--by", ENGINEER)
     assert f"#{number}: accepted" in out
-    request, ack = desk.mails_to(REPORTER)
+
+    def delivered() -> list:
+        return [m for m in smtp_sink.parsed() if m["To"] == REPORTER]
+
+    request, ack = await wait_for(lambda: len(delivered()) == 2 and delivered())
     assert "Przyjęte" not in body_text(request)
     text = body_text(ack)
     assert "przyjął Państwa zgłoszenie" in text and f"#{number}" in text
@@ -346,6 +352,19 @@ async def test_inbox_raw_is_the_stored_eml_unchanged(desk: Desk) -> None:
     assert message_from_bytes(done.stdout, policy=policy.default)["Subject"] == "Zażółć"
 
 
+async def test_inbox_show_without_the_raw_message_still_tells_the_story(desk: Desk) -> None:
+    number = await open_ticket(desk)
+    row = (await desk.inbox())[0]
+    conn = sqlite3.connect(desk.db)
+    conn.execute("DELETE FROM inbound_raw WHERE id = ?", (row["id"],))  # as keep_raw does
+    conn.commit()
+    conn.close()
+    data = await desk.cli_json("inbox", "show", str(row["id"]))
+    assert (data["outcome"], data["ticket"]) == ("new", number)
+    assert data["notes"] == ["the raw message is no longer stored"]
+    assert [a["kind"] for a in data["answers"]] == ["acknowledgement"]
+
+
 async def test_inbox_list_by_address(desk: Desk) -> None:
     await open_ticket(desk, mid="<a@example.com>")  # From and envelope: JAN
     other = await desk.mail(make_mail(message_id="<b@example.com>", body=REPORT_BODY,
@@ -394,6 +413,8 @@ async def test_held_show_and_release_as_new_ticket(desk: Desk) -> None:
         "accepted", "SN-12345", "Awaria [#000001]")
     ack = desk.mails_to(REPORTER)[-1]
     assert ack["Subject"].startswith(f"[#{number}]") and "zarejestrowane" in body_text(ack)
+    assert ticket["history"][-1]["actor"] == ENGINEER
+    assert ticket["history"][-1]["note"] == f"opened from held message {held_id}"
     held = await desk.cli_json("held", "show", str(held_id))
     assert (held["status"], held["decided_by"]) == ("released", ENGINEER)
     assert held["message"]["outcome"] == "new" and held["message"]["ticket"] == number

@@ -847,13 +847,15 @@ class ListedTicket:
 
 
 # The first customer message after the last staff reply: the customer waits since
-# then. NULL when staff answered last (notices and internal notes answer nobody).
+# then. NULL when staff answered last (notices and internal notes answer nobody) and
+# on closed tickets.
 _WAITING_SINCE = """
+    CASE WHEN t.status = 'closed' THEN NULL ELSE
     (SELECT m.date FROM ticket_messages m
       WHERE m.ticket = t.number AND m.kind = 'customer'
         AND m.id > coalesce((SELECT max(s.id) FROM ticket_messages s
                               WHERE s.ticket = t.number AND s.kind = 'staff_reply'), 0)
-      ORDER BY m.id LIMIT 1)"""
+      ORDER BY m.id LIMIT 1) END"""
 
 
 async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
@@ -879,7 +881,8 @@ async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
     sql = (f"SELECT t.*, {_WAITING_SINCE} AS waiting_since FROM tickets t"
            + (" WHERE " + " AND ".join(where) if where else ""))
     if waiting:
-        sql = f"SELECT * FROM ({sql}) WHERE waiting_since IS NOT NULL ORDER BY waiting_since, number"
+        sql = (f"SELECT * FROM ({sql}) WHERE waiting_since IS NOT NULL"
+               " ORDER BY waiting_since, number")
     else:
         sql += " ORDER BY t.created_at, t.number"
     return [ListedTicket(TicketRow.from_row(r), r["waiting_since"])

@@ -220,8 +220,9 @@ async def test_waiting_lists_tickets_whose_customer_spoke_last(desk: Desk, tmp_p
         await desk.cli("tickets", "reply", number, "--message-file", message)
     await desk.cli("tickets", "note", fresh, "--message-file", message)  # answers nobody
     await desk.cli("tickets", "set-status", fresh, "in_progress")  # a notice answers nobody
-    await desk.mail(make_mail(subject=f"Re: [#{again}] Awaria serwera", body="Logi w załączeniu.\n",
-                              message_id="<c2@example.com>"), mail_from=JAN, rcpts=(CRM,))
+    await desk.mail(make_mail(subject=f"Re: [#{again}] Awaria serwera",
+                              body="Logi w załączeniu.\n", message_id="<c2@example.com>"),
+                    mail_from=JAN, rcpts=(CRM,))
     waiting = await desk.cli_json("tickets", "list", "--waiting")
     assert [t["number"] for t in waiting] == [fresh, again]  # oldest wait first
     thread = (await desk.ticket(again))["messages"]
@@ -231,6 +232,10 @@ async def test_waiting_lists_tickets_whose_customer_spoke_last(desk: Desk, tmp_p
     header, *rows = out.splitlines()
     assert header.split()[:5] == ["NUMBER", "STATUS", "CREATED", "ASSIGNEE", "WAITING"]
     assert len(rows) == 2 and ENGINEER in rows[1] and answered not in out
+    await desk.cli("tickets", "set-status", fresh, "closed")
+    assert [t["number"] for t in await desk.cli_json("tickets", "list", "--waiting")] == [again]
+    closed = [t for t in await desk.cli_json("tickets", "list") if t["number"] == fresh]
+    assert closed[0]["waiting_since"] is None  # nobody waits on a closed ticket
 
 
 def test_search_backfills_tickets_stored_before_the_index(tmp_path) -> None:

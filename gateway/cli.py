@@ -365,6 +365,11 @@ def render_ticket(data: dict[str, Any], bodies: list[str], config: Config) -> st
     lines.append("")
     for key, label in labels:
         lines += _indented(label, data[key])
+    if data["dispatcher"]:
+        lines += _indented("Dispatcher", f"{data['dispatcher']} (gets a copy of every mail)")
+    if data["contact_email"]:
+        lines += _indented("Contact", f"{data['contact_email']} (named in the report; "
+                                      "never mailed)")
     if data["missing"]:
         lines += _indented("Missing", ", ".join(data["missing"]))
     if data["phone_confirmation_required"]:

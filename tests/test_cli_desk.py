@@ -289,6 +289,21 @@ async def test_show_indents_continuation_lines_and_uses_the_time_zone(desk: Desk
     assert any(ln.split()[:2] == ["AT", "FROM"] for ln in lines)  # history has a header
 
 
+async def test_show_names_the_dispatcher_and_a_contact(desk: Desk) -> None:
+    number = await open_ticket(desk)
+    conn = sqlite3.connect(desk.db)  # as the router records them (SPEC §4)
+    conn.execute("UPDATE tickets SET dispatcher = 'dyspozytor@example.com',"
+                 " contact_email = 'kierownik@other.example' WHERE number = ?", (int(number),))
+    conn.commit()
+    conn.close()
+    ticket = await desk.ticket(number)
+    assert (ticket["dispatcher"], ticket["contact_email"]) == (
+        "dyspozytor@example.com", "kierownik@other.example")
+    _, out, _ = await desk.cli("tickets", "show", number)
+    assert "Dispatcher:     dyspozytor@example.com (gets a copy of every mail)" in out
+    assert "Contact:        kierownik@other.example (named in the report; never mailed)" in out
+
+
 @pytest.mark.parametrize("desk_options", ['[tickets]\ntimezone = "Asia/Tokyo"\n'], indirect=True)
 async def test_lists_have_header_rows_and_local_times(desk: Desk, tmp_path) -> None:
     number = await open_ticket(desk)

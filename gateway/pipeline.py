@@ -868,8 +868,8 @@ async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int, *
                        new_ticket: bool = False, actor: str = "staff") -> Processed:
     """`held release ID`: the operator vouches for the sender; the message goes into the
     ticket it named, as a follow-up, never into a closed one. `new_ticket`: a report
-    sent to crm@ by mistake is processed as if sent to the intake address, as a new
-    report (linked to the named ticket if that one is closed)."""
+    sent to crm@ by mistake is processed as a new report to the intake address, never
+    appended to the ticket it names."""
     from gateway.errors import NotFoundError
 
     held = await store.get_held(conn, held_id)
@@ -884,44 +884,16 @@ async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int, *
                            "with --new-ticket to open a ticket from it, or drop it")
     row = await store.get_inbound(conn, held["inbound_id"])
     assert row is not None
-    if new_ticket:
-        return await _release_as_new_report(conn, ctx, row, held_id, actor)
-    result = await process_message(conn, ctx, row, release=True)
-    await store.decide_held(conn, held_id, "released", ctx.clock(), actor=actor)
-    return result
-
-
-async def _release_as_new_report(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
-                                 held_id: int, actor: str) -> Processed:
-    """A held message as a new report to the intake address, in one transaction with
-    its release: never appended to the ticket it names (a closed one is only linked)."""
-    raw = await store.read_raw(conn, row.id)
-    report = await asyncio.to_thread(parse_report, raw)
-    saved = await asyncio.to_thread(save_attachments, ctx.config.storage.attachments,
-                                    report.attachments)
-    found = await look_up(conn, ctx, row, report, raw)
-    closed = found.ticket if found.ticket is not None and not found.ticket.is_open else None
-    situation = dataclasses.replace(found, to_intake=True, to_crm=False, ticket=closed,
-                                    authorised=False, is_participant=False,
-                                    duplicate_of=None)
-    decision = decide(situation)
-    if not isinstance(decision, NewTicket):
-        raise GatewayError(f"inbound {row.id} cannot become a ticket: {decision.reason}")
+    result = await process_message(conn, ctx, row, release=True, new_ticket=new_ticket)
     now = ctx.clock()
     async with Tx(conn):
-        if not await store.decide_held(conn, held_id, "released", now, actor=actor):
-                raise GatewayError(f"held message {held_id} was decided meanwhile")
-        number = await open_ticket(conn, ctx, row, report, decision, saved, now)
-        await store.add_history(conn, ticket=number, from_status=None,
-                                to_status=(await store.get_ticket(conn, number)).status,
-                                actor=actor, note=f"opened from held message {held_id}",
-                                now=now)
-        await store.mark_inbound(conn, row.id, state="done", outcome=decision.outcome,
-                                 ticket=number, report=report_json(report))
-    log.info("%s inbound %d: released as a new ticket #%06d", report.message_id or "<no-id>",
-             row.id, number)
-    ctx.wake_mailer()
-    return Processed(decision.outcome, number)
+        await store.decide_held(conn, held_id, "released", now, actor=actor)
+        opened = await store.get_ticket(conn, result.ticket) if result.ticket else None
+        if new_ticket and opened is not None:
+            await store.add_history(conn, ticket=opened.number, from_status=None,
+                                    to_status=opened.status, actor=actor,
+                                    note=f"opened from held message {held_id}", now=now)
+    return result
 
 
 async def reprocess(conn: aiosqlite.Connection, config: Config, row: InboundRow) -> Processed:

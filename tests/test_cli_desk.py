@@ -22,7 +22,7 @@ from gateway.names import display_filename
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail, wait_for
 
 JAN = "jan.kowalski@example.com"
-REPORTER = "jan@example.com"  # the e-mail the report's body gives
+REPORTER = JAN  # the e-mail the report's body gives, in the sender's own domain
 ENGINEER = "anna.nowak@s4e.pl"
 
 NO_SERIAL = REPORT_BODY.replace(

@@ -949,7 +949,8 @@ async def ticket_thread(conn: aiosqlite.Connection, ticket: int) -> list[Any]:
     """The thread entries with the sender verdict of the inbound message each came
     from (`verdict`: NULL for entries of ours)."""
     return list(await conn.execute_fetchall(
-        "SELECT m.*, CASE WHEN m.inbound_id IS NULL THEN m.auth"
+        "SELECT m.*, CASE WHEN m.direction = 'out' THEN NULL"
+        " WHEN m.inbound_id IS NULL THEN m.auth"
         " ELSE coalesce(m.auth, i.auth, 'none') END AS verdict"
         " FROM ticket_messages m LEFT JOIN inbound i ON i.id = m.inbound_id"
         " WHERE m.ticket = ? ORDER BY m.date, m.id", (ticket,)))

@@ -127,7 +127,7 @@ class Gateway:
             with _naming("smtp.lmtp_socket", str(cfg.smtp.lmtp_socket)):
                 self.servers.append(await loop.create_unix_server(
                     smtp_factory(self.handler, cfg, lmtp=True), str(cfg.smtp.lmtp_socket)))
-            # Postfix's lmtp client runs as another user (see deploy/postfix.md).
+            # Postfix's lmtp client runs as another user (see deploy/postfix/README.md).
             os.chmod(cfg.smtp.lmtp_socket, 0o666)
             log.info("LMTP on %s", cfg.smtp.lmtp_socket)
         if cfg.metrics.listen:

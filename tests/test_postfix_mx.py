@@ -225,3 +225,41 @@ def test_postfix_size_limits_of_the_recipe_agree_with_the_gateway() -> None:
     example = (Path(__file__).resolve().parent.parent / "config.example.toml").read_text()
     assert f"max_message_size = {gateway_limit}" in example
     assert "ABOVE Postfix's message_size_limit" in example
+
+
+def sized_report(size: int) -> bytes:
+    """A report of exactly `size` bytes as Postfix and the gateway count it (CRLF line
+    ends, no line starting with a dot), most of it a base64 log attachment."""
+    head = (f"From: Jan Kowalski <{CUSTOMER}>\r\nTo: {INTAKE}\r\nSubject: Awaria serwera\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
+            "--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            + REPORT_BODY.replace("\n", "\r\n") +
+            "--b\r\nContent-Type: application/octet-stream; name=\"dump.bin\"\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n").encode()
+    tail = b"\r\n--b--\r\n"
+    line = b"QUJD" * 19 + b"\r\n"
+    full, rest = divmod(size - len(head) - len(tail), len(line))
+    raw = head + line * full + b"A" * rest + tail
+    assert len(raw) == size
+    return raw
+
+
+async def test_postfix_mx_size_limit_is_postfixs_and_what_it_takes_the_gateway_takes(
+        tmp_path: Path, smtp_sink: Sink) -> None:
+    limit = int(read_main_cf((RECIPE / "mx" / "main.cf").read_text())["message_size_limit"])
+    async with mx_running(tmp_path, smtp_sink) as (mx, desk):
+        # Too big: refused by Postfix itself, in the customer's session (at MAIL FROM,
+        # from the SIZE the client declares).
+        with pytest.raises(smtplib.SMTPSenderRefused) as err:
+            await customer(mx.postfix, CUSTOMER, [INTAKE], sized_report(limit + 1))
+        assert err.value.smtp_code == 552 and err.value.smtp_error.startswith(b"5.3.4")
+
+        # Just under (Postfix's limit also covers its queue file's envelope records):
+        # taken by Postfix, and then by the gateway, Received: header and all.
+        size = limit - 4096
+        assert await customer(mx.postfix, CUSTOMER, [INTAKE], sized_report(size)) == {}
+        (row,) = await wait_routed(desk, timeout=120)
+        assert row["outcome"] == "new"
+        assert size < row["size"] <= SmtpConfig().max_message_size
+        assert f"to=<{INTAKE}>, relay=127.0.0.1[127.0.0.1]:{mx.gw_port}" in mx.postfix.log()
+        await wait_queue(mx.postfix, lambda q: q == [])

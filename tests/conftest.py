@@ -95,8 +95,9 @@ class Sink:
         return [message_from_bytes(raw, policy=policy.default) for _, _, raw in self.messages]
 
 
-@pytest.fixture
-async def smtp_sink() -> AsyncIterator[Sink]:
+@asynccontextmanager
+async def sink_server() -> AsyncIterator[Sink]:
+    """A Sink listening on 127.0.0.1, an ephemeral port, for the block's duration."""
     sink = Sink()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -107,6 +108,12 @@ async def smtp_sink() -> AsyncIterator[Sink]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+async def smtp_sink() -> AsyncIterator[Sink]:
+    async with sink_server() as sink:
+        yield sink
 
 
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):

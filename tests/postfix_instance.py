@@ -148,7 +148,15 @@ class Postfix:
         recipe file; extra_tables: test-only lines appended to a table (routes to the
         sinks); overrides: main.cf settings of the test environment.
         """
-        recipe = RECIPE / case
+        try:
+            self._configure(RECIPE / case, tables, substitutions, extra_tables or {},
+                            overrides or {})
+        except BaseException:
+            self.stop()  # removes the instance's folder
+            raise
+
+    def _configure(self, recipe: Path, tables: dict[str, str], substitutions: dict[str, str],
+                   extra_tables: dict[str, list[str]], overrides: dict[str, str]) -> None:
         self.confdir.mkdir(parents=True)
         (self.root / "data").mkdir()
         self.queue.mkdir()
@@ -162,7 +170,7 @@ class Postfix:
 
         for source, target in tables.items():
             text = subst((recipe / source).read_text())
-            for line in (extra_tables or {}).get(target, []):
+            for line in extra_tables.get(target, []):
                 text += line + "\n"
             (self.confdir / target).write_text(text)
         shutil.copy(RECIPE / "s4e-bounce.cf", self.confdir / "s4e-bounce.cf")
@@ -196,7 +204,7 @@ class Postfix:
             "maximal_backoff_time": "2s",
             "smtp_connect_timeout": "5s",
             "lmtp_connect_timeout": "5s",
-            **(overrides or {}),
+            **overrides,
         })
         (self.confdir / "main.cf").write_text(
             "".join(f"{name} = {value}\n" for name, value in params.items()))

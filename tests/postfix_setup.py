@@ -13,7 +13,6 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP
 
 from gateway.config import load_config
 from gateway.daemon import Gateway
@@ -85,21 +84,6 @@ async def running_gateway(config_file: Path) -> AsyncIterator[Desk]:
         await gw.stop(grace=2)
 
 
-@asynccontextmanager
-async def sink_server() -> AsyncIterator[Sink]:
-    """Another real SMTP server (a mailbox server, the customer's MX)."""
-    sink = Sink()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(sink, hostname="sink.test", enable_SMTPUTF8=True), "127.0.0.1", 0)
-    sink.port = server.sockets[0].getsockname()[1]
-    try:
-        yield sink
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 async def inbox(desk: Desk) -> list[dict]:
     return await desk.cli_json("inbox", "list")
 
@@ -131,10 +115,15 @@ async def wait_queue(postfix: Postfix, predicate, timeout: float = 30.0) -> list
     return queue
 
 
-def reasons(queue: list[dict]) -> list[str]:
-    return [r.get("delay_reason", "") for m in queue for r in m["recipients"]]
+def deferred_because(text: str):
+    """A wait_queue predicate: one message, in the deferred queue (not just being
+    moved there from active), its reason containing `text`."""
+    def check(queue: list[dict]) -> bool:
+        return (len(queue) == 1 and queue[0]["queue_name"] == "deferred"
+                and any(text in r.get("delay_reason", "") for r in queue[0]["recipients"]))
+    return check
 
 
 __all__ = ["CUSTOMER_ADDRESS", "customer", "free_port", "gateway_config_with", "inbox",
-           "reasons", "running_gateway", "running_postfix", "sink_server",
+           "deferred_because", "running_gateway", "running_postfix",
            "wait_mail", "wait_queue", "wait_routed", "write_gateway_config"]

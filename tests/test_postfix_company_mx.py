@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CRM, INTAKE, REPORT_BODY, Sink, make_mail
+from tests.conftest import CRM, INTAKE, REPORT_BODY, Sink, make_mail, sink_server
 from tests.postfix_instance import Postfix, skip_reason
 from tests.postfix_setup import (customer, free_port, running_gateway, running_postfix,
-                                 sink_server, wait_mail, wait_queue, wait_routed,
-                                 write_gateway_config)
+                                 wait_mail, wait_queue, wait_routed, write_gateway_config)
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 

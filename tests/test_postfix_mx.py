@@ -18,9 +18,9 @@ import pytest
 from gateway.config import SmtpConfig
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail, wait_for
 from tests.postfix_instance import MX_HOSTNAME, RECIPE, Postfix, read_main_cf, skip_reason
-from tests.postfix_setup import (customer, free_port, gateway_config_with, inbox, reasons,
-                                 running_gateway, running_postfix, wait_mail, wait_queue,
-                                 wait_routed, write_gateway_config)
+from tests.postfix_setup import (customer, deferred_because, free_port, gateway_config_with,
+                                 inbox, running_gateway, running_postfix, wait_mail,
+                                 wait_queue, wait_routed, write_gateway_config)
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
@@ -111,8 +111,9 @@ async def test_postfix_mx_refuses_unknown_s4e_recipients_at_rcpt_and_relays_noth
         assert list(refused) == ["nobody@s4e.pl"] and refused["nobody@s4e.pl"][0] == 550
         (row,) = await wait_routed(desk)
         assert row["rcpt_tos"] == [INTAKE]
+        await wait_mail(smtp_sink, acknowledgement_to(CUSTOMER))
         await wait_queue(mx.postfix, lambda q: q == [])
-        assert smtp_sink.messages and all(rcpts == [CUSTOMER] for _, rcpts, _ in smtp_sink.messages)
+        assert [rcpts for _, rcpts, _ in smtp_sink.messages] == [[CUSTOMER]]  # the ack only
 
 
 async def test_postfix_mx_queues_while_the_gateway_is_stopped_and_delivers_after_restart(
@@ -121,9 +122,7 @@ async def test_postfix_mx_queues_while_the_gateway_is_stopped_and_delivers_after
     async with running_postfix(mx.postfix):
         # The gateway is not running: Postfix accepts and keeps the mail.
         assert await customer(mx.postfix, CUSTOMER, [INTAKE], report()) == {}
-        queue = await wait_queue(mx.postfix, lambda q: any(
-            "Connection refused" in r for r in reasons(q)))
-        assert [m["queue_name"] for m in queue] == ["deferred"]
+        await wait_queue(mx.postfix, deferred_because("Connection refused"))
 
         async with running_gateway(mx.config_file) as desk:
             await asyncio.to_thread(mx.postfix.flush)  # postqueue -f
@@ -145,9 +144,7 @@ async def test_postfix_mx_defers_on_the_gateways_451_and_retries(
                         sender=f"Jan Kowalski <{CUSTOMER}>")
         assert await customer(mx.postfix, CUSTOMER, [INTAKE], big) == {}
 
-        queue = await wait_queue(mx.postfix, lambda q: any(
-            "451 4.3.0" in r for r in reasons(q)))
-        assert [m["queue_name"] for m in queue] == ["deferred"]
+        await wait_queue(mx.postfix, deferred_because("451 4.3.0"))
         assert await inbox(desk) == []  # nothing half-stored
 
         await conn.execute("PRAGMA max_page_count = 1073741823")  # room again
@@ -168,8 +165,8 @@ async def test_postfix_mx_defers_an_acknowledgement_the_customers_server_answers
         ack = await wait_mail(smtp_sink, acknowledgement_to(CUSTOMER))
         assert smtp_sink.attempts == 2  # deferred once by Postfix, then delivered
         assert ack["Subject"].startswith("[#")
-        (row,) = [r for r, _ in desk.outbox()]
-        assert row["status"] == "sent"  # the gateway's part ended at Postfix's 250
+        # The gateway's part ended at Postfix's 250: its outbox row is sent, once.
+        await wait_for(lambda: [r["status"] for r, _ in desk.outbox()] == ["sent"])
         assert "Greylisted" in mx.postfix.log()
 
 
@@ -193,6 +190,12 @@ async def test_postfix_mx_bounce_of_a_rejected_closed_ticket_mail_carries_polish
         subject = str(make_header(decode_header(bounce["Subject"])))
         assert subject == "Niedoręczona wiadomość / Undelivered Mail Returned to Sender"
         assert bounce.get_content_type() == "multipart/report"
+        # Not an SMTPUTF8 bounce (that would be message/global-delivery-status): it
+        # reaches every customer's server.
+        assert [part.get_content_type() for part in bounce.iter_parts()][:2] == [
+            "text/plain", "message/delivery-status"]
+        raw = next(r for f, _, r in smtp_sink.messages if f in ("", "<>"))
+        assert raw.split(b"\r\n\r\n")[0].isascii()  # headers need no SMTPUTF8 either
         text = " ".join(body_text(bounce).split())
         assert ("Nowe awarie, również związane z zamkniętym zgłoszeniem, prosimy zgłaszać "
                 "na adres serwis@s4e.pl") in text

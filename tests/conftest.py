@@ -96,12 +96,12 @@ class Sink:
 
 
 @asynccontextmanager
-async def sink_server() -> AsyncIterator[Sink]:
+async def sink_server(*, smtputf8: bool = True) -> AsyncIterator[Sink]:
     """A Sink listening on 127.0.0.1, an ephemeral port, for the block's duration."""
     sink = Sink()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(sink, hostname="sink.test", enable_SMTPUTF8=True), "127.0.0.1", 0)
+        lambda: SMTP(sink, hostname="sink.test", enable_SMTPUTF8=smtputf8), "127.0.0.1", 0)
     sink.port = server.sockets[0].getsockname()[1]
     try:
         yield sink

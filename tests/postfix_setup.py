@@ -24,15 +24,19 @@ from tests.postfix_instance import Postfix, PostfixError, free_port
 CUSTOMER_ADDRESS = "127.0.0.2"
 
 
-def customer_send(port: int, mail_from: str, rcpts: list[str], raw: bytes) -> dict:
+def customer_send(port: int, mail_from: str, rcpts: list[str], raw: bytes,
+                  smtputf8: bool = False) -> dict:
     """Blocking: the customer's MTA delivering to the MX. Returns refused recipients."""
     with smtplib.SMTP("127.0.0.1", port, timeout=60,
                       source_address=(CUSTOMER_ADDRESS, 0)) as client:
-        return client.sendmail(mail_from, rcpts, raw)
+        return client.sendmail(mail_from, rcpts, raw,
+                               mail_options=["SMTPUTF8"] if smtputf8 else [])
 
 
-async def customer(postfix: Postfix, mail_from: str, rcpts: list[str], raw: bytes) -> dict:
-    return await asyncio.to_thread(customer_send, postfix.port, mail_from, rcpts, raw)
+async def customer(postfix: Postfix, mail_from: str, rcpts: list[str], raw: bytes,
+                   smtputf8: bool = False) -> dict:
+    return await asyncio.to_thread(customer_send, postfix.port, mail_from, rcpts, raw,
+                                   smtputf8)
 
 
 async def start_postfix(postfix: Postfix) -> None:

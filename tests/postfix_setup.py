@@ -16,12 +16,31 @@ import pytest
 
 from gateway.config import load_config
 from gateway.daemon import Gateway
-from tests.conftest import Desk, Sink, wait_for
+from tests.conftest import Desk, Sink, make_mail, wait_for
 from tests.postfix_instance import Postfix, PostfixError, free_port
 
 # Customers connect from another loopback address than the gateway (127.0.0.1), so
 # Postfix treats them as the outside world (mynetworks is 127.0.0.1/32).
 CUSTOMER_ADDRESS = "127.0.0.2"
+
+# The customer, whose domain example.com Postfix delivers to a sink; the report names
+# the sender's own address, so every answer goes to CUSTOMER alone.
+CUSTOMER = "jan.kowalski@example.com"
+REPORT_BODY = f"""Dzień dobry,
+
+1. Imię i nazwisko osoby zgłaszającej problem: Jan Kowalski
+2. Dane kontaktowe osoby zgłaszającej (mail, telefon): {CUSTOMER}, tel. 600 100 200
+3. Adres instalacji sprzętu – realizacji naprawy: ul. Prosta 1, 30-001 Kraków
+4. Opis problemu: Serwer nie uruchamia się po aktualizacji.
+5. Numer seryjny urządzenia / numer Commcell ID: SN-12345
+
+Pozdrawiam
+Jan Kowalski
+"""
+
+
+def report(subject: str = "Awaria serwera", body: str = REPORT_BODY, **headers: str) -> bytes:
+    return make_mail(subject=subject, body=body, sender=f"Jan Kowalski <{CUSTOMER}>", **headers)
 
 
 def customer_send(port: int, mail_from: str, rcpts: list[str], raw: bytes,
@@ -128,6 +147,6 @@ def deferred_because(text: str):
     return check
 
 
-__all__ = ["CUSTOMER_ADDRESS", "customer", "free_port", "gateway_config_with", "inbox",
+__all__ = ["CUSTOMER", "CUSTOMER_ADDRESS", "REPORT_BODY", "report", "customer", "free_port", "gateway_config_with", "inbox",
            "deferred_because", "running_gateway", "running_postfix",
            "wait_mail", "wait_queue", "wait_routed", "write_gateway_config"]

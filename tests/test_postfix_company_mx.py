@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CRM, INTAKE, REPORT_BODY, Sink, make_mail, sink_server
+from tests.conftest import CRM, INTAKE, Sink, make_mail, sink_server
 from tests.postfix_instance import Postfix, skip_reason
-from tests.postfix_setup import (customer, free_port, running_gateway, running_postfix,
-                                 wait_mail, wait_queue, wait_routed, write_gateway_config)
+from tests.postfix_setup import (CUSTOMER, customer, free_port, report, running_gateway,
+                                 running_postfix, wait_mail, wait_queue, wait_routed,
+                                 write_gateway_config)
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
-CUSTOMER = "jan@example.com"
 STAFF = "anna.nowak@s4e.pl"
 
 
@@ -34,9 +34,7 @@ async def test_postfix_company_mx_gateway_addresses_to_gateway_the_rest_to_the_m
             overrides={"virtual_transport": f"smtp:[127.0.0.1]:{mailboxes.port}"})
         config = write_gateway_config(tmp_path / "gw", port=gw_port, relay_port=postfix.port)
         async with running_postfix(postfix), running_gateway(config) as desk:
-            raw = make_mail(subject="Awaria serwera", body=REPORT_BODY,
-                            sender=f"Jan Kowalski <{CUSTOMER}>")
-            assert await customer(postfix, CUSTOMER, [INTAKE], raw) == {}
+            assert await customer(postfix, CUSTOMER, [INTAKE], report()) == {}
             # An engineer's own mailbox keeps working, beside the gateway's addresses.
             note = make_mail(subject="Pytanie o ofertę", to=STAFF,
                              sender=f"Jan Kowalski <{CUSTOMER}>")

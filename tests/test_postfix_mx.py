@@ -16,20 +16,16 @@ from pathlib import Path
 import pytest
 
 from gateway.config import SmtpConfig
-from tests.conftest import (CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail,
+from tests.conftest import (CRM, INTAKE, Desk, Sink, body_text, make_mail,
                             sink_server, wait_for)
 from tests.postfix_instance import MX_HOSTNAME, RECIPE, Postfix, read_main_cf, skip_reason
-from tests.postfix_setup import (customer, deferred_because, free_port, gateway_config_with,
-                                 inbox, running_gateway, running_postfix, wait_mail,
-                                 wait_queue, wait_routed, write_gateway_config)
+from tests.postfix_setup import (CUSTOMER, REPORT_BODY, customer, deferred_because,
+                                 free_port, gateway_config_with, inbox, report,
+                                 running_gateway, running_postfix, wait_mail, wait_queue,
+                                 wait_routed, write_gateway_config)
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
-CUSTOMER = "jan@example.com"
-
-
-def report(subject: str = "Awaria serwera") -> bytes:
-    return make_mail(subject=subject, body=REPORT_BODY, sender=f"Jan Kowalski <{CUSTOMER}>")
 
 
 @dataclass
@@ -141,8 +137,7 @@ async def test_postfix_mx_defers_on_the_gateways_451_and_retries(
         conn = desk.gw.intake_conn
         (pages,) = await conn.execute_fetchall("PRAGMA page_count")
         await conn.execute(f"PRAGMA max_page_count = {pages[0]}")  # the disk is "full"
-        big = make_mail(subject="Awaria serwera", body=REPORT_BODY + "wiersz logu\n" * 20_000,
-                        sender=f"Jan Kowalski <{CUSTOMER}>")
+        big = report(body=REPORT_BODY + "wiersz logu\n" * 20_000)
         assert await customer(mx.postfix, CUSTOMER, [INTAKE], big) == {}
 
         await wait_queue(mx.postfix, deferred_because("451 4.3.0"))
@@ -217,11 +212,17 @@ async def test_postfix_mx_lmtp_over_the_gateways_unix_socket(tmp_path: Path,
                                                               smtp_sink: Sink) -> None:
     async with mx_running(tmp_path, smtp_sink, transport="transport.lmtp",
                           lmtp=True) as (mx, desk):
-        await customer(mx.postfix, CUSTOMER, [INTAKE], report())
+        # To both addresses: one LMTP transaction, one reply per recipient, stored once.
+        assert await customer(mx.postfix, CUSTOMER, [INTAKE, CRM], report()) == {}
         (row,) = await wait_routed(desk)
-        assert row["outcome"] == "new"
+        assert (sorted(row["rcpt_tos"]), row["outcome"]) == ([CRM, INTAKE], "new")
         await wait_mail(smtp_sink, acknowledgement_to(CUSTOMER))
-        assert f"relay={MX_HOSTNAME}[{mx.postfix.root}/run/lmtp.sock]" in mx.postfix.log()
+        socket = f"relay={MX_HOSTNAME}[{mx.postfix.root}/run/lmtp.sock]"
+        log = mx.postfix.log()
+        for rcpt in (INTAKE, CRM):
+            assert f"to=<{rcpt}>, {socket}" in log
+        assert log.count("status=sent (250 2.0.0 Ok: queued as 1)") == 2
+        await wait_queue(mx.postfix, lambda q: q == [])
 
 
 def test_postfix_size_limits_of_the_recipe_agree_with_the_gateway() -> None:

@@ -726,13 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("file")
     sub = command(contract_cmds, "list", cmd_contracts_list, "list the service contracts")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    add_web_commands(commands, command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(logging.INFO if args.command == "serve" else logging.WARNING)
+    setup_logging(logging.INFO if args.command in ("serve", "web") else logging.WARNING)
     try:
         config = load_config(config_path_from(args.config))
         return asyncio.run(args.func(config, args))
@@ -754,3 +755,88 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("unexpected error", exc_info=True)
         print(f"s4e-gateway: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+
+
+# --- the web desk and its users (SPEC §11) ------------------------------------------------
+
+async def cmd_web(config: Config, args: argparse.Namespace) -> int:
+    from gateway.web.server import serve_web
+
+    await serve_web(config)
+    return 0
+
+
+def _read_new_password(path: str | None) -> str:
+    import getpass
+
+    if path == "-":
+        return sys.stdin.readline().rstrip("\r\n")
+    if path:
+        try:
+            return Path(path).read_text("utf-8").rstrip("\r\n")
+        except FileNotFoundError:
+            raise GatewayError(f"{path}: password file not found") from None
+        except UnicodeDecodeError:
+            raise GatewayError(f"{path}: not UTF-8 text") from None
+    if not sys.stdin.isatty():
+        raise GatewayError("no terminal to ask for the password: use --password-file F")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Password again: ") != first:
+        raise GatewayError("the passwords differ")
+    return first
+
+
+async def cmd_users_add(config: Config, args: argparse.Namespace) -> int:
+    from gateway.web import accounts
+
+    name = accounts.check_user_name(args.name)
+    email = accounts.check_email(args.email, config.addresses.staff_domains)
+    password_hash = await asyncio.to_thread(accounts.hash_password,
+                                            _read_new_password(args.password_file))
+    async with open_db(config) as conn:
+        await accounts.add_user(conn, name, email, password_hash, store.utcnow())
+    print(f"user {name} added ({email}); they sign in to the web desk")
+    return 0
+
+
+async def cmd_users_list(config: Config, args: argparse.Namespace) -> int:
+    from gateway.web import accounts
+
+    async with open_db(config) as conn:
+        users = await accounts.list_users(conn)
+    if args.json:
+        _print_json([{"name": u.name, "email": u.email, "created_at": u.created_at}
+                     for u in users])
+        return 0
+    if not users:
+        print("no users")
+    for u in users:
+        say(f"{u.name:<20} {u.email:<30} {u.created_at[:16]}")
+    return 0
+
+
+async def cmd_users_remove(config: Config, args: argparse.Namespace) -> int:
+    from gateway.web import accounts
+
+    async with open_db(config) as conn:
+        ended = await accounts.remove_user(conn, args.name)
+    print(f"user {args.name} removed ({ended} signed-in session(s) ended)")
+    return 0
+
+
+def add_web_commands(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    command(commands, "web", cmd_web, "run the engineers' web desk")
+    users = commands.add_parser("users", help="who may sign in to the web desk")
+    user_cmds = users.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    sub = command(user_cmds, "add", cmd_users_add, "add a web desk user")
+    sub.add_argument("name", help="user name to sign in with")
+    sub.add_argument("--email", required=True, metavar="E",
+                     help="the engineer's staff address (recorded as who acted)")
+    sub.add_argument("--password-file", metavar="F",
+                     help="a file holding only the password ('-' reads standard input); "
+                          "without it the password is asked for")
+    sub = command(user_cmds, "list", cmd_users_list, "list web desk users")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub = command(user_cmds, "remove", cmd_users_remove,
+                  "remove a web desk user and end their sessions")
+    sub.add_argument("name")

@@ -139,6 +139,27 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The engineers' web desk (SPEC §11), its own process: `s4e-gateway web`."""
+
+    listen: str = "127.0.0.1:8080"
+    trusted_proxies: tuple[str, ...] = ()  # IPs/CIDRs whose remote_user_header counts
+    remote_user_header: str = ""  # e.g. "X-Remote-User"; off when empty
+    session_lifetime: str = "12h"  # a sign-in lasts this long
+    secure_cookies: bool = False  # set when the desk is reached over HTTPS only
+    login_attempts: int = 5  # failed sign-ins per user name (and 4x per client) ...
+    login_window: str = "15m"  # ... within this long, then refused until they age out
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.listen)[1]
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     addresses: AddressesConfig = field(default_factory=AddressesConfig)
@@ -147,6 +168,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: Path | None = None  # the file it was read from; None = built-in defaults
 
 
@@ -158,14 +180,16 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "tickets": TicketsConfig,
     "auth": AuthConfig,
+    "web": WebConfig,
 }
 
 # Which keys hold what kind of value; everything else is a plain str.
-_INTS = {"max_message_size", "max_recipients", "max_auto_replies_per_hour"}
-_BOOLS = {"starttls"}
+_INTS = {"max_message_size", "max_recipients", "max_auto_replies_per_hour", "login_attempts"}
+_BOOLS = {"starttls", "secure_cookies"}
 _PATHS = {"tls_cert", "tls_key", "lmtp_socket", "database", "attachments",
           "password_file", "maildir", "contracts", "templates"}
-_LISTS = {"staff_domains", "notify", "phone_numbers", "trusted_authserv_ids", "trusted_relays"}
+_LISTS = {"staff_domains", "notify", "phone_numbers", "trusted_authserv_ids", "trusted_relays",
+          "trusted_proxies"}
 _CHOICES = {
     ("outbound", "transport"): ("smtp", "maildir"),
     ("tickets", "language"): ("pl", "en"),
@@ -173,9 +197,10 @@ _CHOICES = {
     ("tickets", "closed_action"): ("reply", "reject"),
     ("auth", "verify"): ("off", "dns"),
 }
-_DURATIONS = {"timeout", "retry_first", "retry_max", "give_up_after", "rating_window"}
+_DURATIONS = {"timeout", "retry_first", "retry_max", "give_up_after", "rating_window",
+              "session_lifetime", "login_window"}
 _HOSTPORTS = {("smtp", "listen"), ("outbound", "relay"), ("metrics", "listen"),
-              ("auth", "resolver")}
+              ("auth", "resolver"), ("web", "listen")}
 _EMAILS = {("addresses", "intake"), ("addresses", "crm")}
 
 
@@ -201,7 +226,7 @@ def _convert(section: str, key: str, value: Any, base: Path) -> Any:
                     raise ValueError(f"not an e-mail address: {item!r}")
         if key == "staff_domains":
             items = tuple(v.lower().lstrip("@") for v in items)
-        if key == "trusted_relays":
+        if key in ("trusted_relays", "trusted_proxies"):
             for item in items:
                 try:
                     ipaddress.ip_network(item, strict=False)
@@ -290,6 +315,15 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError("outbound.retry_max: must not be shorter than retry_first")
     if config.addresses.intake == config.addresses.crm:
         raise ConfigError("addresses.crm: must differ from addresses.intake")
+    _check_web(config.web)
+
+
+def _check_web(web: WebConfig) -> None:
+    if web.remote_user_header and not re.fullmatch(r"[A-Za-z0-9-]+", web.remote_user_header):
+        raise ConfigError(f"web.remote_user_header: not a header name: {web.remote_user_header!r}")
+    if web.remote_user_header and not web.trusted_proxies:
+        raise ConfigError("web.trusted_proxies: required when remote_user_header is set "
+                          "(otherwise anyone could send the header)")
 
 
 def load_config(path: Path | None) -> Config:
@@ -386,4 +420,7 @@ def risky_settings(config: Config) -> list[str]:
             "(Postfix message_size_limit defaults to 10 MiB)")
     if config.metrics.listen and not is_loopback(parse_hostport(config.metrics.listen)[0]):
         warnings.append(f"metrics.listen: {config.metrics.listen} is not a loopback address")
+    if not is_loopback(config.web.host) and not config.web.secure_cookies:
+        warnings.append(f"web.listen: {config.web.listen} is not a loopback address and "
+                        "secure_cookies is off: put the desk behind HTTPS and set it")
     return warnings

@@ -555,3 +555,23 @@ async def inbound_json(conn: aiosqlite.Connection, inbound_id: int) -> dict[str,
 def contract_json(row: Any) -> dict[str, Any]:
     return {"device_id": row["device_id"], "customer": row["customer"],
             "repair_hours": row["repair_hours"], "imported_at": row["imported_at"]}
+
+
+# --- operators' queue decisions (CLI and web desk) ----------------------------------
+
+async def drop_held(conn: aiosqlite.Connection, held_id: int, now: datetime, *,
+                    actor: str) -> None:
+    """`held drop ID`: leave a held message out for good (it stays in the inbox)."""
+    held = await require_held(conn, held_id)
+    if not await store.decide_held(conn, held_id, "dropped", now, actor=actor):
+        raise GatewayError(f"held message {held_id} was already {held['status']}")
+
+
+async def retry_mail(conn: aiosqlite.Connection, outbox_id: int, now: datetime) -> None:
+    """`outbox retry ID`: a failed or bounced mail is due again now."""
+    row = await store.get_outbox(conn, outbox_id)
+    if row is None:
+        raise NotFoundError(f"outbox message {outbox_id} not found")
+    if not await store.retry_outbox(conn, outbox_id, now):
+        raise GatewayError(f"outbox message {outbox_id} is {row.status}: only failed or "
+                           "bounced mail can be retried")

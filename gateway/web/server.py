@@ -1,0 +1,58 @@
+"""`s4e-gateway web`: uvicorn serving the desk on `[web] listen` until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+from gateway import store
+from gateway.config import Config
+from gateway.errors import ConfigError, StoreError
+from gateway.web.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+async def check_database(config: Config) -> None:
+    """The desk never migrates: the daemon (or `migrate`) owns the schema."""
+    path = config.storage.database
+    if not path.exists():
+        raise StoreError(f"{path}: no database yet: run `s4e-gateway migrate` or start the gateway")
+    conn = await store.connect(path)
+    try:
+        await store.check_schema(conn)
+    finally:
+        await conn.close()
+
+
+def bind(config: Config) -> socket.socket:
+    host, port = config.web.host, config.web.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"web.listen: cannot listen on {config.web.listen}: "
+                          f"{err.strerror or err}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(config: Config) -> uvicorn.Server:
+    # proxy_headers off: the peer address decides whether the SSO header counts.
+    settings = uvicorn.Config(create_app(config), log_config=None, access_log=False,
+                              proxy_headers=False, server_header=False, lifespan="off",
+                              timeout_graceful_shutdown=5)
+    return uvicorn.Server(settings)
+
+
+async def serve_web(config: Config) -> None:
+    await check_database(config)
+    sock = bind(config)
+    log.info("web desk listening on http://%s/", config.web.listen)
+    await make_server(config).serve(sockets=[sock])

@@ -311,7 +311,10 @@ async def ticket_list(request: Request, desk: Desk, session: Session,
 
 
 def number_of(request: Request) -> int:
-    return staff.parse_number(request.path_params["number"])
+    try:
+        return staff.parse_number(request.path_params["number"])
+    except GatewayError as err:
+        raise NotFoundError(str(err)) from None
 
 
 async def ticket_page(request: Request, desk: Desk, session: Session,

@@ -6,6 +6,7 @@ import logging
 import socket
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from gateway import store
 from gateway.config import Config
@@ -43,9 +44,9 @@ def bind(config: Config) -> socket.socket:
     return sock
 
 
-def make_server(config: Config) -> uvicorn.Server:
+def make_server(config: Config, app: ASGIApp | None = None) -> uvicorn.Server:
     # proxy_headers off: the peer address decides whether the SSO header counts.
-    settings = uvicorn.Config(create_app(config), log_config=None, access_log=False,
+    settings = uvicorn.Config(app or create_app(config), log_config=None, access_log=False,
                               proxy_headers=False, server_header=False, lifespan="off",
                               timeout_graceful_shutdown=5)
     return uvicorn.Server(settings)

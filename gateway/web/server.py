@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -44,16 +48,33 @@ def bind(config: Config) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling (it re-raises SIGTERM after shutting
+    down, so the process would die by the signal): serve_web stops it instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def make_server(config: Config, app: ASGIApp | None = None) -> uvicorn.Server:
     # proxy_headers off: the peer address decides whether the SSO header counts.
     settings = uvicorn.Config(app or create_app(config), log_config=None, access_log=False,
                               proxy_headers=False, server_header=False, lifespan="off",
                               timeout_graceful_shutdown=5)
-    return uvicorn.Server(settings)
+    return _Server(settings)
 
 
 async def serve_web(config: Config) -> None:
     await check_database(config)
     sock = bind(config)
+    server = make_server(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, setattr, server, "should_exit", True)
     log.info("web desk listening on http://%s/", config.web.listen)
-    await make_server(config).serve(sockets=[sock])
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+    log.info("web desk stopped")

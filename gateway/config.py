@@ -150,14 +150,6 @@ class WebConfig:
     login_attempts: int = 5  # failed sign-ins per user name (and 4x per client) ...
     login_window: str = "15m"  # ... within this long, then refused until they age out
 
-    @property
-    def host(self) -> str:
-        return parse_hostport(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return parse_hostport(self.listen)[1]
-
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -420,7 +412,7 @@ def risky_settings(config: Config) -> list[str]:
             "(Postfix message_size_limit defaults to 10 MiB)")
     if config.metrics.listen and not is_loopback(parse_hostport(config.metrics.listen)[0]):
         warnings.append(f"metrics.listen: {config.metrics.listen} is not a loopback address")
-    if not is_loopback(config.web.host) and not config.web.secure_cookies:
+    if not is_loopback(parse_hostport(config.web.listen)[0]) and not config.web.secure_cookies:
         warnings.append(f"web.listen: {config.web.listen} is not a loopback address and "
                         "secure_cookies is off: put the desk behind HTTPS and set it")
     return warnings

@@ -201,6 +201,24 @@ async def test_customer_text_is_escaped_never_rendered(web: Web) -> None:
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
+async def test_customer_html_mail_is_never_rendered(web: Web) -> None:
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["From"] = f"Jan Kowalski <{JAN}>"
+    msg["To"] = "serwis@s4e.pl"
+    msg["Subject"] = "Awaria"
+    msg["Message-ID"] = "<html@example.com>"
+    msg.set_content("<html><body><p>Opis problemu: <b>dysk</b> pełny</p>"
+                    "<script>alert(1)</script><iframe src='http://evil.example'></iframe>"
+                    "<p>Numer seryjny: SN-4242</p></body></html>", subtype="html")
+    number = await open_ticket(web.desk, raw=msg.as_bytes())
+    (row,) = await web.desk.inbox()
+    async with signed_in(web) as client:
+        for path in (f"/tickets/{number}", f"/inbox/{row['id']}"):
+            html = (await client.get(path)).text
+            assert "dysk" in html, path
+            assert "<b>dysk" not in html and "<iframe" not in html and "<script" not in html
+
+
 async def test_attachment_download_and_text_view(web: Web) -> None:
     log_text = "ERROR <b>disk</b> full\nzażółć gęślą jaźń\n" * 3
     raw = mail_with_attachment('serwer "01".log', log_text.encode())

@@ -13,7 +13,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from gateway import store
-from gateway.config import Config
+from gateway.config import Config, parse_hostport
 from gateway.errors import ConfigError, StoreError
 from gateway.web.app import create_app
 
@@ -33,7 +33,7 @@ async def check_database(config: Config) -> None:
 
 
 def bind(config: Config) -> socket.socket:
-    host, port = config.web.host, config.web.port
+    host, port = parse_hostport(config.web.listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

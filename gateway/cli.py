@@ -531,13 +531,11 @@ async def cmd_held_release(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_held_drop(config: Config, args: argparse.Namespace) -> int:
-    from gateway.staff import require_held
+    from gateway.staff import drop_held
 
     actor = actor_of(args)
     async with open_db(config) as conn:
-        held = await require_held(conn, args.id)
-        if not await store.decide_held(conn, args.id, "dropped", store.utcnow(), actor=actor):
-            raise GatewayError(f"held message {args.id} was already {held['status']}")
+        await drop_held(conn, args.id, store.utcnow(), actor=actor)
     print(f"held {args.id}: dropped (the message stays stored in the inbox)")
     return 0
 
@@ -560,13 +558,10 @@ async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
+    from gateway.staff import retry_mail
+
     async with open_db(config) as conn:
-        row = await store.get_outbox(conn, args.id)
-        if row is None:
-            raise NotFoundError(f"outbox message {args.id} not found")
-        if not await store.retry_outbox(conn, args.id, store.utcnow()):
-            raise GatewayError(f"outbox message {args.id} is {row.status}: only failed or "
-                               "bounced mail can be retried")
+        await retry_mail(conn, args.id, store.utcnow())
     print(f"outbox {args.id}: queued again (the running gateway sends it)")
     return 0
 

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.config import WebConfig
 from gateway.web.app import CSP, TEXT_VIEW_LIMIT
-from tests.conftest import CRM, Desk, body_text, make_mail
+from tests.conftest import CRM, REPORT_BODY, Desk, body_text, make_mail
 from tests.webdesk import (EMAIL, JAN, PASSWORD, USER, Web, add_user, csrf_of, form_token,
                            open_ticket, running_web, sign_in, signed_in)
 
@@ -30,8 +30,6 @@ async def web(desk: Desk, tmp_path: Path) -> AsyncIterator[Web]:
 
 def mail_with_attachment(filename: str, data: bytes, content_type: str = "text/plain",
                          subject: str = "Awaria serwera", mid: str = "<att@example.com>") -> bytes:
-    from tests.conftest import REPORT_BODY
-
     msg = EmailMessage(policy=policy.SMTP)
     msg["From"] = f"Jan Kowalski <{JAN}>"
     msg["To"] = "serwis@s4e.pl"
@@ -262,7 +260,8 @@ async def test_inbound_message_headers_text_and_raw(web: Web) -> None:
     async with signed_in(web) as client:
         page = await client.get(f"/inbox/{row['id']}")
         assert page.status_code == 200
-        assert "Message-ID: &lt;r1@example.com&gt;" in page.text
+        assert "<dt>Message-ID</dt><dd>&lt;r1@example.com&gt;</dd>" in page.text
+        assert "<dt>Subject</dt><dd>Awaria &lt;serwera&gt;</dd>" in page.text
         assert "Serwer nie uruchamia się po aktualizacji." in page.text
         raw = await client.get(f"/inbox/{row['id']}/raw")
         assert raw.headers["content-disposition"].startswith("attachment;")
@@ -321,6 +320,39 @@ async def test_web_reply_is_the_same_mail_as_a_cli_reply(web: Web, tmp_path: Pat
     assert [h["actor"] for h in history if "reply sent" in (h["note"] or "")][0] == EMAIL
 
 
+async def test_note_assign_and_field_edit_go_through_the_staff_code(web: Web) -> None:
+    number = await open_ticket(web.desk)
+    mails_before = len(web.desk.outbox())
+    async with signed_in(web) as client:
+        token = await form_token(client, f"/tickets/{number}")
+        note = await client.post(f"/tickets/{number}/note", data={
+            "text": "Klient <b>prosi</b> o telefon po 15:00.", "csrf": token})
+        assert note.headers["location"] == f"/tickets/{number}?done=note"
+        assign = await client.post(f"/tickets/{number}/assign", data={
+            "engineer": "Piotr.Serwis@s4e.pl", "csrf": token})
+        assert assign.headers["location"] == f"/tickets/{number}?done=assign"
+        field = await client.post(f"/tickets/{number}/field", data={
+            "field": "serial_number", "value": "SN-54321", "csrf": token})
+        assert field.headers["location"] == f"/tickets/{number}?done=field"
+        page = (await client.get(field.headers["location"])).text
+        assert "Pole poprawione." in page and "SN-54321" in page
+        assert "piotr.serwis@s4e.pl" in page
+        assert "Klient &lt;b&gt;prosi&lt;/b&gt; o telefon po 15:00." in page
+        for path, data, message in (
+                ("assign", {"engineer": "obcy@example.com"}, "is not a staff address"),
+                ("field", {"field": "color", "value": "x"}, "unknown field"),
+                ("note", {"text": " "}, "the note is empty")):
+            refused = await client.post(f"/tickets/{number}/{path}", data={**data, "csrf": token})
+            assert refused.status_code == 400 and message in refused.text, path
+    ticket = await web.desk.ticket(number)
+    assert ticket["assignee"] == "piotr.serwis@s4e.pl" and ticket["serial_number"] == "SN-54321"
+    assert ticket["messages"][-1]["kind"] == "staff_note"
+    assert {h["actor"] for h in ticket["history"][-3:]} == {EMAIL}
+    assert len(web.desk.outbox()) == mails_before  # a note, an assignment, a field: no mail
+    (found,) = await web.desk.cli_json("tickets", "list", "--search", "SN-54321")
+    assert found["number"] == number
+
+
 async def test_empty_reply_and_bad_number_get_a_clear_answer(web: Web) -> None:
     number = await open_ticket(web.desk)
     async with signed_in(web) as client:
@@ -334,7 +366,7 @@ async def test_empty_reply_and_bad_number_get_a_clear_answer(web: Web) -> None:
 
 async def test_search_by_serial_and_status_filter(web: Web) -> None:
     first = await open_ticket(web.desk)
-    other_body = (await _other_report()).replace("SN-12345", "SN-99999")
+    other_body = REPORT_BODY.replace("SN-12345", "SN-99999")
     second = await open_ticket(web.desk, body=other_body, mid="<second@example.com>")
     async with signed_in(web) as client:
         page = (await client.get("/tickets", params={"q": "SN-99999"})).text
@@ -345,12 +377,6 @@ async def test_search_by_serial_and_status_filter(web: Web) -> None:
         assert f"#{first}" not in page and "Brak zgłoszeń." in page
         page = (await client.get("/tickets")).text
         assert "2 zgłoszenia" in page
-
-
-async def _other_report() -> str:
-    from tests.conftest import REPORT_BODY
-
-    return REPORT_BODY
 
 
 async def test_attention_lists_waiting_customers_oldest_first(web: Web) -> None:
@@ -390,6 +416,24 @@ async def test_held_release_and_drop(web: Web) -> None:
     ticket = await web.desk.ticket(number)
     assert [m["from"] for m in ticket["messages"]].count(STRANGER) == 1
     assert await web.desk.cli_json("held", "list") == []
+
+
+async def test_held_release_as_a_new_ticket_records_the_engineer(web: Web) -> None:
+    number = await open_ticket(web.desk)
+    await web.desk.mail(make_mail(subject=f"Re: [#{number}] Nowa awaria", sender=STRANGER,
+                                  body=REPORT_BODY, message_id="<new@example.com>"),
+                        mail_from=STRANGER, rcpts=(CRM,))
+    (held,) = await web.desk.cli_json("held", "list")
+    async with signed_in(web) as client:
+        token = await form_token(client, f"/held/{held['id']}")
+        response = await client.post(f"/held/{held['id']}/release",
+                                     data={"csrf": token, "new_ticket": "1"})
+        assert response.status_code == 303
+        new_number = re.search(r"/tickets/(\d{6})\?done=release", response.headers["location"])[1]
+    assert new_number != number
+    assert (await web.desk.ticket(new_number))["messages"][0]["from"] == STRANGER
+    (decided,) = await web.desk.cli_json("held", "list", "--all")
+    assert (decided["status"], decided["decided_by"]) == ("released", EMAIL)
 
 
 async def test_confirm_phone(desk: Desk, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from gateway import pipeline, staff, store
 from gateway.attachments import attachment_path
 from gateway.config import Config, parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
-from gateway.model import TRANSITIONS, OutAttachment, Status
+from gateway.model import FIELD_NAMES, TRANSITIONS, OutAttachment, Status
 from gateway.web import accounts, queries
 from gateway.web.accounts import Session
 from gateway.web.i18n import WORDS, Language
@@ -52,7 +52,6 @@ LOGIN_COOKIE = "s4e_login"  # double-submit CSRF token of the sign-in form
 TEXT_VIEW_LIMIT = 1024 * 1024  # a log shown in the browser: its first MiB
 MAX_REQUEST = 3 * staff.MAX_STAFF_ATTACHMENT  # a reply with its attachments
 MAX_FILES = 10
-HEADER_VIEW_LIMIT = 64 * 1024
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = [
@@ -296,7 +295,9 @@ async def logout(request: Request, desk: Desk, session: Session, conn: aiosqlite
 
 async def attention(request: Request, desk: Desk, session: Session, conn: aiosqlite.Connection,
                     form: FormData | None) -> Response:
-    return desk.page("attention.html.j2", session, items=await queries.needing_attention(conn))
+    waiting = await staff.find_tickets(conn, waiting=True)
+    items = queries.attention_list(waiting, await queries.phone_pending(conn))
+    return desk.page("attention.html.j2", session, items=items)
 
 
 async def ticket_list(request: Request, desk: Desk, session: Session,
@@ -305,9 +306,21 @@ async def ticket_list(request: Request, desk: Desk, session: Session,
     query = request.query_params.get("q", "")[:200]
     if status and status not in {s.value for s in Status}:
         status = ""
-    tickets = await queries.find_tickets(conn, status or None, query)
+    error, tickets = "", []
+    try:
+        listed = await staff.find_tickets(conn, search=query if query.strip() else None,
+                                          status=status or None)
+        tickets = [item.ticket for item in listed]
+    except GatewayError as err:
+        error = str(err)
+    number = query.strip().lstrip("#")
+    if len(number) == 6 and number.isdigit():  # the number itself is not in the index
+        found = await store.get_ticket(conn, int(number))
+        if (found and (not status or found.status == status)
+                and found.number not in {t.number for t in tickets}):
+            tickets.insert(0, found)
     return desk.page("tickets.html.j2", session, tickets=tickets, status=status, q=query,
-                     statuses=[s.value for s in Status])
+                     statuses=[s.value for s in Status], error=error)
 
 
 def number_of(request: Request) -> int:
@@ -323,10 +336,11 @@ async def ticket_page(request: Request, desk: Desk, session: Session,
     done = request.query_params.get("done", "")
     return desk.page(
         "ticket.html.j2", session, ticket=ticket,
-        messages=await store.ticket_messages(conn, ticket.number),
+        messages=await store.ticket_thread(conn, ticket.number),
         history=await store.ticket_history(conn, ticket.number),
         attachments=await store.ticket_attachments(conn, ticket.number),
         targets=sorted(s.value for s in TRANSITIONS[Status(ticket.status)]),
+        fields=FIELD_NAMES,
         done=done if done in DONE_MESSAGES else "", viewable=viewable)
 
 
@@ -378,8 +392,34 @@ async def ticket_confirm_phone(request: Request, desk: Desk, session: Session,
                                conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
     ctx = await pipeline.make_context(conn, desk.config)
-    await staff.confirm_phone(conn, ctx, number)
+    await staff.confirm_phone(conn, ctx, number, actor=session.user.email)
     return done(number, "phone")
+
+
+async def ticket_note(request: Request, desk: Desk, session: Session,
+                      conn: aiosqlite.Connection, form: FormData | None) -> Response:
+    number = number_of(request)
+    ctx = await pipeline.make_context(conn, desk.config)
+    await staff.add_note(conn, ctx, number, text_field(form, "text").replace("\r\n", "\n"),
+                         actor=session.user.email)
+    return done(number, "note")
+
+
+async def ticket_assign(request: Request, desk: Desk, session: Session,
+                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
+    number = number_of(request)
+    ctx = await pipeline.make_context(conn, desk.config)
+    await staff.assign(conn, ctx, number, text_field(form, "engineer"), actor=session.user.email)
+    return done(number, "assign")
+
+
+async def ticket_field(request: Request, desk: Desk, session: Session,
+                       conn: aiosqlite.Connection, form: FormData | None) -> Response:
+    number = number_of(request)
+    ctx = await pipeline.make_context(conn, desk.config)
+    await staff.set_field(conn, ctx, number, text_field(form, "field"),
+                          text_field(form, "value"), actor=session.user.email)
+    return done(number, "field")
 
 
 # --- attachments and messages ----------------------------------------------------------
@@ -417,17 +457,8 @@ async def attachment(request: Request, desk: Desk, session: Session,
 
 async def inbound_page(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
-    from gateway.parser import parse_report
-
-    inbound_id = int(request.path_params["id"])
-    row = await store.get_inbound(conn, inbound_id)
-    if row is None:
-        raise NotFoundError(f"inbound message {inbound_id} not found")
-    raw = await store.read_raw(conn, inbound_id)
-    report = await asyncio.to_thread(parse_report, raw)
-    headers = store.header_block(raw)[:HEADER_VIEW_LIMIT].decode("utf-8", "replace")
-    return desk.page("inbound.html.j2", session, row=row, report=report, headers=headers,
-                     held=await queries.held_for_inbound(conn, inbound_id))
+    message = await staff.inbound_json(conn, int(request.path_params["id"]))
+    return desk.page("inbound.html.j2", session, message=message)
 
 
 async def inbound_raw(request: Request, desk: Desk, session: Session,
@@ -450,21 +481,18 @@ async def held_list(request: Request, desk: Desk, session: Session,
 
 async def held_page(request: Request, desk: Desk, session: Session,
                     conn: aiosqlite.Connection, form: FormData | None) -> Response:
-    from gateway.parser import parse_report
-
-    held_id = int(request.path_params["id"])
-    held = await store.get_held(conn, held_id)
-    if held is None:
-        raise NotFoundError(f"held message {held_id} not found")
-    report = await asyncio.to_thread(parse_report, await store.read_raw(conn, held["inbound_id"]))
-    return desk.page("held_one.html.j2", session, held=held, report=report)
+    held = await staff.require_held(conn, int(request.path_params["id"]))
+    message = await staff.inbound_json(conn, held["inbound_id"])
+    return desk.page("held_one.html.j2", session, held=held, message=message)
 
 
 async def held_release(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
     held_id = int(request.path_params["id"])
+    new_ticket = text_field(form, "new_ticket") == "1"
     ctx = await pipeline.make_context(conn, desk.config)
-    result = await pipeline.release_held(conn, ctx, held_id)
+    result = await pipeline.release_held(conn, ctx, held_id, new_ticket=new_ticket,
+                                         actor=session.user.email)
     log.info("held %d released into #%06d by %s", held_id, result.ticket, session.user.email)
     return done(result.ticket, "release")
 
@@ -472,7 +500,7 @@ async def held_release(request: Request, desk: Desk, session: Session,
 async def held_drop(request: Request, desk: Desk, session: Session,
                     conn: aiosqlite.Connection, form: FormData | None) -> Response:
     held_id = int(request.path_params["id"])
-    await staff.drop_held(conn, held_id, desk.clock())
+    await staff.drop_held(conn, held_id, desk.clock(), actor=session.user.email)
     log.info("held %d dropped by %s", held_id, session.user.email)
     return RedirectResponse("/held?done=drop", status_code=303)
 
@@ -517,6 +545,9 @@ def create_app(config: Config, *, clock: Callable[[], datetime] = store.utcnow) 
         Route("/tickets/{number}/status", g(ticket_status), methods=["POST"]),
         Route("/tickets/{number}/reply", g(ticket_reply), methods=["POST"]),
         Route("/tickets/{number}/confirm-phone", g(ticket_confirm_phone), methods=["POST"]),
+        Route("/tickets/{number}/note", g(ticket_note), methods=["POST"]),
+        Route("/tickets/{number}/assign", g(ticket_assign), methods=["POST"]),
+        Route("/tickets/{number}/field", g(ticket_field), methods=["POST"]),
         Route("/tickets/{number}/attachments/{sha256}", g(attachment), methods=["GET"]),
         Route("/held", g(held_list), methods=["GET"]),
         Route("/held/{id:int}", g(held_page), methods=["GET"]),

@@ -117,6 +117,8 @@ WORDS: dict[str, tuple[str, str]] = {
     "reason": ("Powód", "Reason"),
     "release": ("Dołącz do zgłoszenia", "Release into the ticket"),
     "drop": ("Odrzuć", "Drop"),
+    "release_new": ("Otwórz z niej nowe zgłoszenie", "Open a new ticket from it"),
+    "verdict": ("Weryfikacja nadawcy", "Sender verdict"),
     "message_text": ("Treść wiadomości", "Message text"),
     "headers": ("Nagłówki", "Headers"),
     "raw": ("pobierz oryginał (.eml)", "download the original (.eml)"),

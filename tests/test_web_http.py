@@ -477,6 +477,23 @@ async def test_sso_header_counts_only_from_trusted_proxies(desk: Desk, tmp_path:
             assert (response.status_code, response.headers["location"]) == (303, "/login")
 
 
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_rate_limited(
+        desk: Desk, tmp_path: Path) -> None:
+    import sqlite3
+
+    await add_user(desk, tmp_path)
+    proxy = WebConfig(trusted_proxies=("127.0.0.1",), login_attempts=1)
+    async with running_web(desk, proxy) as web:
+        async with web.client(headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}) as client:
+            for i in range(4):
+                assert (await sign_in(client, name=f"u{i}", password="x" * 12)).status_code == 401
+            assert (await sign_in(client)).status_code == 429
+        async with web.client(headers={"X-Forwarded-For": "203.0.113.8"}) as other:
+            assert (await sign_in(other)).status_code == 303  # another client behind it
+    clients = {r[0] for r in sqlite3.connect(desk.db).execute("SELECT client FROM login_attempts")}
+    assert clients == {"203.0.113.7"}
+
+
 # --- English ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("desk_options", ['[tickets]\nlanguage = "en"\ntimezone = "UTC"\n'])

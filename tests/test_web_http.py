@@ -145,6 +145,23 @@ async def test_session_expires_after_its_lifetime(web: Web) -> None:
         assert (response.status_code, response.headers["location"]) == (303, "/login")
 
 
+async def test_pages_are_served_while_the_daemon_holds_the_write_lock(web: Web) -> None:
+    """WAL readers: a long write transaction elsewhere (busy_timeout is 10 s) does not
+    hold up reading, so these requests finish within the client's 5 s."""
+    import sqlite3
+
+    number = await open_ticket(web.desk)
+    async with signed_in(web, timeout=5) as client:
+        writer = sqlite3.connect(web.desk.db, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            for path in ("/", "/tickets", f"/tickets/{number}", "/held", "/outbox"):
+                assert (await client.get(path)).status_code == 200, path
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+
+
 # --- CSRF and headers --------------------------------------------------------------------
 
 async def test_posts_without_the_session_token_are_refused(web: Web) -> None:

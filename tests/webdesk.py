@@ -45,8 +45,8 @@ class Web:
     clock: Clock
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, follow_redirects=False, timeout=20,
-                                 **kwargs)  # type: ignore[arg-type]
+        options = {"follow_redirects": False, "timeout": 20, **kwargs}
+        return httpx.AsyncClient(base_url=self.url, **options)  # type: ignore[arg-type]
 
 
 def csrf_of(html: str) -> str:

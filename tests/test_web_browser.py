@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CRM, Desk, Sink, body_text, make_mail, wait_for
-from tests.webdesk import PASSWORD, USER, Web, add_user, open_ticket, running_web
+from tests.webdesk import JAN, PASSWORD, USER, Web, add_user, open_ticket, running_web
 
 CHROMIUM = os.environ.get("S4E_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -108,7 +108,7 @@ async def test_engineer_finds_reads_replies_and_changes_status(
         # the relay receives it from the running gateway's mailer
         await wait_for(lambda: len(smtp_sink.messages) == 3, timeout=15)
         mail = smtp_sink.parsed()[-1]
-        assert smtp_sink.messages[-1][1] == ["jan@example.com"]
+        assert smtp_sink.messages[-1][1] == [JAN]
         assert mail["Subject"] == f"[#{number}] Awaria serwera"
         assert mail["From"].addresses[0].addr_spec == CRM
         assert "w załączniku procedura." in body_text(mail)

@@ -305,7 +305,7 @@ async def test_status_change_notifies_the_reporter_and_records_the_engineer(web:
     ticket = await web.desk.ticket(number)
     assert ticket["status"] == "in_progress"
     assert ticket["history"][-1]["actor"] == EMAIL
-    notice = web.desk.mails_to("jan@example.com")[-1]
+    notice = web.desk.mails_to(JAN)[-1]
     assert "Technik przyjedzie jutro." in body_text(notice)
 
 
@@ -324,7 +324,7 @@ async def test_web_reply_is_the_same_mail_as_a_cli_reply(web: Web, tmp_path: Pat
     (tmp_path / "instrukcja.txt").write_bytes(attachment)
     await web.desk.cli("tickets", "reply", number, "--message-file", str(tmp_path / "msg.txt"),
                        "--attach", str(tmp_path / "instrukcja.txt"))
-    web_mail, cli_mail = web.desk.mails_to("jan@example.com")[-2:]
+    web_mail, cli_mail = web.desk.mails_to(JAN)[-2:]
     for header in ("From", "To", "Subject", "Reply-To", "Auto-Submitted"):
         assert web_mail[header] == cli_mail[header], header
     assert web_mail.get_content_type() == cli_mail.get_content_type()
@@ -378,7 +378,7 @@ async def test_empty_reply_and_bad_number_get_a_clear_answer(web: Web) -> None:
         assert empty.status_code == 400 and "the message is empty" in empty.text
         assert (await client.get("/tickets/12ab56")).status_code == 404
         assert (await client.get("/tickets/123456")).status_code == 404
-    assert len(web.desk.mails_to("jan@example.com")) == 1  # the acknowledgement only
+    assert len(web.desk.mails_to(JAN)) == 1  # the acknowledgement only
 
 
 async def test_search_by_serial_and_status_filter(web: Web) -> None:

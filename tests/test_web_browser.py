@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CRM, Desk, Sink, body_text, make_mail, wait_for
-from tests.webdesk import JAN, PASSWORD, USER, Web, add_user, open_ticket, running_web
+from tests.webdesk import (JAN, PASSWORD, STRANGER, USER, Web, add_user, open_ticket,
+                           running_web)
 
 CHROMIUM = os.environ.get("S4E_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -26,8 +27,6 @@ except ImportError:  # pragma: no cover - CI installs it with the test extras
     pytest.skip("playwright (the Python package) is not installed", allow_module_level=True)
 if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-
-STRANGER = "mallory@evil.example"
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from gateway.config import WebConfig
 from gateway.web.app import CSP, TEXT_VIEW_LIMIT
 from tests.conftest import CRM, REPORT_BODY, Desk, body_text, make_mail
 from tests.webdesk import (EMAIL, JAN, PASSWORD, USER, Web, add_user, csrf_of, form_token,
-                           open_ticket, running_web, sign_in, signed_in)
-
-STRANGER = "mallory@evil.example"
+                           STRANGER, open_ticket, running_web, sign_in, signed_in)
 
 
 @pytest.fixture

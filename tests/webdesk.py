@@ -22,6 +22,7 @@ from tests.conftest import REPORT_BODY, Desk, make_mail
 
 USER, EMAIL, PASSWORD = "anna", "anna.nowak@s4e.pl", "Tajne-hasło-123"
 JAN = "jan.kowalski@example.com"
+STRANGER = "mallory@evil.example"  # not a participant: what such a sender writes is held
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 

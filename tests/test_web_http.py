@@ -296,6 +296,8 @@ async def test_status_change_notifies_the_reporter_and_records_the_engineer(web:
             303, f"/tickets/{number}?done=status")
         page = await client.get(response.headers["location"])
         assert "Status zmieniony; klient został powiadomiony." in page.text
+        options = re.findall(r'<option value="(\w+)">', page.text.split('name="status"')[1].split("</select>")[0])
+        assert options[0] == "resolved" and options[-1] == "closed"  # closing is never preset
         assert "W realizacji" in page.text
         refused = await client.post(f"/tickets/{number}/status",
                                     data={"status": "accepted", "csrf": token})

@@ -339,7 +339,8 @@ async def ticket_page(request: Request, desk: Desk, session: Session,
         messages=await store.ticket_thread(conn, ticket.number),
         history=await store.ticket_history(conn, ticket.number),
         attachments=await store.ticket_attachments(conn, ticket.number),
-        targets=sorted(s.value for s in TRANSITIONS[Status(ticket.status)]),
+        # in the order of the procedure: closing, final, comes last (never preselected)
+        targets=[s.value for s in Status if s in TRANSITIONS[Status(ticket.status)]],
         fields=FIELD_NAMES,
         done=done if done in DONE_MESSAGES else "", viewable=viewable)
 

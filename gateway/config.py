@@ -57,6 +57,10 @@ class SmtpConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
     timeout: str = "5m"
+    data_timeout: str = "10m"  # the whole DATA phase, however slowly it trickles
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+    spool_threshold: int = 1024 * 1024  # larger messages go to a spool file as they arrive
     tls_cert: Path | None = None
     tls_key: Path | None = None
     lmtp_socket: Path | None = None
@@ -72,6 +76,10 @@ class SmtpConfig:
     @property
     def timeout_seconds(self) -> int:
         return parse_duration(self.timeout)
+
+    @property
+    def data_timeout_seconds(self) -> int:
+        return parse_duration(self.data_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +107,8 @@ class OutboundConfig:
     retry_first: str = "1m"
     retry_max: str = "1h"
     give_up_after: str = "5d"
+    ca_file: Path | None = None  # PEM CA(s) to verify the relay's STARTTLS certificate
+    connections: int = 4  # relay sessions in parallel
 
     @property
     def effective_transport(self) -> str:
@@ -176,10 +186,11 @@ _SECTIONS: dict[str, type] = {
 }
 
 # Which keys hold what kind of value; everything else is a plain str.
-_INTS = {"max_message_size", "max_recipients", "max_auto_replies_per_hour", "login_attempts"}
+_INTS = {"max_message_size", "max_recipients", "max_auto_replies_per_hour", "login_attempts",
+         "max_connections", "max_connections_per_ip", "spool_threshold", "connections"}
 _BOOLS = {"starttls", "secure_cookies"}
 _PATHS = {"tls_cert", "tls_key", "lmtp_socket", "database", "attachments",
-          "password_file", "maildir", "contracts", "templates"}
+          "password_file", "maildir", "contracts", "templates", "ca_file"}
 _LISTS = {"staff_domains", "notify", "phone_numbers", "trusted_authserv_ids", "trusted_relays",
           "trusted_proxies"}
 _CHOICES = {
@@ -189,8 +200,8 @@ _CHOICES = {
     ("tickets", "closed_action"): ("reply", "reject"),
     ("auth", "verify"): ("off", "dns"),
 }
-_DURATIONS = {"timeout", "retry_first", "retry_max", "give_up_after", "rating_window",
-              "session_lifetime", "login_window"}
+_DURATIONS = {"timeout", "data_timeout", "retry_first", "retry_max", "give_up_after",
+              "rating_window", "session_lifetime", "login_window"}
 _HOSTPORTS = {("smtp", "listen"), ("outbound", "relay"), ("metrics", "listen"),
               ("auth", "resolver"), ("web", "listen")}
 _EMAILS = {("addresses", "intake"), ("addresses", "crm")}
@@ -358,6 +369,7 @@ def check_files(config: Config) -> None:
     smtp, outbound, tickets = config.smtp, config.outbound, config.tickets
     readable = [("smtp.tls_cert", smtp.tls_cert), ("smtp.tls_key", smtp.tls_key),
                 ("outbound.password_file", outbound.password_file),
+                ("outbound.ca_file", outbound.ca_file),
                 ("tickets.contracts", tickets.contracts)]
     for key, path in readable:
         if path is None:

@@ -30,7 +30,8 @@ from gateway.metrics import Metrics, MetricsServer
 from gateway.pipeline import (Context, closed_ticket_refusal, load_renderer, make_context,
                               process_message)
 from gateway.processor import Processed, Processor, Stages
-from gateway.smtp_edge import REPLY_SHUTTING_DOWN, IntakeHandler, smtp_factory
+from gateway.smtp_edge import (REPLY_SHUTTING_DOWN, IntakeHandler, clear_spool, smtp_factory,
+                               start_edge_server)
 from gateway.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Gateway:
     mailer: Mailer | None = None
     metrics: Metrics = field(default_factory=Metrics)
     metrics_port: int | None = None
-    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    servers: list[Any] = field(default_factory=list)  # EdgeServer, asyncio.Server (LMTP)
     _conns: list[Any] = field(default_factory=list)
     _writer: store.IntakeWriter | None = None
     _metrics_server: MetricsServer | None = None
@@ -118,10 +119,12 @@ class Gateway:
             cfg, self._writer, on_reply=self._count_reply,
             reject_check=reject_check if cfg.tickets.closed_action == "reject" else None)
         loop = asyncio.get_running_loop()
+        if clear_spool(self.handler.spool_dir):
+            log.info("removed spool files of sessions an earlier stop cut off mid-DATA")
         with _naming("smtp.listen", cfg.smtp.listen):
-            self.servers.append(await loop.create_server(
-                smtp_factory(self.handler, cfg, _tls_context(cfg)), cfg.smtp.host,
-                cfg.smtp.port if port is None else port))
+            self.servers.append(await start_edge_server(
+                smtp_factory(self.handler, cfg, _tls_context(cfg)), self.handler,
+                cfg.smtp.host, cfg.smtp.port if port is None else port))
         if cfg.smtp.lmtp_socket:
             cfg.smtp.lmtp_socket.unlink(missing_ok=True)
             with _naming("smtp.lmtp_socket", str(cfg.smtp.lmtp_socket)):

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import io
 import re
 import sqlite3
 from collections import deque
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiosqlite
 
@@ -274,11 +275,19 @@ def extract_message_id(raw: bytes) -> str:
     return text[:998]
 
 
+RAW_CHUNK = 1024 * 1024
+
+
 def dedup_key(raw: bytes, message_id: str) -> str:
     """Identifies "the same message delivered again": its Message-ID and content,
     ignoring the trace headers each hop adds (Received, Return-Path...)."""
-    end = _HEADER_END.search(raw)
-    head, body = (raw[:end.start()], raw[end.end():]) if end else (raw, b"")
+    return dedup_key_of(io.BytesIO(raw), message_id)
+
+
+def dedup_key_of(stream: BinaryIO, message_id: str) -> str:
+    """dedup_key of the message read from `stream` in chunks (a spooled message is
+    never read whole into memory)."""
+    head, body_start = _read_header_block(stream)
     digest = hashlib.sha256(message_id.encode("utf-8", "replace") + b"\0")
     keep = True
     for line in re.split(rb"\r?\n", head):
@@ -291,14 +300,56 @@ def dedup_key(raw: bytes, message_id: str) -> str:
         if keep:
             digest.update(line.rstrip() + b"\n")
     digest.update(b"\0")
-    digest.update(body.replace(b"\r\n", b"\n"))
+    # The body with CRLF as LF, chunk by chunk (a CR at a chunk's end waits for the next).
+    pending = b""
+    chunk = body_start
+    while True:
+        if chunk:
+            data = pending + chunk
+            pending = b"\r" if data.endswith(b"\r") else b""
+            digest.update((data[:-1] if pending else data).replace(b"\r\n", b"\n"))
+        chunk = stream.read(RAW_CHUNK)
+        if not chunk:
+            break
+    digest.update(pending)
     return digest.hexdigest()
+
+
+def _read_header_block(stream: BinaryIO) -> tuple[bytes, bytes]:
+    """(the header block, what was read of the body) as header_block() splits them."""
+    data = b""
+    while True:
+        chunk = stream.read(RAW_CHUNK)
+        data += chunk
+        match = _HEADER_END.search(data)
+        # A match that touches the end might grow with the next chunk ("\n\r" + "\n").
+        if match and (match.end() < len(data) or not chunk):
+            return data[:match.start()], data[match.end():]
+        if not chunk:
+            return data, b""
+
+
+def sha256_of(stream: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(RAW_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Spool:
+    """A message larger than spool_threshold, in a file while it waits for its commit
+    (the edge deletes the file after the 250; the database holds the bytes)."""
+
+    path: Path
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
 class Pending:
     inbound: Inbound
     outcome: str | None
+    spool: Spool | None = None  # then inbound.raw is only the head
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,13 +389,16 @@ class IntakeWriter:
             if not future.done():
                 future.set_exception(StoreError("gateway shutting down"))
 
-    async def store(self, inbound: Inbound, outcome: str | None = None) -> Stored:
+    async def store(self, inbound: Inbound, outcome: str | None = None, *,
+                    spool: Spool | None = None) -> Stored:
         """Commit `inbound`; with an `outcome` it is stored as already routed (mail
-        refused at the end of DATA is kept for the record, never processed)."""
+        refused at the end of DATA is kept for the record, never processed). With a
+        `spool`, the message's bytes are that file's (inbound.raw is only its head);
+        they are copied into the database in chunks inside the same commit."""
         if self._task is None or self._task.done():
             raise StoreError("intake writer is not running")
         future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
-        await self._queue.put((Pending(inbound, outcome), future))
+        await self._queue.put((Pending(inbound, outcome, spool), future))
         return await future
 
     async def _run(self) -> None:
@@ -407,7 +461,8 @@ def _write_batch(db: sqlite3.Connection, items: list[Pending]) -> list[Stored]:
     """BEGIN IMMEDIATE, the inserts, COMMIT; on the intake connection's thread."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        results = [_insert_inbound(db, item.inbound, item.outcome) for item in items]
+        results = [_insert_inbound(db, item.inbound, item.outcome, item.spool)
+                   for item in items]
         db.execute("COMMIT")
     except BaseException:
         try:
@@ -418,21 +473,32 @@ def _write_batch(db: sqlite3.Connection, items: list[Pending]) -> list[Stored]:
     return results
 
 
-def _insert_inbound(db: sqlite3.Connection, inbound: Inbound, outcome: str | None) -> Stored:
+def _insert_inbound(db: sqlite3.Connection, inbound: Inbound, outcome: str | None,
+                    spool: Spool | None = None) -> Stored:
     message_id = extract_message_id(inbound.raw)
-    key = dedup_key(inbound.raw, message_id)
+    if spool is None:
+        key = dedup_key(inbound.raw, message_id)
+        sha, size = hashlib.sha256(inbound.raw).hexdigest(), len(inbound.raw)
+    else:
+        with open(spool.path, "rb") as fh:
+            key = dedup_key_of(fh, message_id)
+            fh.seek(0)
+            sha = sha256_of(fh)
+            size = fh.tell()
     rows = db.execute(
         "INSERT INTO inbound (message_id, dedup_key, sha256, size, peer, mail_from,"
         " rcpt_tos, received_at, state, outcome, processed_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-        (message_id, key, hashlib.sha256(inbound.raw).hexdigest(), len(inbound.raw),
-         inbound.peer, inbound.mail_from, json.dumps(list(inbound.rcpt_tos)),
+        (message_id, key, sha, size, inbound.peer, inbound.mail_from, json.dumps(list(inbound.rcpt_tos)),
          iso(inbound.received_at), "done" if outcome else "queued", outcome,
          iso(inbound.received_at) if outcome else None)).fetchall()
     if rows:
         row_id = rows[0][0]
-        db.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", (row_id, inbound.raw))
+        if spool is None:
+            db.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", (row_id, inbound.raw))
+        else:
+            _copy_spool(db, row_id, spool.path, size)
         return Stored(row_id, duplicate=False)
     # Delivered before: keep one copy, but remember every address it was sent to.
     existing = db.execute(
@@ -443,6 +509,17 @@ def _insert_inbound(db: sqlite3.Connection, inbound: Inbound, outcome: str | Non
         db.execute("UPDATE inbound SET rcpt_tos = ? WHERE id = ?",
                    (json.dumps(merged), existing["id"]))
     return Stored(existing["id"], duplicate=True)
+
+
+def _copy_spool(db: sqlite3.Connection, row_id: int, path: Path, size: int) -> None:
+    """The spool file into inbound_raw in RAW_CHUNK pieces (zeroblob, then blobopen):
+    memory stays at one chunk whatever the message's size."""
+    db.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, zeroblob(?))", (row_id, size))
+    with open(path, "rb") as fh, db.blobopen("inbound_raw", "raw", row_id) as blob:
+        while chunk := fh.read(RAW_CHUNK):
+            blob.write(chunk)
+        if blob.tell() != size:
+            raise StoreError(f"spool file {path} changed while it was stored")
 
 
 # --- inbound queue ----------------------------------------------------------------

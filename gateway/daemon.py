@@ -27,8 +27,8 @@ from gateway.digest import send_held_digest
 from gateway.errors import ConfigError
 from gateway.mailer import Mailer, Transport, make_transport
 from gateway.metrics import Metrics, MetricsServer
-from gateway.pipeline import (Context, closed_ticket_refusal, load_renderer, make_context,
-                              process_message)
+from gateway.closed_refusal import closed_ticket_refusal
+from gateway.pipeline import Context, load_renderer, make_context, process_message
 from gateway.processor import Processed, Processor, Stages
 from gateway.smtp_edge import (REPLY_SHUTTING_DOWN, IntakeHandler, clear_spool, smtp_factory,
                                start_edge_server)

@@ -19,8 +19,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.parser import BytesHeaderParser
-from email import policy as email_policy
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from gateway import msgid, store
 from gateway.attachments import save_attachments
 from gateway.config import Config
 from gateway.model import (FIELD_NAMES, TICKET_REF, UNVERIFIED, Attachment, AuthResult,
-                           Fields, Inbound, MessageKind, OutAttachment, Outcome, Outgoing,
+                           Fields, MessageKind, OutAttachment, Outcome, Outgoing,
                            Report, Status, Verdict, missing_fields)
 from gateway.parser import parse_report
 from gateway.processor import Processed
@@ -816,52 +814,6 @@ def report_json(report: Report) -> str:
                         for a in report.attachments],
     }
     return json.dumps(data, ensure_ascii=False)
-
-
-# --- the edge's closed-ticket check (closed_action = "reject") ----------------------------
-
-# The reply goes to whoever connected, who may have forged the From: it does not
-# repeat the ticket number (the sender's own bounce shows their subject anyway).
-REPLY_CLOSED = ("550-5.7.1 This ticket is closed: the message was not added to it.\r\n"
-                "550 5.7.1 Report new failures, also related ones, to {intake}")
-REPLY_CLOSED_PL = ("550-5.7.1 This ticket is closed: the message was not added to it.\r\n"
-                   "550-5.7.1 Report new failures, also related ones, to {intake}\r\n"
-                   "550-5.7.1 Zgłoszenie jest zamknięte: wiadomość nie została do niego dołączona.\r\n"
-                   "550 5.7.1 Kolejne awarie, również związane z tym zgłoszeniem, prosimy zgłaszać na {intake}")
-
-
-async def closed_ticket_refusal(conn: aiosqlite.Connection, ctx: Context, inbound: Inbound,
-                                utf8: bool) -> str | None:
-    """With closed_action = "reject": the SMTP reply refusing crm@ mail on a closed
-    ticket, decided from the headers alone before the 250; None to accept."""
-    rcpts = {r.lower() for r in inbound.rcpt_tos}
-    if ctx.config.tickets.closed_action != "reject" or ctx.intake in rcpts or not inbound.mail_from:
-        return None
-    head = store.header_block(inbound.raw)[:256 * 1024]
-    try:
-        headers = BytesHeaderParser(policy=email_policy.default).parsebytes(head)
-        subject = str(headers.get("subject", ""))
-        sender = headers["from"].addresses[0].addr_spec.lower() if headers.get("from") else ""
-        auto = (str(headers.get("auto-submitted", "no")).strip().lower() != "no"
-                or headers.get("list-id") is not None
-                or str(headers.get("precedence", "")).strip().lower() in ("bulk", "junk", "list"))
-    except Exception:  # noqa: BLE001 - odd headers: accept and let the router decide
-        return None
-    if auto:
-        return None
-    for match in TICKET_REF.finditer(subject):
-        ticket = await store.get_ticket(conn, int(match.group(1)))
-        if ticket is None:
-            continue
-        if ticket.status != Status.CLOSED:
-            return None
-        if not is_authorised(sender, ticket_view(ticket),
-                             staff_domains=ctx.config.addresses.staff_domains,
-                             reply_policy=ctx.config.tickets.reply_policy):
-            return None  # strangers get the content-free answer, never the number
-        template = REPLY_CLOSED_PL if utf8 else REPLY_CLOSED
-        return template.format(intake=ctx.intake)
-    return None
 
 
 async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int, *,

@@ -147,7 +147,7 @@ class StoreOnly:
 
 
 # (closed_rejected is decided at the SMTP edge, before the 250: see
-# pipeline.closed_ticket_refusal; by the time the router runs the mail is accepted.)
+# closed_refusal.closed_ticket_refusal; by the time the router runs the mail is accepted.)
 Decision = (NewTicket | AppendToTicket | ClosedTicketGuidance | UnknownTicketGuidance
             | HoldForOperator | StaffMail | StaffRefused | StoreOnly)
 

@@ -2,15 +2,27 @@
 messages in arrival order and runs each through the stages.
 
 A message that breaks a stage is marked `failed` and kept (visible in `inbox list`,
-re-processable with `inbox reprocess`); the loop goes on. A message left mid-way by a
-crash is claimed again on start; one that was claimed MAX_ATTEMPTS times without
-finishing (it keeps killing the process) is quarantined as `failed`.
+re-processable with `inbox reprocess`); the loop goes on.
+
+A failure of the environment (database locked, disk full, I/O error, no descriptors)
+is not the message's fault: the message stays in hand and is tried again with a
+growing pause (RETRY_FIRST doubling to RETRY_MAX), one log line per failure, never
+`failed`, and no manual step once the disk has room again.
+
+A message left mid-way by a crash is claimed again on start. Whether the crash was
+its own is asked of a fresh interpreter (`probe`: the parser run on its bytes in a
+subprocess): a message that kills the probe is quarantined as `failed`; one that
+passes was in hand by chance (an unrelated crash, kill -9, a watchdog restart) and is
+processed normally. MAX_CLAIMS ends a crash loop the probe cannot see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import sqlite3
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,8 +34,47 @@ from gateway.store import InboundRow
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # kept for callers: crash claims after which a message is suspect
+MAX_CLAIMS = 10  # unfinished claims after which a message is quarantined regardless
 IDLE_POLL_SECONDS = 1.0  # also picks up rows queued by another process (the CLI)
+RETRY_FIRST = 1.0  # after an environmental failure; doubles up to RETRY_MAX
+RETRY_MAX = 60.0
+PROBE_TIMEOUT = 120.0
+
+_ENV_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE,
+                         errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY})
+_ENV_SQLITE = ("locked", "busy", "disk", "full", "i/o", "readonly", "unable to open",
+               "out of memory")
+
+
+def is_environmental(err: BaseException) -> bool:
+    """A failure of the machine, not of the message: worth waiting out."""
+    if isinstance(err, sqlite3.OperationalError):
+        text = str(err).lower()
+        return any(part in text for part in _ENV_SQLITE)
+    if isinstance(err, MemoryError):
+        return False  # could well be the message (a decompression bomb)
+    if isinstance(err, OSError):
+        return err.errno in _ENV_ERRNOS
+    return False
+
+
+# Does processing these bytes crash a fresh interpreter? True: it survived.
+Probe = Callable[[bytes], Awaitable[bool]]
+
+
+async def probe_in_subprocess(raw: bytes) -> bool:
+    """The parser on `raw` in a child interpreter (`python -m gateway.probe`)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.probe", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await asyncio.wait_for(proc.communicate(raw), PROBE_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return False
+    return proc.returncode == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +96,16 @@ async def record_received(conn: aiosqlite.Connection, row: InboundRow) -> Proces
 
 class Processor:
     def __init__(self, conn: aiosqlite.Connection, stages: Stages = record_received,
-                 on_processed: Callable[[Processed, float], None] | None = None) -> None:
+                 on_processed: Callable[[Processed, float], None] | None = None, *,
+                 probe: Probe = probe_in_subprocess,
+                 retry_first: float = RETRY_FIRST) -> None:
         self._conn = conn
         self._stages = stages
         self._on_processed = on_processed
+        self._probe = probe
+        self._retry_first = retry_first
+        self._env_failures = 0  # environmental failures in a row
+        self._in_hand: InboundRow | None = None  # kept across environmental failures
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -63,21 +120,31 @@ class Processor:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="processor")
 
     async def stop(self) -> None:
-        """Finish the message in hand, then stop."""
+        """Finish the message in hand, then stop. One held back by an environmental
+        failure goes back to the queue uncounted (best effort: else start recovers it)."""
         self._stopping = True
         self._wake.set()
         if self._task:
             await self._task
             self._task = None
+        row, self._in_hand = self._in_hand, None
+        if row is not None:
+            try:
+                await self._conn.execute(
+                    "UPDATE inbound SET state = 'queued', attempts = max(attempts - 1, 0)"
+                    " WHERE id = ? AND state = 'processing'", (row.id,))
+            except sqlite3.Error as err:
+                log.warning("%s inbound %d: left for the next start: %s",
+                            row.message_id or "<no-id>", row.id, _one_line(err))
 
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:
                 worked = await self.run_once()
-            except Exception:  # noqa: BLE001 - e.g. database locked: try again soon
-                log.exception("processor: claiming a message failed")
-                worked = False
+            except Exception as err:  # noqa: BLE001 - e.g. database locked: try again soon
+                await self._environment_failed(None, err)
+                continue
             if worked:
                 # Let SMTP sessions waiting for their 250 in before the next message.
                 await asyncio.sleep(0)
@@ -89,30 +156,84 @@ class Processor:
 
     async def run_once(self) -> bool:
         """Process one queued message; False when there was none."""
-        row = await store.claim_inbound(self._conn)
+        row, self._in_hand = self._in_hand, None
         if row is None:
-            return False
-        if row.attempts > MAX_ATTEMPTS:
-            await store.mark_inbound(
-                self._conn, row.id, state="failed", outcome=Outcome.FAILED,
-                error=f"abandoned after {MAX_ATTEMPTS} attempts that did not finish")
-            log.error("%s inbound %d: quarantined after %d unfinished attempts",
-                      row.message_id or "<no-id>", row.id, MAX_ATTEMPTS)
-            return True
+            row = await store.claim_inbound(self._conn)
+            if row is None:
+                return False
+            if row.attempts > 1 and not await self._survives(row):
+                return True
         started = asyncio.get_running_loop().time()
         try:
             result = await self._stages(self._conn, row)
         except Exception as err:  # noqa: BLE001 - one bad message must not stop the loop
+            await self._rollback()
+            if is_environmental(err):
+                await self._environment_failed(row, err)
+                return True
             await self._fail(row, err)
             result = Processed(Outcome.FAILED)
+        self._env_failures = 0
         if self._on_processed:
             self._on_processed(result, asyncio.get_running_loop().time() - started)
         return True
 
+    async def _survives(self, row: InboundRow) -> bool:
+        """A message an earlier process left unfinished: was that crash its own?"""
+        name = row.message_id or "<no-id>"
+        if row.attempts > MAX_CLAIMS:
+            await self._quarantine(row, f"abandoned after {MAX_CLAIMS} attempts that did not finish")
+            return False
+        raw = await store.read_raw(self._conn, row.id)
+        if await self._probe(raw):
+            log.warning("%s inbound %d: left unfinished %d time(s) by an earlier stop; a fresh "
+                        "process handles it, so processing it now", name, row.id,
+                        row.attempts - 1)
+            return True
+        await self._quarantine(row, f"abandoned: processing it crashes the process "
+                                    f"({row.attempts - 1} unfinished attempt(s), probe failed)")
+        return False
+
+    async def _quarantine(self, row: InboundRow, error: str) -> None:
+        await store.mark_inbound(self._conn, row.id, state="failed", outcome=Outcome.FAILED,
+                                 error=error)
+        log.error("%s inbound %d: quarantined as failed: %s", row.message_id or "<no-id>",
+                  row.id, error)
+
+    async def _environment_failed(self, row: InboundRow | None, err: Exception) -> None:
+        """Keep `row` in hand and pause; one line, no traceback, for what is expected."""
+        self._env_failures += 1
+        delay = min(self._retry_first * 2 ** min(self._env_failures - 1, 16), RETRY_MAX)
+        what = f"{row.message_id or '<no-id>'} inbound {row.id}" if row else "processor"
+        if is_environmental(err):
+            log.warning("%s: %s: %s; kept queued, retry in %.0fs", what,
+                        type(err).__name__, _one_line(err), delay)
+        else:
+            log.exception("%s: claiming a message failed; retry in %.0fs", what, delay)
+        self._in_hand = row
+        try:
+            await asyncio.wait_for(self._wake_on_stop(), delay)
+        except TimeoutError:
+            pass
+
+    async def _wake_on_stop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                await self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
     async def _fail(self, row: InboundRow, err: Exception) -> None:
         log.exception("%s inbound %d: outcome=failed: %s: %s", row.message_id or "<no-id>",
                       row.id, type(err).__name__, err)
-        if self._conn.in_transaction:
-            await self._conn.execute("ROLLBACK")
         await store.mark_inbound(self._conn, row.id, state="failed", outcome=Outcome.FAILED,
                                  error=f"{type(err).__name__}: {err}"[:2000])
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:500]

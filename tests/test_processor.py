@@ -74,18 +74,68 @@ async def test_rows_left_processing_by_a_crash_are_claimed_again(tmp_path) -> No
     await conn.close()
 
 
-async def test_a_message_that_keeps_killing_the_worker_is_quarantined(tmp_path) -> None:
+async def test_a_message_that_kills_a_fresh_process_is_quarantined(tmp_path) -> None:
     conn = await open_store(tmp_path)
     poison = await put(conn, 1)
-    for _ in range(MAX_ATTEMPTS):
-        await store.claim_inbound(conn)  # claimed, never finished (process killed)
-        await store.recover_inbound(conn)
-    processor = Processor(conn)
+    await store.claim_inbound(conn)  # claimed, never finished (process killed)
+    await store.recover_inbound(conn)
+    probed: list[bytes] = []
+
+    async def crashing_probe(raw: bytes) -> bool:  # as a child killed by SIGSEGV answers
+        probed.append(raw)
+        return False
+
+    processor = Processor(conn, probe=crashing_probe)
     await processor.start()
     await wait_for(lambda: _state_is(conn, poison, "failed"))
     await processor.stop()
     row = await store.get_inbound(conn, poison)
-    assert row.outcome == "failed" and "abandoned" in row.error
+    assert row.outcome == "failed" and "crashes the process" in row.error
+    assert probed == [await store.read_raw(conn, poison)]
+    await conn.close()
+
+
+async def test_a_message_in_hand_at_three_unrelated_crashes_is_processed(tmp_path) -> None:
+    conn = await open_store(tmp_path)
+    innocent = await put(conn, 1)
+    for _ in range(MAX_ATTEMPTS):
+        await store.claim_inbound(conn)  # in hand when the process was killed
+        await store.recover_inbound(conn)
+    processor = Processor(conn)  # the real probe: the parser in a child interpreter
+    await processor.start()
+    await wait_for(lambda: _state_is(conn, innocent, "done"), timeout=60)
+    await processor.stop()
+    await conn.close()
+
+
+async def test_environmental_failures_are_retried_never_failed(tmp_path, caplog) -> None:
+    import errno
+    import sqlite3
+
+    conn = await open_store(tmp_path)
+    first = await put(conn, 1)
+    failures = [sqlite3.OperationalError("database is locked"),
+                sqlite3.OperationalError("database or disk is full"),
+                OSError(errno.ENOSPC, "No space left on device")]
+    seen: list[int] = []
+
+    async def stages(c: aiosqlite.Connection, row: InboundRow) -> Processed:
+        seen.append(row.id)
+        if failures:
+            raise failures.pop(0)
+        await store.mark_inbound(c, row.id, state="done", outcome=Outcome.NEW)
+        return Processed(Outcome.NEW)
+
+    processor = Processor(conn, stages, retry_first=0.01)
+    await processor.start()
+    await wait_for(lambda: _state_is(conn, first, "done"))
+    await processor.stop()
+    assert seen == [first] * 4
+    row = await store.get_inbound(conn, first)
+    assert row.outcome == "new" and row.attempts == 1  # never counted as a crash
+    lines = [r for r in caplog.records if r.name == "gateway.processor"]
+    assert len(lines) == 3 and not any(r.exc_info for r in lines)
+    assert "database is locked" in lines[0].getMessage() and "retry in" in lines[0].getMessage()
     await conn.close()
 
 

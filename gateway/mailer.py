@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +32,7 @@ import aiosqlite
 from gateway import store
 from gateway.config import OutboundConfig, parse_duration, parse_hostport
 from gateway.errors import ConfigError, GatewayError
+from gateway.processor import is_environmental
 from gateway.store import OutboxRow
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ MIN_IDLE_SECONDS = 0.25  # a due row we could not claim (another process, clock 
 ERROR_PAUSE_SECONDS = 5.0  # after the database itself failed (locked, disk full)
 STOP_GRACE_SECONDS = 15.0  # stop(): how long the send in hand may take to finish
 SMTP_TIMEOUT_SECONDS = 60.0  # per SMTP command (connect, each reply, DATA)
+# The whole relay session: a relay that answers every command just in time (or
+# trickles) cannot hold a connection for longer than this.
+SESSION_TIMEOUT_SECONDS = 600.0
 
 RESULT_SENT = "sent"
 RESULT_RETRY = "retry"
@@ -180,6 +184,7 @@ class SmtpRelay:
 
     def __init__(self, config: OutboundConfig, *, tls_context: ssl.SSLContext | None = None,
                  timeout: float = SMTP_TIMEOUT_SECONDS,
+                 session_timeout: float = SESSION_TIMEOUT_SECONDS,
                  local_hostname: str | None = None) -> None:
         try:
             self._host, self._port = parse_hostport(config.relay)
@@ -191,11 +196,21 @@ class SmtpRelay:
         self._password = _read_password(config.password_file) if config.username else ""
         self._tls_context = tls_context
         if config.starttls and tls_context is None:
-            self._tls_context = ssl.create_default_context()
+            self._tls_context = relay_tls_context(config)
         self._timeout = timeout
+        self._session_timeout = session_timeout
         self._local_hostname = local_hostname
 
     async def send(self, mail_from: str, rcpt_to: str, raw: bytes, message_id: str) -> None:
+        try:
+            async with asyncio.timeout(self._session_timeout):
+                await self._session(mail_from, rcpt_to, raw)
+        except TimeoutError:
+            raise TemporaryFailure(
+                f"relay {self._relay}: session not finished within "
+                f"{format_delay(self._session_timeout)}") from None
+
+    async def _session(self, mail_from: str, rcpt_to: str, raw: bytes) -> None:
         if self._local_hostname is None:  # the EHLO name; getfqdn may ask DNS: once
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
         smtp = aiosmtplib.SMTP(hostname=self._host, port=self._port, timeout=self._timeout,
@@ -228,6 +243,18 @@ class SmtpRelay:
             smtp.close()
             raise
         await _quit(smtp)
+
+
+def relay_tls_context(config: OutboundConfig) -> ssl.SSLContext:
+    """Verification of the relay's certificate: against `ca_file` (a private CA) when
+    set, else the system's trust store."""
+    if config.ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(config.ca_file))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"outbound.ca_file: {config.ca_file}: cannot load: "
+                          f"{one_line(err)}") from None
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:
@@ -343,52 +370,64 @@ class Mailer:
         self._retry_max = max(_duration(config, "retry_max"), self._retry_first)
         self._give_up_after = timedelta(seconds=_duration(config, "give_up_after"))
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._sessions = max(config.connections, 1)
 
     def wake(self) -> None:
         """New rows are due: look now instead of at the next poll."""
         self._wake.set()
 
     async def start(self) -> None:
-        if self._task is not None:
+        if self._tasks:
             raise RuntimeError("mailer already started")
         recovered = await store.recover_outbox(self._conn)
         if recovered:
             log.warning("outbox: %d mail(s) left mid-send by an earlier stop go again "
                         "(same Message-ID)", recovered)
         self._stopping = False
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="mailer")
+        loop = asyncio.get_running_loop()
+        # `connections` workers, each one relay session at a time: a session that
+        # hangs holds one worker (until the session timeout), never the queue.
+        self._tasks = [loop.create_task(self._run(), name=f"mailer-{n}")
+                       for n in range(self._sessions)]
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """Finish the send in hand (at most `grace` seconds), then stop. A send cut off
+        """Finish the sends in hand (at most `grace` seconds), then stop. A send cut off
         leaves its row `sending`; the next start sends it again."""
         self._stopping = True
         self._wake.set()
-        task, self._task = self._task, None
-        if task is None:
+        tasks, self._tasks = self._tasks, []
+        if not tasks:
             return
-        done, _ = await asyncio.wait({task}, timeout=grace)
-        if not done:
-            log.warning("outbox: send still in progress after %.0fs; cut off, it goes "
-                        "again on the next start", grace)
-            task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # noqa: BLE001 - stopping anyway; say why the worker died
-            log.exception("outbox: the mailer worker had stopped with an error")
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        if pending:
+            log.warning("outbox: %d send(s) still in progress after %.0fs; cut off, they go "
+                        "again on the next start", len(pending), grace)
+            for task in pending:
+                task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("outbox: a mailer worker had stopped with an error: %s",
+                          one_line(f"{type(result).__name__}: {result}"))
 
     async def _run(self) -> None:
+        failures = 0
         while not self._stopping:
             self._wake.clear()
             try:
                 worked = await self.run_once()
-            except Exception:  # noqa: BLE001 - e.g. database locked: the loop goes on
-                log.exception("outbox: claiming or marking a mail failed")
-                await self._sleep(ERROR_PAUSE_SECONDS)
+            except Exception as err:  # noqa: BLE001 - e.g. database locked: the loop goes on
+                failures += 1
+                delay = min(ERROR_PAUSE_SECONDS * 2 ** min(failures - 1, 8), 300.0)
+                if is_environmental(err):
+                    log.warning("outbox: claiming a mail failed: %s; again in %s",
+                                one_line(err), format_delay(delay))
+                else:
+                    log.exception("outbox: claiming or marking a mail failed")
+                await self._sleep(delay)
                 continue
+            failures = 0
             if not worked and not self._stopping:
                 await self._sleep(await self._idle_delay())
 
@@ -426,7 +465,8 @@ class Mailer:
                           one_line(row.message_id), row.id)
             await self._retry(row, one_line(f"{type(err).__name__}: {err}"))
         else:
-            await store.mark_outbox_sent(self._conn, row.id, self._clock())
+            await self._persist(row, lambda: store.mark_outbox_sent(self._conn, row.id,
+                                                                    self._clock()))
             log.info("%s outbox %d sent to %s", one_line(row.message_id), row.id,
                      _describe(row))
             self._report(RESULT_SENT)
@@ -441,14 +481,32 @@ class Mailer:
         delay = next_retry(row.attempts, self._retry_first, self._retry_max)
         # The last try falls on the deadline rather than up to retry_max past it.
         next_at = min(now + timedelta(seconds=delay), deadline)
-        await store.mark_outbox_retry(self._conn, row.id, next_at, error)
+        await self._persist(row, lambda: store.mark_outbox_retry(self._conn, row.id, next_at,
+                                                                 error))
         log.warning("%s outbox %d to %s: temporary failure, retry in %s: %s",
                     one_line(row.message_id), row.id, _describe(row),
                     format_delay((next_at - now).total_seconds()), error)
         self._report(RESULT_RETRY)
 
+    async def _persist(self, row: OutboxRow, mark: Callable[[], Awaitable[None]]) -> None:
+        """Record a send's result; a locked or full database is waited out (the row
+        stays `sending` meanwhile, so no other worker sends it again)."""
+        failures = 0
+        while True:
+            try:
+                await mark()
+                return
+            except Exception as err:
+                if not is_environmental(err) or self._stopping:
+                    raise
+                failures += 1
+                delay = min(ERROR_PAUSE_SECONDS * 2 ** min(failures - 1, 8), 300.0)
+                log.warning("%s outbox %d: recording the result failed: %s; again in %s",
+                            one_line(row.message_id), row.id, one_line(err), format_delay(delay))
+                await asyncio.sleep(delay)
+
     async def _fail(self, row: OutboxRow, error: str) -> None:
-        await store.mark_outbox_failed(self._conn, row.id, error)
+        await self._persist(row, lambda: store.mark_outbox_failed(self._conn, row.id, error))
         log.error("%s outbox %d to %s: failed: %s", one_line(row.message_id), row.id,
                   _describe(row), error)
         self._report(RESULT_FAILED)

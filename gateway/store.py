@@ -718,6 +718,10 @@ async def claim_due_outbox(conn: aiosqlite.Connection, now: datetime) -> OutboxR
         rows = await conn.execute_fetchall(
             "UPDATE outbox SET status = 'sending', attempts = attempts + 1"
             " WHERE id = (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+            # Parallel sessions keep one ticket's mails in order: none while another
+            # of that ticket is being sent.
+            "             AND (ticket IS NULL OR ticket NOT IN (SELECT ticket FROM outbox"
+            "                  WHERE status = 'sending' AND ticket IS NOT NULL))"
             "             ORDER BY next_attempt_at, id LIMIT 1)"
             f" AND status = 'pending' RETURNING {_OUTBOX_COLUMNS}", (iso(now),))
     return OutboxRow.from_row(rows[0]) if rows else None

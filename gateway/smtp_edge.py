@@ -531,9 +531,10 @@ class QuietLog:
         self._count[key] += 1
         now = time.monotonic()
         if now - self._last.get(key, -1e9) >= self.every:
-            count = self._count.pop(key)
+            more = self._count.pop(key) - 1
             self._last[key] = now
-            log.log(level, "%s (%d time(s) since the last such line)", message, count)
+            log.log(level, "%s%s", message,
+                    f" ({more} more since the last such line)" if more else "")
 
 
 _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)

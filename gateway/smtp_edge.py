@@ -219,6 +219,14 @@ class GatewaySMTP(SMTP):
             self.limit_slot = None
         super().connection_lost(error)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # email's address parser raises IndexError on "MAIL FROM:<" (found by
+        # fuzz/fuzz_smtp.py): a syntax error (501), not a 451 the client retries for days.
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError, TypeError):
+            return None, None
+
     async def smtp_AUTH(self, arg: str) -> None:
         # The gateway has no accounts: AUTH is never advertised, before or after
         # STARTTLS, and never answered 535.
@@ -226,7 +234,9 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
-            status = "\r\n".join(with_enhanced_code(line, self.hostname)
+            # aiosmtpd quotes the client's command in some replies ('500 Error: command
+            # "\r." not recognized'): no control character of theirs goes back out.
+            status = "\r\n".join(with_enhanced_code(_CONTROL.sub("?", line), self.hostname)
                                   for line in status.split("\r\n"))
         await super().push(status)
 
@@ -406,7 +416,7 @@ class IntakeHandler:
                           address: str, mail_options: list[str]) -> str:
         if self.draining:
             return self._reply(REPLY_SHUTTING_DOWN)
-        if _CONTROL.search(address):
+        if _CONTROL.search(address) or not _is_utf8(address):
             return self._reply(REPLY_BAD_SENDER)
         for option in mail_options:
             name, _, value = option.partition("=")
@@ -422,7 +432,7 @@ class IntakeHandler:
         envelope.rcpt_attempts += 1
         if envelope.rcpt_attempts > self.max_recipients:
             return self._reply(REPLY_TOO_MANY_RCPTS)
-        if _CONTROL.search(address):
+        if _CONTROL.search(address) or not _is_utf8(address):
             return self._reply(REPLY_BAD_RCPT)
         normal = address.strip().lower()
         if normal not in self.mailboxes:
@@ -689,6 +699,16 @@ async def start_edge_server(factory: Callable[[], GatewaySMTP], handler: IntakeH
             sock.close()
         raise
     return EdgeServer(sockets, factory, handler)
+
+
+def _is_utf8(text: str) -> bool:
+    """False for an address aiosmtpd decoded from invalid UTF-8 (lone surrogates):
+    refused at once rather than answered 451 for ever at the commit."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _peer_text(peer: Any) -> str:

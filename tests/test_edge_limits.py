@@ -282,3 +282,31 @@ async def test_intake_line_names_message_id_envelope_and_size(gateway: Gateway, 
     assert line.startswith("<line@example.com> inbound ")
     assert "from=<jan@example.com>" in line and "serwis@s4e.pl" in line and "crm@s4e.pl" in line
     assert f"size={len(raw)}" in line
+
+
+# --- findings of fuzz/fuzz_smtp.py -------------------------------------------------------
+
+async def test_a_bare_cr_in_an_unknown_command_is_not_echoed(gateway: Gateway) -> None:
+    dialog, _ = await greeting(gateway.port)
+    answer = await dialog.cmd(b"\r.\r\n")
+    assert answer.startswith("500 5.5.2") and "\r" not in answer, repr(answer)
+    assert (await dialog.cmd("NOOP")).startswith("250")
+    await dialog.close()
+
+
+async def test_invalid_utf8_in_an_address_is_refused_not_deferred(gateway: Gateway) -> None:
+    dialog, _ = await greeting(gateway.port)
+    await dialog.cmd("EHLO client.example")
+    assert (await dialog.cmd(b"MAIL FROM:<ja\x9an@example.com>\r\n")).startswith("553 5.1.7")
+    assert (await dialog.cmd("MAIL FROM:<jan@example.com>")).startswith("250")
+    assert (await dialog.cmd(b"RCPT TO:<serwis\xff@s4e.pl>\r\n")).startswith("553 5.1.3")
+    await dialog.close()
+
+
+async def test_an_unclosed_angle_address_is_refused_not_451(gateway: Gateway) -> None:
+    dialog, _ = await greeting(gateway.port)
+    await dialog.cmd("EHLO client.example")
+    assert (await dialog.cmd("MAIL FROM:<")).startswith("553 5.1.3")
+    assert (await dialog.cmd("MAIL FROM:<jan@example.com>")).startswith("250")
+    assert (await dialog.cmd("RCPT TO:<")).startswith("553 5.1.3")
+    await dialog.close()

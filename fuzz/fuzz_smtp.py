@@ -193,6 +193,10 @@ def seed_sessions() -> list[bytes]:
         b"DATA\r\nSubject: \xc5\xbc\r\n\r\n\n.\n\r.\r\n.\r\nRSET\r\nNOOP\r\nVRFY x\r\n",
         b"EHLO a\r\nAUTH PLAIN AGEAYg==\r\nSTARTTLS\r\nMAIL FROM:<a@b.pl>\r\nDATA\r\n",
         b"EHLO a\r\nMAIL FROM:<a@b.pl>\r\nRCPT TO:<serwis@s4e.pl>\r\nDATA\r\n" + b"A" * 5000 + b"\r\n",
+        # Findings, now regression seeds (tests/test_edge_limits.py has each as a test).
+        b"EHLO a\r\n\r.\r\n",
+        b"EHLO a\r\nMAIL FROM:<ja\x9an@example.com>\r\nRCPT TO:<serwis@s4e.pl>\r\nDATA\r\nx\r\n",
+        b"EHLO a\r\nMAIL FROM:<\r\nMAIL FROM:<a@b.pl>\r\nRCPT TO:<\r\n",
     ]
     for folder in (ROOT / "tests" / "data", shared):
         if not folder.is_dir():
@@ -205,13 +209,13 @@ def seed_sessions() -> list[bytes]:
     return seeds
 
 
-def prepare_corpus() -> Path:
-    WORK_CORPUS.mkdir(parents=True, exist_ok=True)
+def prepare_corpus(folder: Path = WORK_CORPUS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     for n, seed in enumerate(seed_sessions()):
-        target = WORK_CORPUS / f"seed-{n:03d}"
+        target = folder / f"seed-{n:03d}"
         if not target.exists():
             target.write_bytes(seed)
-    return WORK_CORPUS
+    return folder
 
 
 HARNESS: Harness | None = None
@@ -230,6 +234,10 @@ def main() -> None:
     global HARNESS
     HARNESS = Harness()
     args = list(sys.argv)
+    folders = [Path(a) for a in args[1:] if not a.startswith("-") and Path(a).is_dir()]
+    for folder in folders:
+        if not any(folder.iterdir()):
+            prepare_corpus(folder)  # an empty corpus folder starts from the seeds
     if not any(not a.startswith("-") and Path(a).exists() for a in args[1:]):
         args.append(str(prepare_corpus()))
     if not any(a.startswith("-max_len") for a in args):

@@ -30,7 +30,8 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 from gateway.config import Config
 from gateway.model import Inbound
 from gateway.errors import StoreError
-from gateway.store import IntakeWriter, Spool, extract_message_id
+from gateway.mailer import one_line
+from gateway.store import IntakeWriter, Spool
 
 log = logging.getLogger(__name__)
 
@@ -469,9 +470,9 @@ class IntakeHandler:
             log.exception("storing message from %s failed, answered 451", inbound.peer)
             return self._reply(REPLY_TRY_LATER)
         size = spool.size if spool else len(inbound.raw)
-        message_id = _printable(extract_message_id(inbound.raw)) or "<no-id>"
-        envelope_text = (f"from=<{_printable(inbound.mail_from)}> "
-                         f"to=<{_printable(','.join(inbound.rcpt_tos))}> size={size}")
+        message_id = one_line(stored.message_id[:300]) or "<no-id>"
+        envelope_text = (f"from=<{one_line(inbound.mail_from[:300])}> "
+                         f"to=<{one_line(','.join(inbound.rcpt_tos)[:1000])}> size={size}")
         if refusal:
             log.info("%s inbound %d refused (mail on a closed ticket): %s", message_id,
                      stored.id, envelope_text)

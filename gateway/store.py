@@ -356,6 +356,7 @@ class Pending:
 class Stored:
     id: int
     duplicate: bool
+    message_id: str = ""  # as extracted for the row (for the intake log line)
 
 
 class IntakeWriter:
@@ -499,7 +500,7 @@ def _insert_inbound(db: sqlite3.Connection, inbound: Inbound, outcome: str | Non
             db.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", (row_id, inbound.raw))
         else:
             _copy_spool(db, row_id, spool.path, size)
-        return Stored(row_id, duplicate=False)
+        return Stored(row_id, duplicate=False, message_id=message_id)
     # Delivered before: keep one copy, but remember every address it was sent to.
     existing = db.execute(
         "SELECT id, rcpt_tos, state FROM inbound WHERE dedup_key = ?", (key,)).fetchone()
@@ -508,7 +509,7 @@ def _insert_inbound(db: sqlite3.Connection, inbound: Inbound, outcome: str | Non
     if merged != known and existing["state"] == "queued":
         db.execute("UPDATE inbound SET rcpt_tos = ? WHERE id = ?",
                    (json.dumps(merged), existing["id"]))
-    return Stored(existing["id"], duplicate=True)
+    return Stored(existing["id"], duplicate=True, message_id=message_id)
 
 
 def _copy_spool(db: sqlite3.Connection, row_id: int, path: Path, size: int) -> None:

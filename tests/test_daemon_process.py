@@ -21,12 +21,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_daemon(tmp_path: Path, port: int) -> subprocess.Popen:
+def start_daemon(tmp_path: Path, port: int, smtp_extra: str = "",
+                 preexec_fn=None) -> subprocess.Popen:  # noqa: ANN001
     config = tmp_path / "gw.toml"
-    config.write_text(f'[smtp]\nlisten = "127.0.0.1:{port}"\n')
+    config.write_text(f'[smtp]\nlisten = "127.0.0.1:{port}"\n{smtp_extra}')
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, preexec_fn=preexec_fn)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:

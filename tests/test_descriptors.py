@@ -8,37 +8,17 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.conftest import INTAKE, make_mail, smtp_send
-from tests.test_daemon_process import free_port
+from tests.test_daemon_process import free_port, start_daemon
 
 LIMIT = 64
 
 
 def limited() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
-
-
-def start(tmp_path: Path, port: int) -> subprocess.Popen:
-    config = tmp_path / "gw.toml"
-    config.write_text(f'[smtp]\nlisten = "127.0.0.1:{port}"\nmax_connections = 1000\n'
-                      "max_connections_per_ip = 1000\n")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
-                            preexec_fn=limited)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                if sock.recv(100).startswith(b"220"):
-                    return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("daemon did not start listening")
 
 
 def greeting(sock: socket.socket) -> bytes:
@@ -54,7 +34,8 @@ def greeting(sock: socket.socket) -> bytes:
 
 def test_exhausted_descriptors_get_421_and_one_log_line(tmp_path: Path) -> None:
     port = free_port()
-    proc = start(tmp_path, port)
+    proc = start_daemon(tmp_path, port, "max_connections = 1000\nmax_connections_per_ip = 1000\n",
+                        preexec_fn=limited)
     clients: list[socket.socket] = []
     try:
         answers = []

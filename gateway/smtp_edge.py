@@ -236,9 +236,12 @@ class GatewaySMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             # aiosmtpd quotes the client's command in some replies ('500 Error: command
-            # "\r." not recognized'): no control character of theirs goes back out.
-            status = "\r\n".join(with_enhanced_code(_CONTROL.sub("?", line), self.hostname)
-                                  for line in status.split("\r\n"))
+            # "\r." not recognized', '502 Could not VRFY ...'): no control character and
+            # no undecodable byte of theirs (a lone surrogate) goes back out.
+            status = "\r\n".join(
+                with_enhanced_code(_CONTROL.sub("?", line).encode("utf-8", "replace").decode(),
+                                   self.hostname)
+                for line in status.split("\r\n"))
         await super().push(status)
 
     @property

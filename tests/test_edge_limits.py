@@ -310,3 +310,12 @@ async def test_an_unclosed_angle_address_is_refused_not_451(gateway: Gateway) ->
     assert (await dialog.cmd("MAIL FROM:<jan@example.com>")).startswith("250")
     assert (await dialog.cmd("RCPT TO:<")).startswith("553 5.1.3")
     await dialog.close()
+
+
+async def test_invalid_utf8_echoed_by_vrfy_is_replaced_not_a_451(gateway: Gateway) -> None:
+    dialog, _ = await greeting(gateway.port)
+    await dialog.cmd("EHLO client.example")
+    answer = await dialog.cmd(b"VRFY [R\xaf\xaf\r\n")
+    assert answer.startswith("502") and "Could not VRFY" in answer, answer
+    assert (await dialog.cmd("NOOP")).startswith("250")
+    await dialog.close()

@@ -100,7 +100,7 @@ async def test_trickling_data_is_cut_at_the_deadline_while_others_are_served(tmp
 
         async def trickle() -> str:
             slow.writer.write(b"Subject: slow\r\n\r\n")
-            for _ in range(100):  # one byte every 50 ms: never idle, never done
+            for _ in range(400):  # one byte every 50 ms: never idle, never done
                 try:
                     slow.writer.write(b"x")
                     await slow.writer.drain()

@@ -198,6 +198,7 @@ def seed_sessions() -> list[bytes]:
         b"EHLO a\r\nMAIL FROM:<ja\x9an@example.com>\r\nRCPT TO:<serwis@s4e.pl>\r\nDATA\r\nx\r\n",
         b"EHLO a\r\nMAIL FROM:<\r\nMAIL FROM:<a@b.pl>\r\nRCPT TO:<\r\n",
         b"EHLO a\r\nVRFY [R\xaf\xaf\r\n",
+        b"EHLO a\r\nMAIL FROM:<a@ [TO:<serwis@s4e.pl>\r\n",
     ]
     for folder in (ROOT / "tests" / "data", shared):
         if not folder.is_dir():

@@ -221,11 +221,12 @@ class GatewaySMTP(SMTP):
         super().connection_lost(error)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # email's address parser raises IndexError on "MAIL FROM:<" (found by
-        # fuzz/fuzz_smtp.py): a syntax error (501), not a 451 the client retries for days.
+        # email's address parser raises IndexError on "MAIL FROM:<" and AttributeError
+        # on "<a@ [x" (found by fuzz/fuzz_smtp.py): a malformed address (553), not a
+        # 451 the client retries for days.
         try:
             return super()._getaddr(arg)
-        except (IndexError, ValueError, TypeError):
+        except Exception:  # noqa: BLE001 - whatever the parser trips over
             return None, None
 
     async def smtp_AUTH(self, arg: str) -> None:

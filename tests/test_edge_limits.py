@@ -309,6 +309,9 @@ async def test_an_unclosed_angle_address_is_refused_not_451(gateway: Gateway) ->
     assert (await dialog.cmd("MAIL FROM:<")).startswith("553 5.1.3")
     assert (await dialog.cmd("MAIL FROM:<jan@example.com>")).startswith("250")
     assert (await dialog.cmd("RCPT TO:<")).startswith("553 5.1.3")
+    assert (await dialog.cmd("RCPT TO:<a@ [TO:<serwis@s4e.pl>")).startswith("553 5.1.3")
+    await dialog.cmd("RSET")
+    assert (await dialog.cmd("MAIL FROM:<a@ [TO:<serwis@s4e.pl>")).startswith("553 5.1.3")
     await dialog.close()
 
 

@@ -33,10 +33,13 @@ MAX_TOKENS = 5  # ticket numbers looked up per message
 # The reply goes to whoever connected, who may have forged the From: it does not
 # repeat the ticket number (the sender's own bounce shows their subject anyway).
 # With SMTPUTF8 the client can carry UTF-8 replies: Polish with diacritics. Without
-# it a reply must be ASCII: Polish transliterated, then English.
+# it a reply must be ASCII: Polish transliterated. English follows in both (the
+# bounce an MTA builds from this text may reach a reader of either).
 REPLY_CLOSED_UTF8 = (
     "550-5.7.1 Zgłoszenie jest zamknięte: wiadomość nie została do niego dołączona.\r\n"
-    "550 5.7.1 Kolejne awarie, również związane z tym zgłoszeniem, prosimy zgłaszać na {intake}")
+    "550-5.7.1 Kolejne awarie, również związane z tym zgłoszeniem, prosimy zgłaszać na {intake}\r\n"
+    "550-5.7.1 This ticket is closed: the message was not added to it.\r\n"
+    "550 5.7.1 Report new failures, also related ones, to {intake}")
 REPLY_CLOSED_ASCII = (
     "550-5.7.1 Zgloszenie jest zamkniete: wiadomosc nie zostala do niego dolaczona.\r\n"
     "550-5.7.1 Kolejne awarie, rowniez zwiazane z tym zgloszeniem, prosimy zglaszac na {intake}\r\n"

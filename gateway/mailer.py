@@ -373,10 +373,18 @@ class Mailer:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._sessions = max(config.connections, 1)
+        # The first worker polls; the others look only when there is work (a row was
+        # claimed, or wake()): idle, the outbox costs one query per poll, not N.
+        self._helpers = [asyncio.Event() for _ in range(self._sessions - 1)]
 
     def wake(self) -> None:
         """New rows are due: look now instead of at the next poll."""
         self._wake.set()
+        self._wake_helpers()
+
+    def _wake_helpers(self) -> None:
+        for event in self._helpers:
+            event.set()
 
     async def start(self) -> None:
         if self._tasks:
@@ -389,14 +397,15 @@ class Mailer:
         loop = asyncio.get_running_loop()
         # `connections` workers, each one relay session at a time: a session that
         # hangs holds one worker (until the session timeout), never the queue.
-        self._tasks = [loop.create_task(self._run(), name=f"mailer-{n}")
-                       for n in range(self._sessions)]
+        self._tasks = [loop.create_task(self._run(), name="mailer-0")]
+        self._tasks += [loop.create_task(self._help(event), name=f"mailer-{n + 1}")
+                        for n, event in enumerate(self._helpers)]
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Finish the sends in hand (at most `grace` seconds), then stop. A send cut off
         leaves its row `sending`; the next start sends it again."""
         self._stopping = True
-        self._wake.set()
+        self.wake()
         tasks, self._tasks = self._tasks, []
         if not tasks:
             return
@@ -431,6 +440,18 @@ class Mailer:
             if not worked and not self._stopping:
                 await self._sleep(await self._idle_delay())
 
+    async def _help(self, event: asyncio.Event) -> None:
+        """A further relay session: sends while rows are due, then waits to be woken."""
+        while not self._stopping:
+            event.clear()
+            try:
+                worked = await self.run_once()
+            except Exception as err:  # noqa: BLE001 - the first worker reports and paces
+                log.warning("outbox: a parallel session stops for now: %s", one_line(err))
+                worked = False
+            if not worked and not self._stopping:
+                await event.wait()
+
     async def _idle_delay(self) -> float:
         try:
             due = await store.next_outbox_due(self._conn)
@@ -453,6 +474,7 @@ class Mailer:
         row = await store.claim_due_outbox(self._conn, self._clock())
         if row is None:
             return False
+        self._wake_helpers()  # there may be more: the other sessions look too
         try:
             raw = await store.read_outbox_raw(self._conn, row.id)
             await self._transport.send(row.mail_from, row.rcpt_to, raw, row.message_id)

@@ -443,14 +443,15 @@ class Mailer:
     async def _help(self, event: asyncio.Event) -> None:
         """A further relay session: sends while rows are due, then waits to be woken."""
         while not self._stopping:
+            await event.wait()  # never at start: the first worker's claim comes first
             event.clear()
-            try:
-                worked = await self.run_once()
-            except Exception as err:  # noqa: BLE001 - the first worker reports and paces
-                log.warning("outbox: a parallel session stops for now: %s", one_line(err))
-                worked = False
-            if not worked and not self._stopping:
-                await event.wait()
+            while not self._stopping:
+                try:
+                    if not await self.run_once():
+                        break
+                except Exception as err:  # noqa: BLE001 - the first worker reports and paces
+                    log.warning("outbox: a parallel session stops for now: %s", one_line(err))
+                    break
 
     async def _idle_delay(self) -> float:
         try:

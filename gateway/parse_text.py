@@ -7,7 +7,8 @@ import binascii
 import re
 import unicodedata
 from dataclasses import dataclass
-from email.utils import parseaddr
+
+from gateway.parse_headers import parse_addresses
 
 _SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _INVISIBLE = re.compile(r"[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -219,7 +220,7 @@ def read_forwarded(history: str) -> Forwarded:
             value = lines[i].split(":", 1)[1].strip().strip("*").strip()
             if "[mailto:" in value:  # Outlook: Name [mailto:addr]
                 value = value.replace("[mailto:", "<").replace("]", ">")
-            name, addr = parseaddr(value)
+            name, addr = next(iter(parse_addresses([value])), ("", ""))
         i += 1
     inner = split_quoted("\n".join(lines[i:]))
     return Forwarded(inner.new.strip(), name.strip().strip('"'), addr.strip().lower())

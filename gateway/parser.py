@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
+from functools import partial
+from typing import TypeVar
 
 from gateway.model import TICKET_REF, Attachment, Fields, Report, missing_fields
 from gateway.parse_charset import decode_text
@@ -30,7 +33,14 @@ from gateway.parse_headers import (
     unique,
 )
 from gateway.parse_html import MAX_LAYOUT_ELEMENTS, html_to_text
-from gateway.parse_mime import MAX_PART_HEADER, Part, decode_body, parse_header_block, parse_tree
+from gateway.parse_mime import (
+    MAX_PART_HEADER,
+    Part,
+    decode_body,
+    essential_block,
+    parse_header_block,
+    parse_tree,
+)
 from gateway.parse_text import (
     extract_uuencoded,
     fold,
@@ -77,6 +87,7 @@ _SUFFIX_BY_TYPE = {
     "text/rfc822-headers": ".txt", "application/pgp-signature": ".asc",
 }
 _FORWARD_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?(?:fwd?|pd|tr|wg|przekaz\w*)\s*:")
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _RETURNED_ID = re.compile(r"^[ \t>]*message-id:[ \t]*(<[^<>\s]+>)", re.I | re.M)
 
 
@@ -275,7 +286,11 @@ class _Source:
 def _forwarded_sources(body: _Body, history: str, kind: str, subject: str) -> list[_Source]:
     sources = [_Source(split_quoted(inner.text).new, inner.headers) for inner in body.forwards]
     if kind == "forward" or (kind in ("header", "reply") and _FORWARD_SUBJECT.match(fold(subject))):
-        inline = read_forwarded(history)
+        try:
+            inline = read_forwarded(history)
+        except Exception:  # the inline forward is lost, not the mail's own fields
+            log.exception("inline forward not read")
+            return sources
         sources.append(_Source(inline.text, None, inline.from_name, inline.from_addr))
     return sources
 
@@ -310,14 +325,41 @@ def _bounced_ids(body: _Body, own_id: str) -> tuple[str, ...]:
     return unique([i for i in found if i != own_id])
 
 
-def _empty_report(notes: tuple[str, ...]) -> Report:
+def _empty_report(notes: tuple[str, ...], reasons: tuple[str, ...] = ()) -> Report:
     fields = Fields()
     return Report(
         message_id="", in_reply_to=(), references=(), sender="", sender_name="", reply_to="",
         to=(), cc=(), subject="", date=None, text="", fields=fields,
-        missing=missing_fields(fields), attachments=(), ticket_refs=(), auto_reasons=(),
+        missing=missing_fields(fields), attachments=(), ticket_refs=(), auto_reasons=reasons,
         bounced_ids=(), rating=None, notes=notes,
     )
+
+
+_T = TypeVar("_T")
+
+
+def _guarded(notes: list[str], what: str, default: _T, func: Callable[..., _T], *args: object) -> _T:
+    """func(*args), or `default` with a note when it raises: one bad header (a Date that
+    breaks dateutil, a From nested 600 deep) loses only its own value."""
+    try:
+        return func(*args)
+    except Exception as exc:
+        log.warning("%s not read: %r", what, exc)
+        notes.append(f"{what} could not be read ({type(exc).__name__})")
+        return default
+
+
+def _first_address(headers: Message, name: str) -> tuple[str, str]:
+    pairs = parse_addresses(raw_values(headers, name))
+    return pairs[0] if pairs else ("", "")
+
+
+def _address_list(headers: Message, name: str) -> tuple[str, ...]:
+    return unique([a for _, a in parse_addresses(raw_values(headers, name))])
+
+
+def _message_id(headers: Message) -> str:
+    return next(iter(message_ids(first_value(headers, "message-id"), single=True)), "")
 
 
 def _parse(raw: bytes, region: str) -> Report:
@@ -328,14 +370,15 @@ def _parse(raw: bytes, region: str) -> Report:
     root = parse_tree(raw, notes)
     if root is None:
         return _empty_report(tuple(notes))
+    headers = root.headers
+    guard = partial(_guarded, notes)
+    sender_name, sender = guard("header From", ("", ""), _first_address, headers, "from")
     collector = _Collector(notes)
     body = collector.message(root)
-    headers = root.headers
-    senders = parse_addresses(raw_values(headers, "from"))
-    sender_name, sender = senders[0] if senders else ("", "")
-    subject = header_text(headers, "subject")
-    message_id = next(iter(message_ids(first_value(headers, "message-id"), single=True)), "")
-    reasons = auto_reasons(headers, sender, root.declared_type, body.has_dsn)
+    subject = guard("header Subject", "", header_text, headers, "subject")
+    message_id = guard("header Message-ID", "", _message_id, headers)
+    reasons = guard("loop markers", (), auto_reasons, headers, sender, root.declared_type,
+                    body.has_dsn)
     bounce = ("dsn" in reasons or bool(body.returned)
               or sender.rpartition("@")[0] in DAEMON_LOCAL_PARTS)
     try:
@@ -345,30 +388,44 @@ def _parse(raw: bytes, region: str) -> Report:
         notes.append("text could not be read")
         text, fields = "", Fields(reporter_name=sender_name or None, reporter_email=sender or None)
         labelled = frozenset()
-    reply_to = parse_addresses(raw_values(headers, "reply-to"))
+    reply_to = guard("header Reply-To", ("", ""), _first_address, headers, "reply-to")[1]
 
     return Report(
         message_id=message_id,
-        in_reply_to=message_ids(first_value(headers, "in-reply-to")),
-        references=message_ids(" ".join(raw_values(headers, "references"))),
+        in_reply_to=guard("header In-Reply-To", (), lambda: message_ids(first_value(headers, "in-reply-to"))),
+        references=guard("header References", (),
+                         lambda: message_ids(" ".join(raw_values(headers, "references")))),
         sender=sender,
         sender_name=sender_name,
-        reply_to=reply_to[0][1] if reply_to else "",
-        to=unique([a for _, a in parse_addresses(raw_values(headers, "to"))]),
-        cc=unique([a for _, a in parse_addresses(raw_values(headers, "cc"))]),
+        reply_to=reply_to,
+        to=guard("header To", (), _address_list, headers, "to"),
+        cc=guard("header Cc", (), _address_list, headers, "cc"),
         subject=subject,
-        date=parse_date(first_value(headers, "date")),
+        date=guard("header Date", None, parse_date, first_value(headers, "date")),
         text=text,
         fields=fields,
         missing=missing_fields(fields),
         attachments=_attachments(collector.files),
         ticket_refs=tuple(int(m.group(1)) for m in TICKET_REF.finditer(subject)),
         auto_reasons=reasons,
-        bounced_ids=_bounced_ids(body, message_id) if bounce else (),
-        rating=find_rating(text),
+        bounced_ids=guard("bounced message ids", (), _bounced_ids, body, message_id) if bounce else (),
+        rating=guard("rating", None, find_rating, text),
         notes=tuple(notes),
         labelled=labelled,
     )
+
+
+def _loop_markers_only(raw: bytes) -> tuple[str, ...]:
+    """After a parser bug: the loop markers alone, from a scan of the header section, so
+    a broken auto-reply is still never answered."""
+    try:
+        blank = _BLANK_LINE.search(raw)
+        headers = parse_header_block(essential_block(raw[: blank.start() if blank else len(raw)]))
+        sender = _first_address(headers, "from")[1]
+        return auto_reasons(headers, sender, "", False)
+    except Exception:
+        log.exception("loop markers not read")
+        return ()
 
 
 def parse_report(raw: bytes, *, default_region: str = "PL") -> Report:
@@ -380,4 +437,4 @@ def parse_report(raw: bytes, *, default_region: str = "PL") -> Report:
         return _parse(bytes(raw), default_region or "PL")
     except Exception as exc:  # a parser bug must not lose the mail: report and go on
         log.exception("parser failed")
-        return _empty_report((f"parser failed: {type(exc).__name__}",))
+        return _empty_report((f"parser failed: {type(exc).__name__}",), _loop_markers_only(raw))

@@ -62,6 +62,12 @@ def _plain_walk(doc: lxml.html.HtmlElement) -> str:
     return etree.tostring(doc, method="text", encoding="unicode")
 
 
+# XPath over a large tree costs ~1 µs an element: run it only when the HTML names a marker.
+_HISTORY_HINTS = ("appendonsend", "divrplyfwdmsg", "mail-editor-reference", "zwchr",
+                  "outlookmessageheader", "domino-section", "border-top")
+_QUOTE_HINTS = ("blockquote", "gmail_quote", "yahoo_quoted")
+
+
 def _mark_history(doc: lxml.html.HtmlElement) -> None:
     """A HISTORY_MARKER line before the first element that starts unmarked history."""
     starts = doc.xpath(_HISTORY_XPATH)
@@ -83,10 +89,13 @@ def html_to_text(html: str, max_elements: int = MAX_LAYOUT_ELEMENTS) -> tuple[st
     except (etree.ParserError, ValueError) as exc:
         log.debug("HTML not parsed (%s): tags stripped", exc)
         return html_lib.unescape(_TAG.sub(" ", html)), 0
-    for element in doc.xpath(_QUOTE_XPATH) + list(doc.iter("style", "script", "head")):
+    lowered = html.lower()
+    quotes = doc.xpath(_QUOTE_XPATH) if any(h in lowered for h in _QUOTE_HINTS) else []
+    for element in quotes + list(doc.iter("style", "script", "head")):
         if element.getparent() is not None:
             element.drop_tree()
-    _mark_history(doc)
+    if any(h in lowered for h in _HISTORY_HINTS):
+        _mark_history(doc)
     elements = sum(1 for _ in doc.iter())
     if elements <= max_elements:
         try:

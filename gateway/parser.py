@@ -310,9 +310,9 @@ def _read_fields(body: _Body, subject: str, sender: str, sender_name: str,
             text = "\n\n".join(t for t in (split.new.strip(), chosen.text) if t)
             name, addr = chosen.sender()
             inner = read_labels(chosen.text)
-            fields = build_fields(inner, addr or sender, name or sender_name, region)
+            fields = build_fields(inner, addr or sender, name or sender_name, region, subject)
             return text, fields, labelled_fields(inner, fields)
-    fields = build_fields(labelled, sender, sender_name, region)
+    fields = build_fields(labelled, sender, sender_name, region, subject)
     return split.new.strip(), fields, labelled_fields(labelled, fields)
 
 

@@ -11,12 +11,13 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import Message
 from functools import partial
 from typing import TypeVar
 
 from gateway.model import TICKET_REF, Attachment, Fields, Report, missing_fields
+from gateway.parse_attached import MAX_FORMS, form_kind, form_text
 from gateway.parse_charset import decode_text
 from gateway.parse_fields import build_fields, find_rating, labelled_fields, read_labels
 from gateway.parse_headers import (
@@ -316,6 +317,34 @@ def _read_fields(body: _Body, subject: str, sender: str, sender_name: str,
     return split.new.strip(), fields, labelled_fields(labelled, fields)
 
 
+def _with_forms(fields: Fields, labelled: frozenset[str], files: list[_File],
+                who: tuple[str, str, str], notes: list[str]) -> tuple[Fields, frozenset[str]]:
+    """Fields from filled-in forms attached as PDF or .docx, read like body text. They
+    rank below what the body gave under a label and above the body's guesses (From name,
+    signature, free text): the body wins, a form beats a guess."""
+    sender, sender_name, region = who
+    read = 0
+    for item in files:
+        if read >= MAX_FORMS or form_kind(item.name, item.content_type) is None:
+            continue
+        read += 1
+        text = form_text(item.name, item.content_type, item.data)
+        if not text:
+            continue
+        inner = read_labels(normalize_text(line_breaks(text)))
+        if not inner.found:
+            continue
+        form = build_fields(inner, sender, sender_name, region)
+        updates = {name: getattr(form, name) for name in labelled_fields(inner, form)
+                   if name not in labelled}
+        if updates:
+            fields = replace(fields, **updates)
+            labelled = labelled | frozenset(updates)
+            notes.append(f"fields read from attachment {item.name or item.content_type}: "
+                         + ", ".join(sorted(updates)))
+    return fields, labelled
+
+
 def _bounced_ids(body: _Body, own_id: str) -> tuple[str, ...]:
     found: list[str] = []
     for headers in [b.headers for b in body.forwards] + body.returned:
@@ -388,6 +417,9 @@ def _parse(raw: bytes, region: str) -> Report:
         notes.append("text could not be read")
         text, fields = "", Fields(reporter_name=sender_name or None, reporter_email=sender or None)
         labelled = frozenset()
+    if not bounce:
+        fields, labelled = guard("attached forms", (fields, labelled), _with_forms, fields,
+                                 labelled, collector.files, (sender, sender_name, region), notes)
     reply_to = guard("header Reply-To", ("", ""), _first_address, headers, "reply-to")[1]
 
     return Report(

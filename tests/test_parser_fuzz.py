@@ -1,0 +1,57 @@
+"""The parser's fuzz target in the suite: a short bounded atheris run (fuzz/README.md),
+and every input the fuzzer ever found as a regression test."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.parser import parse_report
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "fuzz"))
+
+needs_atheris = pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
+                                   reason="atheris is not installed")
+
+
+@needs_atheris
+def test_short_fuzz_run_finds_nothing(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for folder in (ROOT / "tests" / "data",):
+        for path in folder.glob("*.eml"):
+            (corpus / path.name).write_bytes(path.read_bytes())
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "fuzz" / "fuzz_parser.py"), str(corpus), "-runs=20000",
+         "-max_total_time=45", "-seed=1", "-timeout=30", f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Done" in run.stderr
+    assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
+
+
+@needs_atheris
+def test_the_target_checks_the_contract() -> None:
+    from fuzz_parser import check  # the same checks as the fuzzer
+
+    report = check(b"From: a@b.pl\nSubject: x\n\nOpis: y\n")
+    assert report.fields.description == "y"
+
+
+# Inputs the fuzzer found (each failed before its fix); the target's own check applies.
+FOUND: list[bytes] = [
+]
+
+
+@pytest.mark.parametrize("raw", FOUND, ids=[str(n) for n in range(len(FOUND))])
+def test_fuzz_findings(raw: bytes) -> None:
+    report = parse_report(raw)
+    assert not [n for n in report.notes if "failed" in n or "could not be read" in n]

@@ -8,7 +8,7 @@ cut from the original line, as written.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import phonenumbers
 from phonenumbers import Leniency, NumberParseException, PhoneNumberFormat, PhoneNumberMatcher
@@ -179,6 +179,8 @@ class Labelled:
     folded: list[str]  # each line folded and stripped
     values: dict[str, str]
     used: set[int]
+    # Keys given again with another value ("Numer seryjny: A" ... "Numer seryjny: B").
+    repeated: set[str] = field(default_factory=set)
 
     def is_stop(self, i: int) -> bool:
         """A closing ("Pozdrawiam") or signature separator ("-- ") on line i."""
@@ -246,6 +248,8 @@ def read_labels(text: str) -> Labelled:
         value = _clean("\n".join(parts), hit.key)
         if value and hit.key not in values:
             values[hit.key] = value
+        elif value and fold(value) != fold(values[hit.key]):
+            doc.repeated.add(hit.key)
         i = j
     return doc
 
@@ -454,6 +458,21 @@ _KEY_FIELDS = {
     "description": ("description",), "serial": ("serial_number",),
     "commcell": ("commcell_id",), "device": ("serial_number", "commcell_id"),
 }
+
+
+# Keys that name one failure: one of them twice with two values is two reports in one mail.
+_REPORT_KEYS = frozenset({"serial", "commcell", "device", "address", "description", "name"})
+
+
+def second_report(labelled: Labelled) -> str | None:
+    """A note for staff when the text seems to hold two reports (a device key, or two
+    report keys, given twice with different values): only the first one was read."""
+    keys = labelled.repeated & _REPORT_KEYS
+    device = keys & {"serial", "commcell", "device"}
+    if not device and len(keys) < 2:
+        return None
+    return ("two reports in one mail? fields given twice with different values ("
+            + ", ".join(sorted(keys)) + "): only the first of each was read")
 
 
 def labelled_fields(labelled: Labelled, fields: Fields) -> frozenset[str]:

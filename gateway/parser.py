@@ -19,7 +19,13 @@ from typing import TypeVar
 from gateway.model import TICKET_REF, Attachment, Fields, Report, missing_fields
 from gateway.parse_attached import MAX_FORMS, form_kind, form_text
 from gateway.parse_charset import decode_text
-from gateway.parse_fields import build_fields, find_rating, labelled_fields, read_labels
+from gateway.parse_fields import (
+    build_fields,
+    find_rating,
+    labelled_fields,
+    read_labels,
+    second_report,
+)
 from gateway.parse_headers import (
     DAEMON_LOCAL_PARTS,
     auto_reasons,
@@ -297,11 +303,14 @@ def _forwarded_sources(body: _Body, history: str, kind: str, subject: str) -> li
 
 
 def _read_fields(body: _Body, subject: str, sender: str, sender_name: str,
-                 region: str, bounce: bool) -> tuple[str, Fields, frozenset[str]]:
+                 region: str, bounce: bool, notes: list[str]) -> tuple[str, Fields, frozenset[str]]:
     """The new text and its fields; a forwarded report is read from inside when the
     new text has no labelled fields of its own."""
     split = split_quoted(body.text)
     labelled = read_labels(split.new)
+    second = second_report(labelled)
+    if second:
+        notes.append(second)
     if not labelled.found and not bounce:
         sources = _forwarded_sources(body, split.history, split.kind, subject)
         chosen = next((s for s in sources if read_labels(s.text).found), None)
@@ -411,7 +420,8 @@ def _parse(raw: bytes, region: str) -> Report:
     bounce = ("dsn" in reasons or bool(body.returned)
               or sender.rpartition("@")[0] in DAEMON_LOCAL_PARTS)
     try:
-        text, fields, labelled = _read_fields(body, subject, sender, sender_name, region, bounce)
+        text, fields, labelled = _read_fields(body, subject, sender, sender_name, region, bounce,
+                                              notes)
     except Exception:  # keep headers and attachments even if the text defeats us
         log.exception("fields not read")
         notes.append("text could not be read")

@@ -123,3 +123,55 @@ def test_sender_name_and_address_kept(value: str, name: str, addr: str) -> None:
     assert report.fields.reporter_email == addr
     if name and "," not in name and '"' not in name:
         assert report.fields.reporter_name == name
+
+
+LOG = b"2025-03-10 08:00:01 ERROR JobManager: job 4711 failed (19:1131)\n" * 4
+
+
+def _uu(data: bytes) -> bytes:
+    import binascii
+    return b"".join(binascii.b2a_uu(data[i : i + 45]) for i in range(0, len(data), 45))
+
+
+UUENCODED = [
+    ("with begin and end", b"begin 644 job.log\n" + _uu(LOG) + b"`\nend\n", LOG),
+    ("without begin", _uu(LOG) + b"`\nend\n", LOG),
+    ("without begin and end", _uu(LOG), LOG),
+    ("blank lines between", b"begin 644 job.log\n" + _uu(LOG).replace(b"\n", b"\n\n", 1) + b"end\n", LOG),
+    # kept as sent (the line break before the boundary belongs to the boundary)
+    ("not uuencoded at all", b"plain text, not uuencoded\n", b"plain text, not uuencoded"),
+]
+
+
+@pytest.mark.parametrize(("shape", "body", "data"), UUENCODED, ids=[u[0] for u in UUENCODED])
+def test_x_uuencode_part(shape: str, body: bytes, data: bytes) -> None:
+    raw = (b"From: a@firma.pl\nContent-Type: multipart/mixed; boundary=B\n\n--B\n\nOpis: x\n--B\n"
+           b"Content-Type: text/plain; name=job.log\nContent-Transfer-Encoding: x-uuencode\n\n"
+           + body + b"--B--\n")
+    [att] = parse_report(raw).attachments
+    assert (att.filename, att.data, att.size) == ("job.log", data, len(data))
+
+
+TWO_REPORTS = [
+    ("two serials",
+     "1) Opis: Nie działa serwer A.\nNumer seryjny: SRV-A\n\n2) Opis: Nie działa serwer B.\nNumer seryjny: SRV-B",
+     "description, serial"),
+    ("two addresses and names",
+     "Imię i nazwisko: Jan Kowalski\nAdres: ul. Polna 1, 00-950 Warszawa\n\n"
+     "Imię i nazwisko: Anna Nowak\nAdres: ul. Lipowa 4, 20-001 Lublin", "address, name"),
+    ("same value repeated is one report",
+     "Numer seryjny: SRV-A\nOpis: Nie działa.\n\nPS. Numer seryjny: SRV-A", None),
+    ("one report", "Opis: Nie działa.\nNumer seryjny: SRV-A", None),
+]
+
+
+@pytest.mark.parametrize(("shape", "body", "keys"), TWO_REPORTS, ids=[t[0] for t in TWO_REPORTS])
+def test_two_reports_in_one_mail_are_noted(shape: str, body: str, keys: str | None) -> None:
+    report = parse_report(mail(body))
+    notes = [n for n in report.notes if n.startswith("two reports in one mail?")]
+    if keys is None:
+        assert notes == []
+    else:
+        assert notes == [f"two reports in one mail? fields given twice with different values ({keys}): "
+                         "only the first of each was read"]
+        assert report.fields.serial_number in (None, "SRV-A")

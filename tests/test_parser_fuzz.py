@@ -46,12 +46,12 @@ def test_the_target_checks_the_contract() -> None:
     assert report.fields.description == "y"
 
 
-# Inputs the fuzzer found (each failed before its fix); the target's own check applies.
+# Inputs the fuzzer found (each failed before its fix), checked as the target checks them.
 FOUND: list[bytes] = [
 ]
 
 
-@pytest.mark.parametrize("raw", FOUND, ids=[str(n) for n in range(len(FOUND))])
-def test_fuzz_findings(raw: bytes) -> None:
-    report = parse_report(raw)
-    assert not [n for n in report.notes if "failed" in n or "could not be read" in n]
+def test_fuzz_findings() -> None:
+    for raw in FOUND:
+        report = parse_report(raw)
+        assert not [n for n in report.notes if "failed" in n or "could not be read" in n], raw[:200]

@@ -204,15 +204,21 @@ def parse_header_block(block: bytes) -> Message:
 
 
 def _delimiters(buf: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int, bool]]:
-    """(line start, line end incl. EOL, is_close) of each delimiter line in buf[start:end]."""
+    """(line start, line end incl. EOL, is_close) of each delimiter line in buf[start:end].
+    The line break after a delimiter is looked at, not consumed: it is also the line break
+    before the next one when two delimiters follow each other (an empty part)."""
     mark = b"--" + boundary.encode("utf-8", "surrogateescape")
-    tail = rb"(--)?[ \t]*\r?(?:\n|\Z)"
+    tail = rb"(--)?[ \t]*\r?(?=\n|\Z)"
     found = []
+
+    def line_end(pos: int) -> int:
+        return pos + 1 if buf[pos : pos + 1] == b"\n" and pos < end else pos
+
     first = re.compile(re.escape(mark) + tail).match(buf, start, end)
     if first:
-        found.append((first.start(), first.end(), bool(first.group(1))))
+        found.append((first.start(), line_end(first.end()), bool(first.group(1))))
     for m in re.compile(rb"\n" + re.escape(mark) + tail).finditer(buf, start, end):
-        found.append((m.start() + 1, m.end(), bool(m.group(1))))
+        found.append((m.start() + 1, line_end(m.end()), bool(m.group(1))))
         if len(found) > MAX_PARTS + 1:
             break
     return found

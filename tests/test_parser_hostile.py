@@ -115,3 +115,14 @@ def test_every_loop_marker_is_read_past_256_kib(header: str, reasons: tuple[str,
     report = parse_report(mail(filler + header + "\n"))
     assert report.auto_reasons == reasons
     assert report.subject == "Awaria [#123456]"
+
+
+def test_back_to_back_boundaries_are_empty_parts() -> None:
+    # Two delimiter lines in a row: an empty part between them, not a part whose body
+    # starts with the second delimiter (found by the differential check, bench/diff_stdlib.py).
+    raw = (b"From: a@firma.pl\nContent-Type: multipart/mixed; boundary=ABCDE\n\n--ABCDE\n\nOpis: x\n"
+           b"--ABCDE\n--ABCDE\nContent-Type: application/pdf; name=a.pdf\n\n%PDF-1.4\n"
+           b"--ABCDE\n--ABCDE\n--ABCDE--\n")
+    report = parse_report(raw)
+    assert report.text == "Opis: x"
+    assert [(a.filename, a.data) for a in report.attachments] == [("a.pdf", b"%PDF-1.4")]

@@ -81,14 +81,19 @@ def stdlib_reading(raw: bytes) -> Theirs:
         return Theirs([], None, None, False, f"{type(exc).__name__}: {exc}"[:100])
 
 
+def _all_parts(leaves: list[tuple[str, str, Part]]) -> list[Part]:
+    return [p for _, _, p in leaves]
+
+
 def our_leaves(part: Part | None, out: list[tuple[str, str, Part]]) -> list[tuple[str, str, Part]]:
     if part is None:
         return out
     if part.children:
         for child in part.children:
             our_leaves(child, out)
-    elif not part.content_type.startswith("multipart/"):
-        out.append((part.declared_type or part.content_type, sha(decode_body(part)), part))
+    else:  # a leaf, or a multipart with no parts at all (kept to explain the difference)
+        data = b"" if part.content_type.startswith("multipart/") else decode_body(part)
+        out.append((part.content_type, sha(data), part))
     return out
 
 
@@ -125,8 +130,20 @@ def parts_rows(name: str, raw: bytes, theirs: Theirs, ours: list[tuple[str, str,
         reasons.append("x-uuencode: ours decodes it (stdlib too, but not without 'begin')")
     if b"multipart/digest" in lowered:
         reasons.append("multipart/digest: parts default to message/rfc822")
-    if not reasons and sum(a.values()) != sum(b.values()) and re.search(rb"\n--[^\n]*\n--", raw):
-        reasons.append("empty or back-to-back boundaries: part count differs")
+    if b"message/delivery-status" in lowered:
+        reasons.append("message/delivery-status: stdlib splits it into header blocks, ours keeps one part")
+    if b"message/external-body" in lowered:
+        reasons.append("message/external-body: stdlib reads the phantom headers as a message, ours keeps the part")
+    if re.search(rb"(?m)^[\x21-\x39\x3b-\x7e]+[ \t]+:", raw.split(b"\n\n", 1)[0]):
+        reasons.append("obsolete 'Name : value' header: ours reads it as a header, stdlib ends the header there")
+    boundaries = re.findall(rb'boundary="?([^";\s]+)', raw, re.I)
+    if len(boundaries) != len(set(boundaries)):
+        reasons.append("a nested multipart reuses its parent's boundary: both sides split it differently")
+    if any(not p.children and p.content_type.startswith("multipart/") for p in _all_parts(ours)):
+        reasons.append("a multipart with no parts (only its closing delimiter)")
+    empty = sha(b"")
+    if not reasons and (a - b).keys() <= {empty} and (b - a).keys() <= {empty}:
+        reasons.append("empty parts between back-to-back delimiters: ours keeps them, stdlib drops them")
     if not reasons:
         return [Row(name, "parts", "UNEXPLAINED", f"ours {sum(a.values())} parts, stdlib {sum(b.values())}")]
     return [Row(name, "parts", reasons[0], "; ".join(reasons[1:]))]
@@ -172,9 +189,17 @@ def attachment_row(name: str, raw: bytes, theirs: Theirs, ours_files: list[tuple
     by_hash = {h: (ct, p) for ct, h, p in ours_parts}
     text = squash(ours_text)
     reasons = Counter()
+    empty_multipart = any(p.content_type.startswith("multipart/") and not p.children
+                          for _, _, p in ours_parts)
+    theirs_types = {h: ct for ct, _, h, _ in theirs.leaves}
     for h, _n in (theirs_files - ours_c).items():
         ct, part = by_hash.get(h, ("", None))
-        if part is None:
+        if ct.startswith("multipart/") or (part is None and theirs_types.get(h, "").startswith("multipart/")
+                                           and empty_multipart):
+            reasons["a multipart with no parts: nothing to keep (stdlib: its preamble)"] += 1
+        elif part is None and b"message/delivery-status" in raw.lower():
+            reasons["message/delivery-status kept as one file (stdlib: its header blocks)"] += 1
+        elif part is None:
             reasons["decoded differently (see parts)"] += 1
         elif ct in ("text/plain", "text/html"):
             reasons["text part: shown as body text (or the alternative not shown)"] += 1
@@ -191,6 +216,8 @@ def attachment_row(name: str, raw: bytes, theirs: Theirs, ours_files: list[tuple
             reasons["files unpacked from winmail.dat"] += 1
         elif re.search(rb"(?m)^begin [0-7]{3,4} ", raw):
             reasons["a uuencoded file cut out of a text part"] += 1
+        elif ct == "message/delivery-status":
+            reasons["message/delivery-status kept as one file (stdlib: its header blocks)"] += 1
         elif part is not None and ct.startswith("text/"):
             reasons["a text part the stdlib took as its body is a file for ours"] += 1
         elif part is not None:

@@ -326,12 +326,13 @@ def _b64decode(data: memoryview | bytes) -> bytes:
     try:
         return binascii.a2b_base64(data)
     except (binascii.Error, ValueError):
-        # Bad padding or a stray trailing character: drop non-alphabet bytes and the
-        # incomplete last quantum, as mail readers do.
+        # Bad padding or a stray trailing character: drop non-alphabet bytes, pad a short
+        # last quantum (its 1 or 2 bytes are data), drop a lone sixth bit group.
         clean = re.sub(rb"[^A-Za-z0-9+/]", b"", bytes(data))
-        clean = clean[: len(clean) - len(clean) % 4]
+        if len(clean) % 4 == 1:  # not even one byte in the last quantum
+            clean = clean[:-1]
         try:
-            return binascii.a2b_base64(clean)
+            return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4))
         except (binascii.Error, ValueError):
             return b""
 

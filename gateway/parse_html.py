@@ -23,6 +23,8 @@ _XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>", re.I)
 _TAG = re.compile(r"<[^<>]*>")
 _CONFIG = ParserConfig(css=CSS_PROFILES["strict"])
 _LOWER = "translate({}, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
+# A style attribute lower-cased and without blanks: "border-top: solid #E1E1E1" matches too.
+_STYLE = "translate(@style, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ \t', 'abcdefghijklmnopqrstuvwxyz')"
 
 
 def _has_class(name: str) -> str:
@@ -35,7 +37,7 @@ def _has_class(name: str) -> str:
 _QUOTE_XPATH = (
     "//blockquote[" + _LOWER.format("@type") + "='cite'"
     " or " + _has_class("gmail_quote") + " or " + _has_class("yahoo_quoted")
-    + " or contains(" + _LOWER.format("@style") + ", 'border-left')]"
+    + " or contains(" + _STYLE + ", 'border-left:')]"
     " | //div[" + _has_class("gmail_quote") + " or " + _has_class("gmail_quote_container")
     + " or " + _has_class("yahoo_quoted") + " or starts-with(@id, 'yahoo_quoted')]"
 )
@@ -47,8 +49,8 @@ _QUOTE_XPATH = (
 _HISTORY_XPATH = (
     "//*[@id='appendonsend' or @id='divRplyFwdMsg' or @id='mail-editor-reference-message-container'"
     " or @id='zwchr' or " + _has_class("OutlookMessageHeader") + " or " + _has_class("domino-section")
-    + " or (self::div and (contains(" + _LOWER.format("@style") + ", 'border-top:solid #e1e1e1')"
-    " or contains(" + _LOWER.format("@style") + ", 'border-top:solid #b5c4df')))]"
+    + " or (self::div and (contains(" + _STYLE + ", 'border-top:solid#e1e1e1')"
+    " or contains(" + _STYLE + ", 'border-top:solid#b5c4df')))]"
 )
 HISTORY_MARKER = "-----Original Message-----"
 _BLOCKS = ("p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "pre")

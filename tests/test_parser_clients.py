@@ -51,7 +51,7 @@ HTML_REPLIES = [
      '<p class="MsoNormal"><b>From:</b> crm@s4e.pl<br><b>Sent:</b> Monday, March 10, 2025 8:00 AM<br>'
      f"<b>To:</b> jan@firma.pl<br><b>Subject:</b> Awaria</p></div><p>{OLD_BODY}</p></div>"),
     ("outlook 2010 blue border-top",
-     f'<p>{NEW}</p><div style="border:none; border-top:solid #B5C4DF 1.0pt; padding:3.0pt 0cm 0cm 0cm">'
+     f'<p>{NEW}</p><div style="border:none; border-top: solid #B5C4DF 1.0pt; padding:3.0pt 0cm 0cm 0cm">'
      f"<p><b>Od:</b> crm@s4e.pl <b>Wysłano:</b> 10 marca 2025</p></div><p>{OLD_BODY}</p>"),
     ("windows mail plain header block",
      f"<div>{NEW}</div><div><br></div>"

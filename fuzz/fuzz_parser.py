@@ -63,7 +63,8 @@ def check(data: bytes) -> Report:
     for att in report.attachments:
         if att.size != len(att.data) or not att.filename or "\n" in att.filename:
             raise AssertionError(f"attachment out of contract: {att.filename!r}")
-    for text in (report.subject, report.sender_name, report.text, *report.notes):
+    for text in (report.subject, report.sender_name, report.text, *report.notes,
+                 *(a.filename for a in report.attachments)):
         text.encode("utf-8")  # no lone surrogates reach the store
     return report
 

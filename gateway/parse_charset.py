@@ -197,10 +197,19 @@ def cjk_codec(data: bytes) -> str | None:
     return best
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def no_surrogates(text: str) -> str:
+    """Lone surrogates (UTF-7 "+2AA-", "\\ud800" in unicode_escape) as U+FFFD: they cannot
+    be stored or printed as UTF-8."""
+    return text if text.isascii() else _SURROGATES.sub("\ufffd", text)
+
+
 def _decode(data: bytes, codec: str) -> str:
     if codec == ISO2022JP_CP932:
         return decode_iso2022jp(data)
-    return data.decode(codec, "replace")
+    return no_surrogates(data.decode(codec, "replace"))
 
 
 def decode_text(data: bytes, declared: str | None = None) -> tuple[str, str | None]:

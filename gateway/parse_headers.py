@@ -15,7 +15,7 @@ from email.message import Message
 from dateutil import parser as dateutil_parser
 from email.utils import getaddresses, parsedate_to_datetime
 
-from gateway.parse_charset import decode_text
+from gateway.parse_charset import decode_text, no_surrogates, repair_surrogates
 
 # RFC 2047 encoded word; lenient: encoded text may hold blanks (broken encoders do that).
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)\?=")
@@ -94,7 +94,7 @@ def decode_words(value: str) -> str:
 
 
 def one_line(value: str) -> str:
-    return _CONTROLS.sub(" ", value).strip()
+    return no_surrogates(_CONTROLS.sub(" ", value)).strip()
 
 
 def header_text(headers: Message, name: str) -> str:
@@ -107,7 +107,9 @@ def header_text(headers: Message, name: str) -> str:
 
 def _strict_addresses(text: str) -> list[tuple[str, str]]:
     header = policy.default.header_factory("to", text)
-    return [(a.display_name or "", a.addr_spec or "") for a in header.addresses]
+    # An encoded word in a charset the stdlib cannot use ("=?utf-7?b?...?=" holding
+    # UTF-8) comes back as surrogate-escaped bytes: read those bytes as we read any.
+    return [(repair_surrogates(a.display_name or ""), a.addr_spec or "") for a in header.addresses]
 
 
 def _drop_comments(text: str) -> str:

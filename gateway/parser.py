@@ -261,7 +261,7 @@ def _attachments(files: list[_File]) -> tuple[Attachment, ...]:
     out = []
     for n, item in enumerate(files, 1):
         ctype = item.content_type.lower()
-        name = item.name or f"attachment-{n}{_SUFFIX_BY_TYPE.get(ctype, '.bin')}"
+        name = one_line(item.name)[:MAX_FILENAME] or f"attachment-{n}{_SUFFIX_BY_TYPE.get(ctype, '.bin')}"
         lowered = name.lower()
         out.append(Attachment(
             filename=name,

@@ -14,7 +14,7 @@ import zipfile
 
 log = logging.getLogger(__name__)
 
-MAX_FORM_BYTES = 5 * 1024 * 1024
+MAX_FORM_BYTES = 2 * 1024 * 1024  # a filled-in form is a few hundred KiB; scans have no text
 MAX_FORM_PAGES = 5
 MAX_DOCX_XML = 4 * 1024 * 1024
 MAX_FORM_TEXT = 64 * 1024

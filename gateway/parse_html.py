@@ -98,7 +98,8 @@ def html_to_text(html: str, max_elements: int = MAX_LAYOUT_ELEMENTS) -> tuple[st
             element.drop_tree()
     if any(h in lowered for h in _HISTORY_HINTS):
         _mark_history(doc)
-    elements = sum(1 for _ in doc.iter())
+    # As doc.iter() counts (elements, comments, PIs), but in C: no element proxies.
+    elements = int(doc.xpath("count(//*|//comment()|//processing-instruction())"))
     if elements <= max_elements:
         try:
             return Inscriptis(doc, _CONFIG).get_text(), elements

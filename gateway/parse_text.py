@@ -167,6 +167,30 @@ def _history_kind(folded: list[str], i: int) -> str:
     line = folded[i]
     if not line:
         return ""
+    # Every marker but the header block and a wrapped "W dniu ..." starts or ends with
+    # "-", "_" or ":": the cheap test first (this runs on every line of the text).
+    first, last = line[0], line[-1]
+    if first == "-" or last == "-":
+        if _ORIGINAL.match(line):
+            return "reply"
+        if _FORWARD.match(line) or _NOTES_FORWARD.match(line):
+            return "forward"
+        if _NOTES_REPLY.match(line):
+            return "reply"
+    if last == ":":
+        if _FORWARD.match(line):
+            return "forward"
+        if _NOTES_REPLY.match(line) or _OTHER_ATTRIBUTION.match(line):
+            return "reply"
+    if first == "_" and _UNDERSCORES.match(line):
+        following = [j for j in range(i + 1, min(len(folded), i + 4)) if folded[j]]
+        return "header" if following and _is_header_block(folded, following[0]) else ""
+    if _is_header_block(folded, i):
+        return "header"
+    if (last == ":" or _ATTRIBUTION_START.match(line)) and _is_attribution(
+            line, _next_lines(folded, i + 1, 2)):
+        return "reply"
+    return ""
     if _ORIGINAL.match(line):
         return "reply"
     if _FORWARD.match(line) or _NOTES_FORWARD.match(line):

@@ -191,20 +191,6 @@ def _history_kind(folded: list[str], i: int) -> str:
             line, _next_lines(folded, i + 1, 2)):
         return "reply"
     return ""
-    if _ORIGINAL.match(line):
-        return "reply"
-    if _FORWARD.match(line) or _NOTES_FORWARD.match(line):
-        return "forward"
-    if _NOTES_REPLY.match(line) or _OTHER_ATTRIBUTION.match(line):
-        return "reply"
-    if _UNDERSCORES.match(line):
-        following = [j for j in range(i + 1, min(len(folded), i + 4)) if folded[j]]
-        return "header" if following and _is_header_block(folded, following[0]) else ""
-    if _is_header_block(folded, i):
-        return "header"
-    if _is_attribution(line, _next_lines(folded, i + 1, 2)):
-        return "reply"
-    return ""
 
 
 def _attribution_above_quote(folded: list[str], i: int) -> int:

@@ -8,12 +8,13 @@ cut from the original line, as written.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import phonenumbers
 from phonenumbers import Leniency, NumberParseException, PhoneNumberFormat, PhoneNumberMatcher
 
 from gateway.model import Fields
+from gateway.parse_guess import address_in_text, commcell_in_text, phone_in_text, serial_in_text
 from gateway.parse_text import closing_tail, fold, looks_like_name, strip_greeting
 
 # Folded label -> field key, in the procedure's order. The longest label that fits wins.
@@ -40,8 +41,8 @@ _LABELS: dict[str, tuple[str, ...]] = {
     "address": (
         "adres instalacji sprzetu - realizacji naprawy", "adres instalacji sprzetu",
         "adres instalacji", "adres realizacji naprawy", "miejsce instalacji",
-        "lokalizacja urzadzenia", "adres", "installation address", "site address",
-        "address", "location",
+        "lokalizacja urzadzenia", "lokalizacja", "adres", "installation address", "site address",
+        "address", "location", "site",
     ),
     "description": (
         "opis problemu", "opis awarii", "opis usterki", "opis bledu", "opis",
@@ -49,9 +50,13 @@ _LABELS: dict[str, tuple[str, ...]] = {
     ),
     "serial": (
         "numer seryjny urzadzenia", "nr seryjny urzadzenia", "numer seryjny", "nr seryjny",
+        "numer fabryczny urzadzenia", "nr fabryczny urzadzenia", "numer fabryczny", "nr fabryczny",
         "serial number", "serial no.", "serial nr", "serial", "s/n", "sn",
     ),
-    "commcell": ("numer commcell id", "nr commcell id", "commcell id", "commcell", "ccid"),
+    "commcell": (
+        "numer commcell id", "nr commcell id", "numer commcell", "nr commcell", "commcell id",
+        "commcell", "commserve id", "ccid", "cc id",
+    ),
     "logs": ("logi z urzadzenia, o ile sa dostepne", "logi z urzadzenia", "logi", "logs", "log files"),
 }
 # "Numer seryjny urządzenia / numer Commcell ID" and its variants ("S/N lub CCID"...).
@@ -76,6 +81,8 @@ _PLACEHOLDERS = frozenset({"", "-", "--", "---", "?", "x", "brak", "n/a", "na", 
 _EMAIL = re.compile(r"(?<![A-Za-z0-9._%+'-])[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _SEPARATOR = re.compile(r"[ \t]*(?:[:;=]|[-–—>](?=[ \t]|$)|\t)[ \t]*|[ \t]{2,}")
 _PHONE_START = re.compile(r"[ \t]+[+(]?\d")
+# "S/N AB-12", "CC ID 2A3F5": one token with a digit may follow a short device label.
+_IDENTIFIER = re.compile(r"^(?=[^\s]*\d)[A-Za-z0-9][A-Za-z0-9./_-]*$")
 _PHONE_KEYWORD = re.compile(
     r"\b(?:tel|telefon|tel\. ?kom|kom|komorka|mobile|mob|phone|gsm|cell)\b\.?[ \t]*:?[ \t]*"
     r"([+(]?\d[\d \-()/.]{5,}\d)"
@@ -125,7 +132,8 @@ def _build_label_regex() -> tuple[re.Pattern[str], dict[str, tuple[str, bool]]]:
         r"^[ \t]*(?:[-*•·▪●◦‣+]+[ \t]*)?"  # a bullet
         r"(?P<num>\(?(?:\d{1,2}|[a-h])[ \t]*[.)][ \t]*)?"  # "1." "1)" "a)"
         r"(?:" + "|".join(alternatives) + r")(?![a-z0-9])"
-        r"(?:[ \t]*\([^)\n]{0,80}\))?"  # "(mail, telefon)"
+        # "(mail, telefon)", but not an area code: "Telefon (0-12) 421 11 22"
+        r"(?:[ \t]*\((?![ \t]*[+\d])[^)\n]{0,80}\))?"
     )
     return re.compile(pattern), groups
 
@@ -158,6 +166,7 @@ def _match_label(line: str, folded: str) -> _Hit | None:
         or (match.group("num") is not None and len(match.group(match.lastgroup)) >= NUMBERED_LABEL)
         or (key == "phone" and _PHONE_START.match(rest) is not None)
         or (key == "email" and "@" in rest)
+        or (key in ("serial", "commcell") and _IDENTIFIER.match(rest.strip()) is not None)
     )
     return _Hit(key, rest.strip()) if single_space else None
 
@@ -170,6 +179,8 @@ class Labelled:
     folded: list[str]  # each line folded and stripped
     values: dict[str, str]
     used: set[int]
+    # Keys given again with another value ("Numer seryjny: A" ... "Numer seryjny: B").
+    repeated: set[str] = field(default_factory=set)
 
     def is_stop(self, i: int) -> bool:
         """A closing ("Pozdrawiam") or signature separator ("-- ") on line i."""
@@ -237,6 +248,8 @@ def read_labels(text: str) -> Labelled:
         value = _clean("\n".join(parts), hit.key)
         if value and hit.key not in values:
             values[hit.key] = value
+        elif value and fold(value) != fold(values[hit.key]):
+            doc.repeated.add(hit.key)
         i = j
     return doc
 
@@ -339,6 +352,20 @@ def _free_text(doc: Labelled, end: int) -> str | None:
 
 # --- fields ------------------------------------------------------------------------------
 
+def _name_ending_paragraph(doc: Labelled, end: int) -> str | None:
+    """A report written as one paragraph signed in its last sentence: "... Proszę o
+    kontakt. Anna Nowak" -> "Anna Nowak" (two to four capitalised words)."""
+    last = next((doc.lines[i] for i in range(min(end, len(doc.lines)) - 1, -1, -1)
+                 if doc.lines[i].strip() and i not in doc.used), "")
+    tail = re.split(r"[.!?]\s+", last.strip())[-1].strip().rstrip(".")
+    return tail if " " in tail and tail != last.strip() and looks_like_name(tail) else None
+
+
+def _unused_text(doc: Labelled) -> str:
+    """The lines no label took: where unlabelled values are looked for."""
+    return "\n".join(line for i, line in enumerate(doc.lines) if i not in doc.used)
+
+
 def _first_email(text: str | None) -> str | None:
     match = _EMAIL.search(text or "")
     return match.group(0).lower() if match else None
@@ -383,8 +410,10 @@ def _split_name(value: str | None) -> tuple[str | None, str | None]:
     return (name or None), value
 
 
-def build_fields(labelled: Labelled, sender: str, sender_name: str, region: str) -> Fields:
-    """Fields from the labels, with the fallbacks: signature, From, free text."""
+def build_fields(labelled: Labelled, sender: str, sender_name: str, region: str,
+                 subject: str = "") -> Fields:
+    """Fields from the labels, with the fallbacks: signature, From, free text (phone,
+    postal address, serial or CommCell ID mentioned in a sentence), the subject."""
     values = labelled.values
     labelled_name, name_contact = _split_name(values.get("name"))
     contact = (values.get("contact") or name_contact or "")[:MAX_CONTACT] or None
@@ -392,23 +421,30 @@ def build_fields(labelled: Labelled, sender: str, sender_name: str, region: str)
     sig_name = _signature_name(labelled, sig_start)
     split_name = " ".join(v for v in (values.get("first_name"), values.get("last_name")) if v)
     display = sender_name if sender_name and "@" not in sender_name else None
+    unused = _unused_text(labelled)
 
     name = (labelled_name or split_name or _contact_name(contact)
-            or (sig_name if sig_name and " " in sig_name else None) or display or sig_name)
+            or (sig_name if sig_name and " " in sig_name else None)
+            or _name_ending_paragraph(labelled, sig_start) or display or sig_name)
     email = _first_email(values.get("email")) or _first_email(contact) or (sender or None)
     if values.get("phone"):
         phone = normalize_phone(values["phone"], region)
     else:
         phone = ((_valid_in(contact, region) if contact else None)
                  or _phone_in_signature(labelled, sig_start, region)
-                 or _phone_by_keyword(labelled, region))
+                 or _phone_by_keyword(labelled, region)
+                 or phone_in_text(unused, region))
     serial, commcell = _device(values)
+    if not (serial or commcell):
+        serial = serial_in_text(unused) or serial_in_text(subject)
+        commcell = commcell_in_text(unused) or (None if serial else commcell_in_text(subject))
+    address = values.get("address") or address_in_text(unused)
     description = values.get("description") or _free_text(labelled, sig_start)
     return Fields(
         reporter_name=name,
         reporter_email=email,
         reporter_phone=phone,
-        install_address=values.get("address"),
+        install_address=address,
         description=description,
         serial_number=serial,
         commcell_id=commcell,
@@ -422,6 +458,21 @@ _KEY_FIELDS = {
     "description": ("description",), "serial": ("serial_number",),
     "commcell": ("commcell_id",), "device": ("serial_number", "commcell_id"),
 }
+
+
+# Keys that name one failure: one of them twice with two values is two reports in one mail.
+_REPORT_KEYS = frozenset({"serial", "commcell", "device", "address", "description", "name"})
+
+
+def second_report(labelled: Labelled) -> str | None:
+    """A note for staff when the text seems to hold two reports (a device key, or two
+    report keys, given twice with different values): only the first one was read."""
+    keys = labelled.repeated & _REPORT_KEYS
+    device = keys & {"serial", "commcell", "device"}
+    if not device and len(keys) < 2:
+        return None
+    return ("two reports in one mail? fields given twice with different values ("
+            + ", ".join(sorted(keys)) + "): only the first of each was read")
 
 
 def labelled_fields(labelled: Labelled, fields: Fields) -> frozenset[str]:

@@ -15,7 +15,7 @@ from email.message import Message
 from dateutil import parser as dateutil_parser
 from email.utils import getaddresses, parsedate_to_datetime
 
-from gateway.parse_charset import decode_text
+from gateway.parse_charset import decode_text, no_surrogates, repair_surrogates
 
 # RFC 2047 encoded word; lenient: encoded text may hold blanks (broken encoders do that).
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)\?=")
@@ -94,7 +94,7 @@ def decode_words(value: str) -> str:
 
 
 def one_line(value: str) -> str:
-    return _CONTROLS.sub(" ", value).strip()
+    return no_surrogates(_CONTROLS.sub(" ", value)).strip()
 
 
 def header_text(headers: Message, name: str) -> str:
@@ -107,7 +107,9 @@ def header_text(headers: Message, name: str) -> str:
 
 def _strict_addresses(text: str) -> list[tuple[str, str]]:
     header = policy.default.header_factory("to", text)
-    return [(a.display_name or "", a.addr_spec or "") for a in header.addresses]
+    # An encoded word in a charset the stdlib cannot use ("=?utf-7?b?...?=" holding
+    # UTF-8) comes back as surrogate-escaped bytes: read those bytes as we read any.
+    return [(repair_surrogates(a.display_name or ""), a.addr_spec or "") for a in header.addresses]
 
 
 def _drop_comments(text: str) -> str:
@@ -136,23 +138,69 @@ def _loose_addresses(text: str) -> list[tuple[str, str]]:
         return [("", a) for a in _BARE_ADDRESS.findall(text)]
 
 
+# One mailbox in the shapes clients and scripts really write, strict parsers lose a part of:
+# `Kowalski, Jan <a@b>` (unquoted comma), `a@b (Jan Kowalski)`, `Jan <a@b.>` (trailing
+# dot), `Jan <mailto:a@b>`, `Jan [a@b]`, `"Jan Kowalski" a@b` (no brackets).
+_ADDR = r"(?:mailto:)?(?P<addr>[^\s<>()\[\]\"@,;]+@[^\s<>()\[\]\"@,;]+?)\.?"
+_MAILBOX_SHAPES = (
+    re.compile(r"^\s*(?P<name>[^<>@]*?)\s*[<\[]\s*" + _ADDR + r"\s*[>\]]+\s*$"),
+    re.compile(r"^\s*[<]?" + _ADDR + r"[>]?\s*\((?P<name>[^()@]*)\)\s*$"),
+    re.compile(r"^\s*(?P<name>[^<>@()]*?)\s+" + _ADDR + r"\s*$"),
+    re.compile(r"^\s*<\s*" + _ADDR + r"\s*>\s*(?P<name>[^<>@()]+?)\s*$"),
+    re.compile(r"^\s*" + _ADDR + r"\s*$"),
+)
+
+
+def _display_name(text: str) -> str:
+    name = decode_words(text.strip())
+    if len(name) >= 2 and name[0] == name[-1] and name[0] in "\"'":
+        name = name[1:-1]
+    return one_line(name.replace('\\"', '"').replace("\\\\", "\\"))
+
+
+def _one_mailbox(text: str) -> tuple[str, str] | None:
+    """(name, addr) when `text` is a single mailbox in one of the shapes above."""
+    if text.count("@") != 1 or len(text) > 1000 or text.count("(") > 10:
+        return None
+    for shape in _MAILBOX_SHAPES:
+        match = shape.match(text)
+        if match:
+            groups = match.groupdict()
+            return _display_name(groups.get("name") or ""), match.group("addr")
+    return None
+
+
+def _clean_addr(addr: str) -> str:
+    addr = addr.strip().lower()
+    if addr.startswith("mailto:"):
+        addr = addr[len("mailto:"):]
+    return addr.rstrip(".")
+
+
 def parse_addresses(values: list[str]) -> list[tuple[str, str]]:
     """(display name, addr-spec lower-cased) of each mailbox; groups flattened, junk dropped."""
     pairs: list[tuple[str, str]] = []
     for n, value in enumerate(values[:_MAX_ADDRESS_HEADERS]):
         text = value[:_MAX_ADDRESS_CHARS]
-        if text.count("(") > 10:
-            text = _drop_comments(text)
-        try:
-            if len(text) > _MAX_STRICT_ADDRESS or n >= _MAX_STRICT_VALUES:
-                raise ValueError("use the simple parser")
-            found = _strict_addresses(text)
-        except Exception:  # policy.default gives up on some broken headers
-            found = _loose_addresses(text)
+        single = _one_mailbox(text)
+        if single is not None:
+            found = [single]
+        else:
+            if text.count("(") > 10:
+                text = _drop_comments(text)
+            try:
+                if len(text) > _MAX_STRICT_ADDRESS or n >= _MAX_STRICT_VALUES:
+                    raise ValueError("use the simple parser")
+                found = _strict_addresses(text)
+            except Exception:  # policy.default gives up on some broken headers
+                found = _loose_addresses(text)
+        before = len(pairs)
         for name, addr in found:
-            addr = addr.strip().lower()
+            addr = _clean_addr(addr)
             if "@" in addr and not any(ch.isspace() for ch in addr):
                 pairs.append((one_line(name), addr))
+        if len(pairs) == before and "@" in value:  # salvage: anything shaped like an address
+            pairs += [("", _clean_addr(a)) for a in _BARE_ADDRESS.findall(value[:_MAX_ADDRESS_CHARS])]
     return pairs
 
 
@@ -182,7 +230,7 @@ def parse_date(value: str | None) -> datetime | None:
         # Webmails and scripts write odd dates ("2026-11-25 15:29", "25.11.2026 15:29").
         try:
             parsed = dateutil_parser.parse(text, dayfirst=True, fuzzy=True)
-        except (ValueError, OverflowError, TypeError):
+        except Exception:  # noqa: BLE001 - dateutil also raises decimal.InvalidOperation ("1:" + 29 digits)
             return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)

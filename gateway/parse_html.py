@@ -22,8 +22,37 @@ MAX_LAYOUT_ELEMENTS = 20_000
 _XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>", re.I)
 _TAG = re.compile(r"<[^<>]*>")
 _CONFIG = ParserConfig(css=CSS_PROFILES["strict"])
-# Quoted history that mail clients mark up as such (Thunderbird/Apple, Gmail).
-_QUOTE_XPATH = "//blockquote[@type='cite' or contains(concat(' ', @class, ' '), ' gmail_quote ')]"
+_LOWER = "translate({}, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
+# A style attribute lower-cased and without blanks: "border-top: solid #E1E1E1" matches too.
+_STYLE = "translate(@style, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ \t', 'abcdefghijklmnopqrstuvwxyz')"
+
+
+def _has_class(name: str) -> str:
+    return f"contains(concat(' ', normalize-space(@class), ' '), ' {name} ')"
+
+
+# Quoted history that mail clients mark up as such, dropped where it stands: Thunderbird
+# and Apple Mail (`type=cite`, also nested in divs), Gmail, Yahoo, and the border-left
+# blockquotes of mail.ru, Zimbra and most webmails.
+_QUOTE_XPATH = (
+    "//blockquote[" + _LOWER.format("@type") + "='cite'"
+    " or " + _has_class("gmail_quote") + " or " + _has_class("yahoo_quoted")
+    + " or contains(" + _STYLE + ", 'border-left:')]"
+    " | //div[" + _has_class("gmail_quote") + " or " + _has_class("gmail_quote_container")
+    + " or " + _has_class("yahoo_quoted") + " or starts-with(@id, 'yahoo_quoted')]"
+)
+# Where clients start the history without marking it up as a quote: Outlook.com/Hotmail
+# (`appendonsend`, `divRplyFwdMsg`), new Outlook, Outlook desktop and Windows Mail (the
+# header block's border-top div), Zimbra (`hr#zwchr`), Lotus Notes/Domino (its history
+# sections). A marker line goes before the first of them, so the text below is history for
+# `parse_text.split_quoted` (and still readable as an inline forward).
+_HISTORY_XPATH = (
+    "//*[@id='appendonsend' or @id='divRplyFwdMsg' or @id='mail-editor-reference-message-container'"
+    " or @id='zwchr' or " + _has_class("OutlookMessageHeader") + " or " + _has_class("domino-section")
+    + " or (self::div and (contains(" + _STYLE + ", 'border-top:solid#e1e1e1')"
+    " or contains(" + _STYLE + ", 'border-top:solid#b5c4df')))]"
+)
+HISTORY_MARKER = "-----Original Message-----"
 _BLOCKS = ("p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "pre")
 
 
@@ -33,6 +62,22 @@ def _plain_walk(doc: lxml.html.HtmlElement) -> str:
     for cell in doc.iter("td", "th"):
         cell.tail = "  " + (cell.tail or "")
     return etree.tostring(doc, method="text", encoding="unicode")
+
+
+# XPath over a large tree costs ~1 µs an element: run it only when the HTML names a marker.
+_HISTORY_HINTS = ("appendonsend", "divrplyfwdmsg", "mail-editor-reference", "zwchr",
+                  "outlookmessageheader", "domino-section", "border-top")
+_QUOTE_HINTS = ("blockquote", "gmail_quote", "yahoo_quoted")
+
+
+def _mark_history(doc: lxml.html.HtmlElement) -> None:
+    """A HISTORY_MARKER line before the first element that starts unmarked history."""
+    starts = doc.xpath(_HISTORY_XPATH)
+    if not starts or starts[0].getparent() is None:
+        return
+    marker = lxml.html.Element("div")
+    marker.text = HISTORY_MARKER
+    starts[0].addprevious(marker)
 
 
 def html_to_text(html: str, max_elements: int = MAX_LAYOUT_ELEMENTS) -> tuple[str, int]:
@@ -46,10 +91,15 @@ def html_to_text(html: str, max_elements: int = MAX_LAYOUT_ELEMENTS) -> tuple[st
     except (etree.ParserError, ValueError) as exc:
         log.debug("HTML not parsed (%s): tags stripped", exc)
         return html_lib.unescape(_TAG.sub(" ", html)), 0
-    for element in doc.xpath(_QUOTE_XPATH) + list(doc.iter("style", "script", "head")):
+    lowered = html.lower()
+    quotes = doc.xpath(_QUOTE_XPATH) if any(h in lowered for h in _QUOTE_HINTS) else []
+    for element in quotes + list(doc.iter("style", "script", "head")):
         if element.getparent() is not None:
             element.drop_tree()
-    elements = sum(1 for _ in doc.iter())
+    if any(h in lowered for h in _HISTORY_HINTS):
+        _mark_history(doc)
+    # As doc.iter() counts (elements, comments, PIs), but in C: no element proxies.
+    elements = int(doc.xpath("count(//*|//comment()|//processing-instruction())"))
     if elements <= max_elements:
         try:
             return Inscriptis(doc, _CONFIG).get_text(), elements

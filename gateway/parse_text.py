@@ -7,7 +7,8 @@ import binascii
 import re
 import unicodedata
 from dataclasses import dataclass
-from email.utils import parseaddr
+
+from gateway.parse_headers import parse_addresses
 
 _SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _INVISIBLE = re.compile(r"[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -92,9 +93,25 @@ _ATTRIBUTION_END = re.compile(
     r"(?:wrote|writes|pisze|napisal\(a\)|napisala|napisal|schrieb|a ecrit|escribio|skrev|schreef)\s*:\s*$"
 )
 _UNDERSCORES = re.compile(r"^_{8,}$")
+# Lotus Notes/Domino: `-----"Jan" <jan@x.pl> wrote: -----`, "Jan/Firma wrote on 10.03.2025
+# 08:00:", "----- Forwarded by Jan/Firma on ... -----" (and their Polish forms).
+_NOTES_REPLY = re.compile(
+    r"^(?:-{3,}.{1,200}?\b(?:wrote|napisal\(a\)|napisala|napisal|pisze)\b.{0,80}?-{3,}"
+    r"|.{1,200}?\b(?:wrote on|napisal\(a\) dnia|napisala dnia|napisal dnia)\b.{0,80}:)$"
+)
+_NOTES_FORWARD = re.compile(r"^-{3,}\s*(?:forwarded by|przekazane przez|przekazal\w*)\b.{0,200}-{3,}$")
+# Apple Mail in Polish: "Wiadomość napisana przez Jan <jan@x.pl> w dniu 10.03.2025, o godz. 08:00:";
+# mail.ru and others: a date, then "<jan@x.pl>:" at the end.
+_OTHER_ATTRIBUTION = re.compile(
+    r"^(?:wiadomosc napisana przez .{1,200} w dniu .{1,80}:|.{0,200}\d{1,2}:\d{2}.{0,120}<[^<>\s]+@[^<>\s]+>\s*:)$"
+)
+_DATE_OR_ADDRESS = re.compile(r"@|\d{1,2}:\d{2}|\b(?:19|20)\d{2}\b|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}")
+# Gmail for Android wraps long quoted lines and the wrapped rest has no ">": a line right
+# under a quoted line at least this long (no blank between) continues the quote.
+_WRAPPED_QUOTE = 40
 _BLOCK_FROM = re.compile(r"^\*?(?:od|from|von|de)\*?\s*:")
 _BLOCK_FIELD = re.compile(
-    r"^\*?(?:wyslano|sent|data|date|do|to|dw|cc|temat|subject|gesendet|an|betreff|envoye|a|objet)\*?\s*:"
+    r"^\*?(?:wyslano|wyslane|sent|data|date|do|to|dw|cc|temat|subject|gesendet|an|betreff|envoye|a|objet)\*?\s*:"
 )
 
 
@@ -138,23 +155,40 @@ def _is_attribution(line: str, following: list[str]) -> bool:
             return True
         if following and _ATTRIBUTION_END.search(line + " " + following[0]):
             return True
-    return bool(_ATTRIBUTION_END.search(line) and following and following[0].startswith(">"))
+    if _ATTRIBUTION_END.search(line):
+        # "pon., 10 mar 2025 o 08:00 Jan <jan@x.pl> napisał(a):" (Gmail, Yahoo in Polish):
+        # a date or an address in a short line ending so is an attribution.
+        return bool((following and following[0].startswith(">"))
+                    or (len(line) < 300 and _DATE_OR_ADDRESS.search(line)))
+    return False
 
 
 def _history_kind(folded: list[str], i: int) -> str:
     line = folded[i]
     if not line:
         return ""
-    if _ORIGINAL.match(line):
-        return "reply"
-    if _FORWARD.match(line):
-        return "forward"
-    if _UNDERSCORES.match(line):
+    # Every marker but the header block and a wrapped "W dniu ..." starts or ends with
+    # "-", "_" or ":": the cheap test first (this runs on every line of the text).
+    first, last = line[0], line[-1]
+    if first == "-" or last == "-":
+        if _ORIGINAL.match(line):
+            return "reply"
+        if _FORWARD.match(line) or _NOTES_FORWARD.match(line):
+            return "forward"
+        if _NOTES_REPLY.match(line):
+            return "reply"
+    if last == ":":
+        if _FORWARD.match(line):
+            return "forward"
+        if _NOTES_REPLY.match(line) or _OTHER_ATTRIBUTION.match(line):
+            return "reply"
+    if first == "_" and _UNDERSCORES.match(line):
         following = [j for j in range(i + 1, min(len(folded), i + 4)) if folded[j]]
         return "header" if following and _is_header_block(folded, following[0]) else ""
     if _is_header_block(folded, i):
         return "header"
-    if _ATTRIBUTION_START.match(line) and _is_attribution(line, _next_lines(folded, i + 1, 2)):
+    if (last == ":" or _ATTRIBUTION_START.match(line)) and _is_attribution(
+            line, _next_lines(folded, i + 1, 2)):
         return "reply"
     return ""
 
@@ -175,6 +209,13 @@ def _attribution_above_quote(folded: list[str], i: int) -> int:
     return 0
 
 
+def _continues_quote(folded: list[str], i: int) -> bool:
+    """Line i (under a long quoted line) is the wrapped rest of it: the quote goes on
+    right below, or the message ends."""
+    following = folded[i + 1] if i + 1 < len(folded) else ""
+    return following.startswith(">") or (not following and not any(folded[i + 1 :]))
+
+
 def split_quoted(text: str) -> SplitText:
     """Separate the new text from quoted history (`>` lines, Outlook header blocks,
     "-----Original Message-----", "W dniu ... pisze:" / "On ... wrote:" attributions)."""
@@ -182,10 +223,16 @@ def split_quoted(text: str) -> SplitText:
     folded = _folded_lines(lines)
     kept: list[str] = []
     skip = 0
+    quoted_above = 0  # length of the quoted line right above (0: none)
     for i, line in enumerate(lines):
         if skip or folded[i].startswith(">"):
             skip = max(0, skip - 1)
+            quoted_above = len(folded[i]) if folded[i].startswith(">") else 0
             continue
+        if folded[i] and quoted_above >= _WRAPPED_QUOTE and _continues_quote(folded, i):
+            quoted_above = len(folded[i]) + 2  # the wrapped rest may wrap again
+            continue
+        quoted_above = 0
         skip = _attribution_above_quote(folded, i)
         if skip:
             skip -= 1
@@ -219,7 +266,7 @@ def read_forwarded(history: str) -> Forwarded:
             value = lines[i].split(":", 1)[1].strip().strip("*").strip()
             if "[mailto:" in value:  # Outlook: Name [mailto:addr]
                 value = value.replace("[mailto:", "<").replace("]", ">")
-            name, addr = parseaddr(value)
+            name, addr = next(iter(parse_addresses([value])), ("", ""))
         i += 1
     inner = split_quoted("\n".join(lines[i:]))
     return Forwarded(inner.new.strip(), name.strip().strip('"'), addr.strip().lower())

@@ -10,12 +10,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from email.message import Message
+from functools import partial
+from typing import TypeVar
 
 from gateway.model import TICKET_REF, Attachment, Fields, Report, missing_fields
+from gateway.parse_attached import MAX_FORMS, form_kind, form_text
 from gateway.parse_charset import decode_text
-from gateway.parse_fields import build_fields, find_rating, labelled_fields, read_labels
+from gateway.parse_fields import (
+    build_fields,
+    find_rating,
+    labelled_fields,
+    read_labels,
+    second_report,
+)
 from gateway.parse_headers import (
     DAEMON_LOCAL_PARTS,
     auto_reasons,
@@ -30,7 +40,14 @@ from gateway.parse_headers import (
     unique,
 )
 from gateway.parse_html import MAX_LAYOUT_ELEMENTS, html_to_text
-from gateway.parse_mime import MAX_PART_HEADER, Part, decode_body, parse_header_block, parse_tree
+from gateway.parse_mime import (
+    MAX_PART_HEADER,
+    Part,
+    decode_body,
+    essential_block,
+    parse_header_block,
+    parse_tree,
+)
 from gateway.parse_text import (
     extract_uuencoded,
     fold,
@@ -77,6 +94,7 @@ _SUFFIX_BY_TYPE = {
     "text/rfc822-headers": ".txt", "application/pgp-signature": ".asc",
 }
 _FORWARD_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?(?:fwd?|pd|tr|wg|przekaz\w*)\s*:")
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _RETURNED_ID = re.compile(r"^[ \t>]*message-id:[ \t]*(<[^<>\s]+>)", re.I | re.M)
 
 
@@ -243,7 +261,7 @@ def _attachments(files: list[_File]) -> tuple[Attachment, ...]:
     out = []
     for n, item in enumerate(files, 1):
         ctype = item.content_type.lower()
-        name = item.name or f"attachment-{n}{_SUFFIX_BY_TYPE.get(ctype, '.bin')}"
+        name = one_line(item.name)[:MAX_FILENAME] or f"attachment-{n}{_SUFFIX_BY_TYPE.get(ctype, '.bin')}"
         lowered = name.lower()
         out.append(Attachment(
             filename=name,
@@ -275,17 +293,24 @@ class _Source:
 def _forwarded_sources(body: _Body, history: str, kind: str, subject: str) -> list[_Source]:
     sources = [_Source(split_quoted(inner.text).new, inner.headers) for inner in body.forwards]
     if kind == "forward" or (kind in ("header", "reply") and _FORWARD_SUBJECT.match(fold(subject))):
-        inline = read_forwarded(history)
+        try:
+            inline = read_forwarded(history)
+        except Exception:  # the inline forward is lost, not the mail's own fields
+            log.exception("inline forward not read")
+            return sources
         sources.append(_Source(inline.text, None, inline.from_name, inline.from_addr))
     return sources
 
 
 def _read_fields(body: _Body, subject: str, sender: str, sender_name: str,
-                 region: str, bounce: bool) -> tuple[str, Fields, frozenset[str]]:
+                 region: str, bounce: bool, notes: list[str]) -> tuple[str, Fields, frozenset[str]]:
     """The new text and its fields; a forwarded report is read from inside when the
     new text has no labelled fields of its own."""
     split = split_quoted(body.text)
     labelled = read_labels(split.new)
+    second = second_report(labelled)
+    if second:
+        notes.append(second)
     if not labelled.found and not bounce:
         sources = _forwarded_sources(body, split.history, split.kind, subject)
         chosen = next((s for s in sources if read_labels(s.text).found), None)
@@ -295,10 +320,38 @@ def _read_fields(body: _Body, subject: str, sender: str, sender_name: str,
             text = "\n\n".join(t for t in (split.new.strip(), chosen.text) if t)
             name, addr = chosen.sender()
             inner = read_labels(chosen.text)
-            fields = build_fields(inner, addr or sender, name or sender_name, region)
+            fields = build_fields(inner, addr or sender, name or sender_name, region, subject)
             return text, fields, labelled_fields(inner, fields)
-    fields = build_fields(labelled, sender, sender_name, region)
+    fields = build_fields(labelled, sender, sender_name, region, subject)
     return split.new.strip(), fields, labelled_fields(labelled, fields)
+
+
+def _with_forms(fields: Fields, labelled: frozenset[str], files: list[_File],
+                who: tuple[str, str, str], notes: list[str]) -> tuple[Fields, frozenset[str]]:
+    """Fields from filled-in forms attached as PDF or .docx, read like body text. They
+    rank below what the body gave under a label and above the body's guesses (From name,
+    signature, free text): the body wins, a form beats a guess."""
+    sender, sender_name, region = who
+    read = 0
+    for item in files:
+        if read >= MAX_FORMS or form_kind(item.name, item.content_type) is None:
+            continue
+        read += 1
+        text = form_text(item.name, item.content_type, item.data)
+        if not text:
+            continue
+        inner = read_labels(normalize_text(line_breaks(text)))
+        if not inner.found:
+            continue
+        form = build_fields(inner, sender, sender_name, region)
+        updates = {name: getattr(form, name) for name in labelled_fields(inner, form)
+                   if name not in labelled}
+        if updates:
+            fields = replace(fields, **updates)
+            labelled = labelled | frozenset(updates)
+            notes.append(f"fields read from attachment {item.name or item.content_type}: "
+                         + ", ".join(sorted(updates)))
+    return fields, labelled
 
 
 def _bounced_ids(body: _Body, own_id: str) -> tuple[str, ...]:
@@ -310,14 +363,41 @@ def _bounced_ids(body: _Body, own_id: str) -> tuple[str, ...]:
     return unique([i for i in found if i != own_id])
 
 
-def _empty_report(notes: tuple[str, ...]) -> Report:
+def _empty_report(notes: tuple[str, ...], reasons: tuple[str, ...] = ()) -> Report:
     fields = Fields()
     return Report(
         message_id="", in_reply_to=(), references=(), sender="", sender_name="", reply_to="",
         to=(), cc=(), subject="", date=None, text="", fields=fields,
-        missing=missing_fields(fields), attachments=(), ticket_refs=(), auto_reasons=(),
+        missing=missing_fields(fields), attachments=(), ticket_refs=(), auto_reasons=reasons,
         bounced_ids=(), rating=None, notes=notes,
     )
+
+
+_T = TypeVar("_T")
+
+
+def _guarded(notes: list[str], what: str, default: _T, func: Callable[..., _T], *args: object) -> _T:
+    """func(*args), or `default` with a note when it raises: one bad header (a Date that
+    breaks dateutil, a From nested 600 deep) loses only its own value."""
+    try:
+        return func(*args)
+    except Exception as exc:
+        log.warning("%s not read: %r", what, exc)
+        notes.append(f"{what} could not be read ({type(exc).__name__})")
+        return default
+
+
+def _first_address(headers: Message, name: str) -> tuple[str, str]:
+    pairs = parse_addresses(raw_values(headers, name))
+    return pairs[0] if pairs else ("", "")
+
+
+def _address_list(headers: Message, name: str) -> tuple[str, ...]:
+    return unique([a for _, a in parse_addresses(raw_values(headers, name))])
+
+
+def _message_id(headers: Message) -> str:
+    return next(iter(message_ids(first_value(headers, "message-id"), single=True)), "")
 
 
 def _parse(raw: bytes, region: str) -> Report:
@@ -328,47 +408,66 @@ def _parse(raw: bytes, region: str) -> Report:
     root = parse_tree(raw, notes)
     if root is None:
         return _empty_report(tuple(notes))
+    headers = root.headers
+    guard = partial(_guarded, notes)
+    sender_name, sender = guard("header From", ("", ""), _first_address, headers, "from")
     collector = _Collector(notes)
     body = collector.message(root)
-    headers = root.headers
-    senders = parse_addresses(raw_values(headers, "from"))
-    sender_name, sender = senders[0] if senders else ("", "")
-    subject = header_text(headers, "subject")
-    message_id = next(iter(message_ids(first_value(headers, "message-id"), single=True)), "")
-    reasons = auto_reasons(headers, sender, root.declared_type, body.has_dsn)
+    subject = guard("header Subject", "", header_text, headers, "subject")
+    message_id = guard("header Message-ID", "", _message_id, headers)
+    reasons = guard("loop markers", (), auto_reasons, headers, sender, root.declared_type,
+                    body.has_dsn)
     bounce = ("dsn" in reasons or bool(body.returned)
               or sender.rpartition("@")[0] in DAEMON_LOCAL_PARTS)
     try:
-        text, fields, labelled = _read_fields(body, subject, sender, sender_name, region, bounce)
+        text, fields, labelled = _read_fields(body, subject, sender, sender_name, region, bounce,
+                                              notes)
     except Exception:  # keep headers and attachments even if the text defeats us
         log.exception("fields not read")
         notes.append("text could not be read")
         text, fields = "", Fields(reporter_name=sender_name or None, reporter_email=sender or None)
         labelled = frozenset()
-    reply_to = parse_addresses(raw_values(headers, "reply-to"))
+    if not bounce:
+        fields, labelled = guard("attached forms", (fields, labelled), _with_forms, fields,
+                                 labelled, collector.files, (sender, sender_name, region), notes)
+    reply_to = guard("header Reply-To", ("", ""), _first_address, headers, "reply-to")[1]
 
     return Report(
         message_id=message_id,
-        in_reply_to=message_ids(first_value(headers, "in-reply-to")),
-        references=message_ids(" ".join(raw_values(headers, "references"))),
+        in_reply_to=guard("header In-Reply-To", (), lambda: message_ids(first_value(headers, "in-reply-to"))),
+        references=guard("header References", (),
+                         lambda: message_ids(" ".join(raw_values(headers, "references")))),
         sender=sender,
         sender_name=sender_name,
-        reply_to=reply_to[0][1] if reply_to else "",
-        to=unique([a for _, a in parse_addresses(raw_values(headers, "to"))]),
-        cc=unique([a for _, a in parse_addresses(raw_values(headers, "cc"))]),
+        reply_to=reply_to,
+        to=guard("header To", (), _address_list, headers, "to"),
+        cc=guard("header Cc", (), _address_list, headers, "cc"),
         subject=subject,
-        date=parse_date(first_value(headers, "date")),
+        date=guard("header Date", None, parse_date, first_value(headers, "date")),
         text=text,
         fields=fields,
         missing=missing_fields(fields),
         attachments=_attachments(collector.files),
         ticket_refs=tuple(int(m.group(1)) for m in TICKET_REF.finditer(subject)),
         auto_reasons=reasons,
-        bounced_ids=_bounced_ids(body, message_id) if bounce else (),
-        rating=find_rating(text),
+        bounced_ids=guard("bounced message ids", (), _bounced_ids, body, message_id) if bounce else (),
+        rating=guard("rating", None, find_rating, text),
         notes=tuple(notes),
         labelled=labelled,
     )
+
+
+def _loop_markers_only(raw: bytes) -> tuple[str, ...]:
+    """After a parser bug: the loop markers alone, from a scan of the header section, so
+    a broken auto-reply is still never answered."""
+    try:
+        blank = _BLANK_LINE.search(raw)
+        headers = parse_header_block(essential_block(raw[: blank.start() if blank else len(raw)]))
+        sender = _first_address(headers, "from")[1]
+        return auto_reasons(headers, sender, "", False)
+    except Exception:
+        log.exception("loop markers not read")
+        return ()
 
 
 def parse_report(raw: bytes, *, default_region: str = "PL") -> Report:
@@ -380,4 +479,4 @@ def parse_report(raw: bytes, *, default_region: str = "PL") -> Report:
         return _parse(bytes(raw), default_region or "PL")
     except Exception as exc:  # a parser bug must not lose the mail: report and go on
         log.exception("parser failed")
-        return _empty_report((f"parser failed: {type(exc).__name__}",))
+        return _empty_report((f"parser failed: {type(exc).__name__}",), _loop_markers_only(raw))

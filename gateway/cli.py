@@ -24,7 +24,7 @@ import aiosqlite
 
 from gateway import __version__, store
 from gateway.config import Config, check_files, config_path_from, load_config, risky_settings
-from gateway.errors import GatewayError, NotFoundError, StoreError
+from gateway.errors import ConfigError, GatewayError, NotFoundError, StoreError
 from gateway.model import Outcome, Status
 
 log = logging.getLogger("gateway")
@@ -32,14 +32,35 @@ log = logging.getLogger("gateway")
 Command = Callable[[Config, argparse.Namespace], Awaitable[int]]
 
 
+# syslog priorities journald reads from the start of each line (sd-daemon(3)), so
+# `journalctl -p err` shows our errors.
+_PRIORITIES = ((logging.ERROR, "<3>"), (logging.WARNING, "<4>"), (logging.INFO, "<6>"))
+EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus=78 stops restarts
+
+
+def syslog_prefix(levelno: int) -> str:
+    for level, prefix in _PRIORITIES:
+        if levelno >= level:
+            return prefix
+    return "<7>"
+
+
 class _EscapingFormatter(logging.Formatter):
-    """One line per event: CR/LF in logged values are escaped, never new lines."""
+    """One line per event: CR/LF in logged values are escaped, never new lines.
+
+    Every line starts with its syslog priority; the traceback of a real bug keeps its
+    lines, each prefixed with the record's priority so journald files them together.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         head, sep, rest = text.partition("\nTraceback")
         escaped = head.replace("\r", "\\r").replace("\n", "\\n")
-        return escaped + (sep + rest if sep else "")
+        prefix = syslog_prefix(record.levelno)
+        if not sep:
+            return prefix + escaped
+        trace = (sep + rest).lstrip("\n").splitlines()
+        return "\n".join([prefix + escaped, *(prefix + line for line in trace)])
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -728,12 +749,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(logging.INFO if args.command in ("serve", "web") else logging.WARNING)
+    daemon = args.command in ("serve", "web")
+    setup_logging(logging.INFO if daemon else logging.WARNING)
+    # A daemon's own last words go to the journal too: with their priority.
+    mark = "<3>" if daemon else ""
     try:
         config = load_config(config_path_from(args.config))
         return asyncio.run(args.func(config, args))
+    except ConfigError as err:
+        print(f"{mark}s4e-gateway: configuration error: {err}", file=sys.stderr)
+        # serve and check-config: EX_CONFIG, so systemd does not restart for ever.
+        return EX_CONFIG if args.command in ("serve", "check-config") else 1
     except GatewayError as err:
-        print(f"s4e-gateway: error: {err}", file=sys.stderr)
+        print(f"{mark}s4e-gateway: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -743,12 +771,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:
-        print(f"s4e-gateway: error: {err.strerror or err}"
+        print(f"{mark}s4e-gateway: error: {err.strerror or err}"
               f"{': ' + str(err.filename) if err.filename else ''}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - one line, never a traceback, for users
         log.debug("unexpected error", exc_info=True)
-        print(f"s4e-gateway: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"{mark}s4e-gateway: internal error: {type(err).__name__}: {err}",
+              file=sys.stderr)
         return 1
 
 

@@ -17,16 +17,16 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from gateway import staff, store
 from gateway.config import Config, check_files, parse_hostport
 from gateway.digest import send_held_digest
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, expected_failure
 from gateway.mailer import Mailer, Transport, make_transport
-from gateway.metrics import Metrics, MetricsServer
+from gateway.metrics import (HEALTH_BUSY_TIMEOUT_MS, Metrics, MetricsServer, Probe,
+                             min_free_bytes)
 from gateway.closed_refusal import closed_ticket_refusal
 from gateway.pipeline import Context, load_renderer, make_context, process_message
 from gateway.processor import Processed, Processor, Stages
@@ -70,6 +70,7 @@ class Gateway:
     _lock: Any = None
     # How often the timed jobs run (rating window, held digest, gauges); tests shorten it.
     housekeeping_seconds: float = HOUSEKEEPING_SECONDS
+    _tls: ssl.SSLContext | None = None
 
     @property
     def intake_conn(self) -> Any:
@@ -121,10 +122,18 @@ class Gateway:
         loop = asyncio.get_running_loop()
         if clear_spool(self.handler.spool_dir):
             log.info("removed spool files of sessions an earlier stop cut off mid-DATA")
+        self._tls = _tls_context(cfg)
+        handler = self.handler
+
+        def new_session() -> Any:
+            # The TLS context is looked up per connection: after a SIGHUP reload new
+            # sessions get the renewed certificate, sessions in flight keep theirs.
+            return smtp_factory(handler, cfg, self._tls)()
+
         with _naming("smtp.listen", cfg.smtp.listen):
             self.servers.append(await start_edge_server(
-                smtp_factory(self.handler, cfg, _tls_context(cfg)), self.handler,
-                cfg.smtp.host, cfg.smtp.port if port is None else port))
+                new_session, self.handler, cfg.smtp.host,
+                cfg.smtp.port if port is None else port))
         if cfg.smtp.lmtp_socket:
             cfg.smtp.lmtp_socket.unlink(missing_ok=True)
             with _naming("smtp.lmtp_socket", str(cfg.smtp.lmtp_socket)):
@@ -134,7 +143,11 @@ class Gateway:
             os.chmod(cfg.smtp.lmtp_socket, 0o666)
             log.info("LMTP on %s", cfg.smtp.lmtp_socket)
         if cfg.metrics.listen:
-            self._metrics_server = MetricsServer(self.metrics)
+            probe_conn = await self._connect()
+            await probe_conn.execute(f"PRAGMA busy_timeout = {HEALTH_BUSY_TIMEOUT_MS}")
+            probe = Probe(probe_conn, cfg.storage.database,
+                          min_free_bytes(cfg.smtp.max_message_size))
+            self._metrics_server = MetricsServer(self.metrics, probe)
             host, mport = parse_hostport(cfg.metrics.listen)
             with _naming("metrics.listen", cfg.metrics.listen):
                 self.metrics_port = await self._metrics_server.start(host, mport)
@@ -176,10 +189,11 @@ class Gateway:
             self._lock = None
 
     async def reload(self) -> None:
-        """SIGHUP: templates and contracts are read again; a broken template keeps the
-        old ones (logged), so a typo never stops the desk."""
+        """SIGHUP: templates, contracts and the TLS certificate and key are read again;
+        a broken one keeps the old (logged), so a typo never stops the desk."""
         self.notifier.reloading()
         assert self.context is not None
+        self._reload_tls()
         try:
             self.context.renderer = load_renderer(self.config)
             log.info("templates reloaded")
@@ -188,6 +202,18 @@ class Gateway:
         async with self._house_lock:
             await self._load_contracts(self._house_conn)
             self.notifier.ready(await self._status(self._house_conn))
+
+    def _reload_tls(self) -> None:
+        cfg = self.config.smtp
+        if not cfg.tls_cert or not cfg.tls_key:
+            return
+        try:
+            context = _tls_context(self.config)
+        except ConfigError as err:
+            log.error("TLS certificate not reloaded, keeping the old one: %s", err)
+            return
+        self._tls = context
+        log.info("TLS certificate reloaded from %s (new sessions use it)", cfg.tls_cert)
 
     async def _load_contracts(self, conn: Any) -> None:
         path = self.config.tickets.contracts
@@ -224,15 +250,10 @@ class Gateway:
             self.metrics.send_failures.inc()
 
     async def _status(self, conn: Any) -> str:
-        depth, oldest = await store.outbox_depth(conn)
-        queued = (await store.count_inbound_by_state(conn)).get("queued", 0)
-        self.metrics.outbox_depth.set(depth)
-        self.metrics.queued.set(queued)
-        age = 0.0
-        if oldest:
-            age = max(0.0, (store.utcnow() - datetime.fromisoformat(oldest)).total_seconds())
-        self.metrics.outbox_oldest.set(age)
-        return f"listening; {queued} inbound to process, {depth} outgoing waiting"
+        """systemd's STATUS= line (the gauges are read at scrape time instead)."""
+        counts = await store.queue_counts(conn)
+        return (f"listening; {counts.inbound_queued} inbound to process, "
+                f"{counts.outbox_waiting} outgoing waiting")
 
     async def _housekeeping(self, conn: Any) -> None:
         """Every `housekeeping_seconds`: the rating window, the held digest, gauges,
@@ -244,8 +265,13 @@ class Gateway:
                     await staff.close_expired_ratings(conn, self.context)
                     await send_held_digest(conn, self.context)
                     self.notifier.status(await self._status(conn))
-            except Exception:  # noqa: BLE001 - e.g. a locked database: next round
-                log.exception("housekeeping failed")
+            except Exception as err:  # noqa: BLE001 - e.g. a locked database: next round
+                reason = expected_failure(err)
+                if reason is None:
+                    log.exception("housekeeping failed")
+                else:  # expected in operation: one line, no traceback
+                    log.error("housekeeping failed, next round in %.0fs: %s",
+                              self.housekeeping_seconds, reason)
             await asyncio.sleep(self.housekeeping_seconds)
 
     async def _watchdog(self, interval: float) -> None:

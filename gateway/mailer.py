@@ -456,8 +456,11 @@ class Mailer:
     async def _idle_delay(self) -> float:
         try:
             due = await store.next_outbox_due(self._conn)
-        except Exception:  # noqa: BLE001
-            log.exception("outbox: reading the next due time failed")
+        except Exception as err:  # noqa: BLE001
+            if is_environmental(err):  # expected in operation: one line, no traceback
+                log.warning("outbox: reading the next due time failed: %s", one_line(err))
+            else:
+                log.exception("outbox: reading the next due time failed")
             return ERROR_PAUSE_SECONDS
         if due is None:
             return self._poll_interval

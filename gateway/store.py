@@ -644,6 +644,14 @@ async def requeue_inbound(conn: aiosqlite.Connection, inbound_id: int) -> bool:
     return cursor.rowcount == 1
 
 
+async def return_inbound(conn: aiosqlite.Connection, inbound_id: int) -> None:
+    """A claimed message goes back to the queue untouched (the environment failed, not
+    the message): the attempt does not count towards the poison-message limit."""
+    await conn.execute(
+        "UPDATE inbound SET state = 'queued', attempts = max(attempts - 1, 0)"
+        " WHERE id = ? AND state = 'processing'", (inbound_id,))
+
+
 async def count_inbound_by_state(conn: aiosqlite.Connection) -> dict[str, int]:
     rows = await conn.execute_fetchall("SELECT state, count(*) FROM inbound GROUP BY state")
     return {r[0]: r[1] for r in rows}
@@ -1197,3 +1205,48 @@ async def decide_held(conn: aiosqlite.Connection, held_id: int, status: str,
 async def held_of_inbound(conn: aiosqlite.Connection, inbound_id: int) -> Any | None:
     rows = await conn.execute_fetchall("SELECT * FROM held WHERE inbound_id = ?", (inbound_id,))
     return rows[0] if rows else None
+
+
+# --- operations: gauges and health ---------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """What the gauges and /healthz show, read from the database at scrape time."""
+
+    inbound_queued: int
+    inbound_failed: int
+    held: int
+    outbox_waiting: int
+    outbox_failed: int
+    outbox_oldest_queued_at: str | None  # the oldest mail waiting to be sent
+    outbox_oldest_due_at: str | None  # the longest-due mail not sent yet
+
+
+async def queue_counts(conn: aiosqlite.Connection) -> QueueCounts:
+    inbound = await count_inbound_by_state(conn)
+    (held,) = (await conn.execute_fetchall(
+        "SELECT count(*) FROM held WHERE status = 'held'"))[0]
+    waiting, oldest, due, failed = (await conn.execute_fetchall(
+        "SELECT count(*) FILTER (WHERE status IN ('pending', 'sending')),"
+        " min(queued_at) FILTER (WHERE status IN ('pending', 'sending')),"
+        " min(next_attempt_at) FILTER (WHERE status IN ('pending', 'sending')),"
+        " count(*) FILTER (WHERE status = 'failed') FROM outbox"))[0]
+    return QueueCounts(inbound.get("queued", 0) + inbound.get("processing", 0),
+                       inbound.get("failed", 0), held, waiting, failed, oldest, due)
+
+
+async def probe_write(conn: aiosqlite.Connection, now: datetime) -> None:
+    """A real write, committed: raises when the database cannot be written (read-only,
+    disk full, locked for longer than the connection's busy timeout)."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        await conn.execute("INSERT INTO settings (key, value) VALUES ('healthz_at', ?)"
+                           " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                           (iso(now),))
+        await conn.execute("COMMIT")
+    except BaseException:
+        try:
+            await conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise

@@ -93,14 +93,14 @@ def test_no_config_means_defaults_under_cwd(tmp_path: Path, monkeypatch) -> None
 def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys, text, expected) -> None:
     path = write(tmp_path, text)
     code, out, err = run_cli(capsys, "check-config", "--config", str(path))
-    assert code == 1
+    assert code == 78  # EX_CONFIG: the unit does not restart on it
     assert expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_missing_config_file_is_one_line(tmp_path, capsys) -> None:
     code, _, err = run_cli(capsys, "check-config", "--config", str(tmp_path / "nope.toml"))
-    assert code == 1 and "config file not found" in err and err.count("\n") == 1
+    assert code == 78 and "config file not found" in err and err.count("\n") == 1
 
 
 def test_config_option_after_the_subcommand_and_from_environment(tmp_path, capsys, monkeypatch) -> None:
@@ -203,7 +203,7 @@ def test_inbox_list_json_shape(tmp_path, capsys) -> None:
 ])
 def test_check_config_checks_the_files_it_names(tmp_path, capsys, text, expected) -> None:
     code, _, err = run_cli(capsys, "check-config", "--config", str(write(tmp_path, text)))
-    assert code == 1 and expected in err and err.count("\n") == 1
+    assert code == 78 and expected in err and err.count("\n") == 1
 
 
 def test_serve_names_the_key_it_cannot_bind(tmp_path, capsys) -> None:
@@ -215,7 +215,7 @@ def test_serve_names_the_key_it_cannot_bind(tmp_path, capsys) -> None:
         port = busy.getsockname()[1]
         path = write(tmp_path, f'[smtp]\nlisten = "127.0.0.1:{port}"\n')
         code, _, err = run_cli(capsys, "serve", "--config", str(path))
-    assert code == 1 and f"smtp.listen: cannot listen on 127.0.0.1:{port}" in err
+    assert code == 78 and f"smtp.listen: cannot listen on 127.0.0.1:{port}" in err
     assert "Traceback" not in err
 
 

@@ -388,7 +388,8 @@ def check_files(config: Config) -> None:
                 smtp.tls_cert, smtp.tls_key)
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(f"smtp.tls_cert: cannot load the certificate and key: {err}") from None
-    if smtp.lmtp_socket and not smtp.lmtp_socket.parent.is_dir():
+    if (smtp.lmtp_socket and not smtp.lmtp_socket.parent.is_dir()
+            and not systemd_creates(smtp.lmtp_socket.parent)):
         raise ConfigError(f"smtp.lmtp_socket: folder {smtp.lmtp_socket.parent} does not exist")
     for key, path in (("storage.database", config.storage.database.parent),
                       ("storage.attachments", config.storage.attachments),
@@ -399,9 +400,25 @@ def check_files(config: Config) -> None:
                               "writable folder)")
 
 
+RUNTIME_ROOT = Path("/run")
+
+
+def systemd_creates(folder: Path, runtime_root: Path = RUNTIME_ROOT) -> bool:
+    """A folder under /run that does not exist yet: systemd's RuntimeDirectory= makes
+    it when the service starts (and removes it when it stops), so its absence while
+    the service is stopped is no mistake."""
+    return not folder.exists() and runtime_root in folder.parents
+
+
 def risky_settings(config: Config) -> list[str]:
     """Warnings for settings that work but are probably a mistake."""
     warnings = []
+    socket = config.smtp.lmtp_socket
+    if socket and systemd_creates(socket.parent):
+        warnings.append(
+            f"smtp.lmtp_socket: folder {socket.parent} does not exist yet; fine under "
+            f"systemd when the unit has RuntimeDirectory={socket.parent.relative_to(RUNTIME_ROOT)}"
+            " (it is made at start), otherwise create it")
     if not is_loopback(config.smtp.host):
         warnings.append(
             f"smtp.listen: {config.smtp.listen} is not a loopback address; "

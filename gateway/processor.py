@@ -117,6 +117,7 @@ class Processor:
         recovered = await store.recover_inbound(self._conn)
         if recovered:
             log.warning("re-claiming %d message(s) left mid-way by an earlier stop", recovered)
+        self._stopping = False  # a stopped processor can be started again
         self._task = asyncio.get_running_loop().create_task(self._run(), name="processor")
 
     async def stop(self) -> None:

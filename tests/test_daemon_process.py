@@ -28,6 +28,11 @@ def start_daemon(tmp_path: Path, port: int, smtp_extra: str = "",
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, preexec_fn=preexec_fn)
+    return wait_listening(proc, port)
+
+
+def wait_listening(proc: subprocess.Popen, port: int) -> subprocess.Popen:
+    """Until the daemon answers 220 on `port` (it exited: its stderr in the error)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -159,42 +160,332 @@ async def test_lmtp_over_a_unix_socket(tmp_path: Path) -> None:
     assert not sock_path.exists()
 
 
+def http_get(url: str) -> tuple[int, str, str]:
+    """Blocking GET: (status, content type, body); HTTP errors are answers too."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+async def scrape(gw: Gateway, path: str = "/metrics") -> tuple[int, str, str]:
+    return await asyncio.to_thread(http_get, f"http://127.0.0.1:{gw.metrics_port}{path}")
+
+
+def samples(text: str) -> dict[str, float]:
+    """The exposition parsed by prometheus_client's own parser: {"name{labels}": value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
 async def test_metrics_are_scraped_over_http(tmp_path: Path) -> None:
+    from gateway import __version__
+
     path = write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
     gw = Gateway(load_config(path))
     await gw.start(port=0)
     try:
+        status, ctype, text = await scrape(gw)
+        assert status == 200 and ctype.startswith("text/plain"), (status, text)
+        before = samples(text)
+        # Every labelled series exists from the start, with 0.
+        for outcome in ("new", "follow_up", "held", "failed", "duplicate", "staff_reply"):
+            assert before[f's4e_gateway_messages_total{{outcome="{outcome}"}}'] == 0
+        for code in ("250", "451", "550", "552", "421"):
+            assert before[f's4e_gateway_smtp_replies_total{{code="{code}"}}'] == 0
+        for result in ("sent", "retry", "failed"):
+            assert before[f's4e_gateway_outbox_sends_total{{result="{result}"}}'] == 0
+        assert before[f's4e_gateway_build_info{{version="{__version__}"}}'] == 1
+        for gauge in ("s4e_gateway_held", "s4e_gateway_inbound_failed", "s4e_gateway_outbox_failed",
+                      "s4e_gateway_outbox_depth", "s4e_gateway_inbound_queued"):
+            assert before[gauge] == 0, gauge
+
         await send(gw.port, "jan@example.com", [INTAKE], make_mail(body=REPORT_BODY,
                                                                    message_id="<m1@example.com>"))
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             await send(gw.port, "jan@example.com", ["x@gmail.com"], make_mail())
-        url = f"http://127.0.0.1:{gw.metrics_port}/metrics"
 
-        async def scraped() -> str | None:
-            text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
-            return text if 's4e_gateway_outbox_sends_total{result="sent"} 1.0' in text else None
+        async def scraped() -> dict[str, float] | None:
+            found = samples((await scrape(gw))[2])
+            return found if found['s4e_gateway_outbox_sends_total{result="sent"}'] == 1 else None
 
-        text = await wait_for(scraped)
-        assert 's4e_gateway_messages_total{outcome="new"} 1.0' in text
-        assert 's4e_gateway_smtp_replies_total{code="550"} 1.0' in text
-        assert 's4e_gateway_smtp_replies_total{code="250"}' in text
-        assert "s4e_gateway_processing_seconds_count 1.0" in text
-        assert "s4e_gateway_outbox_depth" in text and "s4e_gateway_outbox_oldest_age_seconds" in text
-        assert "s4e_gateway_send_failures_total 0.0" in text
-        missing = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(url.replace("/metrics", "/x"), timeout=5))
-    except urllib.error.HTTPError as err:
-        assert err.code == 404
+        after = await wait_for(scraped)
+        assert after['s4e_gateway_messages_total{outcome="new"}'] == 1
+        assert after['s4e_gateway_smtp_replies_total{code="550"}'] == 1
+        assert after['s4e_gateway_smtp_replies_total{code="250"}'] >= 1
+        assert after["s4e_gateway_processing_seconds_count"] == 1
+        assert after["s4e_gateway_send_failures_total"] == 0
+        assert after["s4e_gateway_outbox_depth"] == 0
+
+        # Gauges are read from the database at the scrape: no housekeeping lag.
+        import sqlite3
+        db = sqlite3.connect(gw.config.storage.database)
+        (inbound_id,) = db.execute("SELECT id FROM inbound").fetchone()
+        db.execute("INSERT INTO held (inbound_id, sender, subject, reason, created_at)"
+                   " VALUES (?, 'x@example.com', 's', 'test', '2026-01-01T00:00:00+00:00')",
+                   (inbound_id,))
+        db.execute("UPDATE outbox SET status = 'failed'")
+        db.commit()
+        db.close()
+        now = samples((await scrape(gw))[2])
+        assert now["s4e_gateway_held"] == 1 and now["s4e_gateway_outbox_failed"] == 1
+
+        status, _, body = await scrape(gw, "/nothing-here")
+        assert status == 404 and "/metrics" in body
     finally:
         await gw.stop(grace=1)
 
 
-def test_log_lines_escape_cr_lf() -> None:
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool not installed (Debian package prometheus, ~96 MB: not in CI)")
+async def test_metric_names_pass_promtool(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
+    gw = Gateway(load_config(path))
+    await gw.start(port=0)
+    try:
+        status, _, text = await scrape(gw)
+        assert status == 200
+    finally:
+        await gw.stop(grace=1)
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_healthz_200_when_healthy_503_when_the_outbox_is_stuck(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    class StuckRelay:
+        """A relay that never answers: the mail stays `sending`."""
+
+        async def send(self, mail_from: str, rcpt_to: str, raw: bytes, message_id: str) -> None:
+            await asyncio.Event().wait()
+
+    path = write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
+    gw = Gateway(load_config(path), transport=StuckRelay())
+    await gw.start(port=0)
+    try:
+        status, ctype, body = await scrape(gw, "/healthz")
+        assert status == 200 and ctype == "application/json", body
+        health = json.loads(body)
+        assert health["status"] == "ok" and health["problems"] == []
+        assert health["checks"]["database"] == "writable"
+
+        # A mail that has been due for an hour and is still not sent.
+        db = sqlite3.connect(gw.config.storage.database)
+        db.execute("INSERT INTO outbox (kind, message_id, mail_from, rcpt_to, subject, auto,"
+                   " next_attempt_at, queued_at, created_at) VALUES ('acknowledgement',"
+                   " '<x@gw>', 'crm@s4e.pl', 'jan@example.com', 's', 1, ?, ?, ?)",
+                   ("2020-01-01T00:00:00+00:00",) * 3)
+        db.execute("INSERT INTO outbox_raw (id, raw) VALUES (last_insert_rowid(), x'00')")
+        db.commit()
+        db.close()
+        gw.mailer.wake()
+        status, _, body = await scrape(gw, "/healthz")
+        health = json.loads(body)
+        assert status == 503, body
+        assert health["status"] == "failing"
+        assert any(p.startswith("outbox stuck") for p in health["problems"]), health
+    finally:
+        await gw.stop(grace=1)
+
+
+async def test_healthz_503_when_the_database_cannot_be_written(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    path = write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
+    gw = Gateway(load_config(path))
+    await gw.start(port=0)
+    locker = sqlite3.connect(gw.config.storage.database, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # e.g. a stuck process holding the write lock
+        status, _, body = await scrape(gw, "/healthz")
+        assert status == 503, body
+        assert json.loads(body)["problems"][0].startswith("database not writable: database")
+        locker.execute("ROLLBACK")
+        assert (await scrape(gw, "/healthz"))[0] == 200
+    finally:
+        locker.close()
+        await gw.stop(grace=1)
+
+
+def test_log_lines_escape_cr_lf_and_start_with_their_priority() -> None:
+    formatter = _EscapingFormatter("%(levelname)s %(name)s: %(message)s")
     record = logging.LogRecord("gateway", logging.INFO, __file__, 1,
                                "%s outcome=%s", ("<a\r\nInjected: yes>", "new"), None)
-    line = _EscapingFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    line = formatter.format(record)
     assert "\n" not in line and "\r" not in line
-    assert line == "INFO gateway: <a\\r\\nInjected: yes> outcome=new"
+    assert line == "<6>INFO gateway: <a\\r\\nInjected: yes> outcome=new"
+    for level, prefix in ((logging.ERROR, "<3>"), (logging.CRITICAL, "<3>"),
+                          (logging.WARNING, "<4>"), (logging.DEBUG, "<7>")):
+        record = logging.LogRecord("gateway", level, __file__, 1, "x", (), None)
+        assert formatter.format(record).startswith(prefix)
+    try:
+        raise ValueError("a real bug")
+    except ValueError:
+        record = logging.LogRecord("gateway", logging.ERROR, __file__, 1, "bug", (),
+                                   sys.exc_info())
+    lines = formatter.format(record).split("\n")
+    # A real bug keeps its traceback, every line filed under the record's priority.
+    assert lines[0] == "<3>ERROR gateway: bug" and lines[1] == "<3>Traceback (most recent call last):"
+    assert all(ln.startswith("<3>") for ln in lines) and lines[-1] == "<3>ValueError: a real bug"
+
+
+def formatted_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    formatter = _EscapingFormatter("%(levelname)s %(name)s: %(message)s")
+    return [formatter.format(r) for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_disk_full_while_processing_leaves_the_message_queued(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SPEC §4: a failure of the environment is never `failed`; the message is retried."""
+    import sqlite3
+
+    from gateway import store
+    from gateway.processor import Processed
+
+    calls: list[int] = []
+
+    async def disk_full_once(conn, row) -> Processed:  # the stages, with a full disk first
+        calls.append(row.id)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        await store.mark_inbound(conn, row.id, state="done", outcome="new")
+        return Processed(None)
+
+    gw = Gateway(load_config(write_config(tmp_path, "")), stages=disk_full_once)
+    await gw.start(port=0)
+    caplog.set_level(logging.INFO)
+    conn = await store.connect(gw.config.storage.database)
+    try:
+        await send(gw.port, "jan@example.com", [INTAKE], make_mail(message_id="<full@example.com>"))
+
+        async def done():
+            rows = await store.list_inbound(conn)
+            return rows if rows and rows[0].state == "done" else None
+
+        (row,) = await wait_for(done, timeout=20)
+        assert calls == [row.id, row.id] and row.outcome == "new" and row.attempts == 1
+    finally:
+        await conn.close()
+        await gw.stop(grace=1)
+    errors = formatted_errors(caplog)
+    assert errors == ["<3>ERROR gateway.processor: <full@example.com> inbound 1: not processed,"
+                      " stays queued: database: database or disk is full"]
+
+
+def test_configuration_error_exits_78_from_serve_and_check_config(tmp_path: Path) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text('[smtp]\nlisten = "localhost"\n')
+    for command in ("serve", "check-config"):
+        result = subprocess.run([sys.executable, "-m", "gateway", command, "--config", str(config)],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 78, (command, result.stderr)
+        assert "smtp.listen" in result.stderr and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1
+    # The daemon's line carries its priority for the journal.
+    serve = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert serve.stderr.startswith("<3>")
+    # Another user error stays exit 1.
+    other = subprocess.run([sys.executable, "-m", "gateway", "tickets", "show", "12",
+                            "--config", str(tmp_path / "missing.toml")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 1, other.stderr
+    unit = (ROOT / "deploy/s4e-gateway.service").read_text()
+    assert "\nRestartPreventExitStatus=78\n" in unit
+
+
+def test_daemon_log_lines_carry_syslog_priorities(tmp_path: Path) -> None:
+    port, dead_relay = free_port(), free_port()
+    contracts = tmp_path / "contracts.csv"
+    contracts.write_text("device_id,customer,repair_hours\nSN-1,ACME,48\n")
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[smtp]\nlisten = "127.0.0.1:{port}"\n'
+                      f'[outbound]\nrelay = "127.0.0.1:{dead_relay}"\n'
+                      f'[tickets]\ncontracts = "{contracts}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        from tests.test_daemon_process import wait_listening
+        wait_listening(proc, port)
+        from tests.conftest import smtp_send
+        smtp_send(port, "jan@example.com", [INTAKE],
+                  make_mail(body=REPORT_BODY, message_id="<prio@example.com>"))
+        import sqlite3
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the acknowledgement meets the dead relay
+            db = sqlite3.connect(tmp_path / "var/gateway.db")
+            tried = db.execute("SELECT count(*) FROM outbox WHERE attempts > 0"
+                               " AND status = 'pending'").fetchone()[0]
+            db.close()
+            if tried:
+                break
+            time.sleep(0.2)
+        # A broken contracts file: the reload keeps the old ones and says so (error).
+        contracts.write_text("device_id,customer\nbroken\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 0, err.decode()
+    assert lines and all(ln[:3] in ("<3>", "<4>", "<6>", "<7>") for ln in lines), lines
+    assert any(ln.startswith("<6>") and "listening on" in ln for ln in lines)
+    assert any(ln.startswith("<4>") and "temporary failure" in ln for ln in lines), "\n".join(lines)
+    assert any(ln.startswith("<3>") and "contracts not loaded" in ln for ln in lines), "\n".join(lines)
+    assert "Traceback" not in err.decode()
+
+
+async def test_sighup_reloads_the_tls_certificate(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(cert) -> None:
+        cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+        cert.private_key_pem.write_to_path(str(key_path))
+
+    old = ca.issue_cert("gw.test", "127.0.0.1", organization_name="Old certificate")
+    install(old)
+    path = write_config(tmp_path, "")
+    path.write_text(path.read_text().replace(
+        'hostname = "gw.test"\n',
+        f'hostname = "gw.test"\ntls_cert = "{cert_path}"\ntls_key = "{key_path}"\n'))
+    gw = Gateway(load_config(path))
+    await gw.start(port=0)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+
+    def peer_organisation() -> str:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+            client.starttls(context=client_context)
+            subject = dict(item[0] for item in client.sock.getpeercert()["subject"])
+            client.noop()
+            return subject["organizationName"]
+
+    try:
+        assert await asyncio.to_thread(peer_organisation) == "Old certificate"
+        install(ca.issue_cert("gw.test", "127.0.0.1", organization_name="Renewed certificate"))
+        await gw.reload()
+        assert await asyncio.to_thread(peer_organisation) == "Renewed certificate"
+        # A broken new pair (the key of another certificate) keeps the one in use.
+        other = ca.issue_cert("gw.test", "127.0.0.1", organization_name="Mismatch")
+        other.private_key_pem.write_to_path(str(key_path))
+        await gw.reload()
+        assert await asyncio.to_thread(peer_organisation) == "Renewed certificate"
+    finally:
+        await gw.stop(grace=1)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd here")
@@ -211,3 +502,22 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     problems = [ln for ln in (result.stdout + result.stderr).splitlines()
                 if "s4e-gateway.service" in ln]
     assert problems == [] and result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_config_accepts_an_lmtp_socket_systemd_will_create(tmp_path: Path) -> None:
+    import uuid
+
+    folder = Path("/run") / f"s4e-gateway-test-{uuid.uuid4().hex[:8]}"
+    assert not folder.exists()
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[smtp]\nlmtp_socket = "{folder}/lmtp.sock"\n')
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                             str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"smtp.lmtp_socket: folder {folder} does not exist yet" in result.stderr
+    assert f"RuntimeDirectory={folder.name}" in result.stderr
+    # Anywhere else a missing folder is still an error naming the key.
+    config.write_text(f'[smtp]\nlmtp_socket = "{tmp_path}/nowhere/lmtp.sock"\n')
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                             str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78 and "smtp.lmtp_socket: folder" in result.stderr

@@ -195,16 +195,42 @@ async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    from gateway.backup import migrate_with_copy
+
     conn = await store.connect(config.storage.database)
     try:
-        applied = await store.migrate(conn)
+        applied, copy = await migrate_with_copy(conn, config.storage.database)
         version = await store.schema_version(conn)
     finally:
         await conn.close()
+    if copy is not None:
+        print(f"copy of the database before migrating: {copy}")
     if applied:
         print(f"applied {', '.join(applied)}; schema version {version}")
     else:
         print(f"schema up to date (version {version})")
+    return 0
+
+
+async def cmd_backup(config: Config, args: argparse.Namespace) -> int:
+    """A consistent copy while the daemon runs. DEST ending in .db: that file, the
+    database only; otherwise a folder: DEST/gateway.db and DEST/attachments/."""
+    from gateway.backup import copy_attachments, copy_database
+
+    dest = Path(args.dest)
+    to_file = dest.suffix == ".db"
+    db_copy = await asyncio.to_thread(copy_database, config.storage.database,
+                                      dest if to_file else dest / "gateway.db")
+    print(f"database: {db_copy.path} (schema version {db_copy.schema_version}, "
+          f"{db_copy.tickets} tickets, {db_copy.size / 1e6:.1f} MB)")
+    if to_file or args.no_attachments:
+        print(f"attachments not copied: copy {config.storage.attachments} as well "
+              "(files never change: rsync -a is enough)")
+        return 0
+    files = await asyncio.to_thread(copy_attachments, config.storage.attachments,
+                                    dest / "attachments")
+    print(f"attachments: {dest / 'attachments'} ({files.copied} copied, "
+          f"{files.size / 1e6:.1f} MB; {files.present} already there)")
     return 0
 
 
@@ -643,7 +669,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     command(commands, "serve", cmd_serve, "run the daemon")
     command(commands, "check-config", cmd_check_config, "check the configuration")
-    command(commands, "migrate", cmd_migrate, "create or upgrade the database")
+    command(commands, "migrate", cmd_migrate,
+            "create or upgrade the database (a copy of it is taken first)")
+    sub = command(commands, "backup", cmd_backup,
+                  "a consistent copy of the database (and attachments) while it runs")
+    sub.add_argument("dest", metavar="DEST",
+                     help="a folder (gets gateway.db and attachments/) or a file ending in .db")
+    sub.add_argument("--no-attachments", action="store_true",
+                     help="copy only the database")
 
     def by(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument("--by", metavar="E", help="who acts, for the history (default: "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import staff, store
+from gateway.backup import migrate_with_copy
 from gateway.config import Config, check_files, parse_hostport
 from gateway.digest import send_held_digest
 from gateway.errors import ConfigError, expected_failure
@@ -91,7 +92,7 @@ class Gateway:
         check_files(cfg)
         self._lock = _single_instance(cfg.storage.database)
         intake_conn = await self._connect()
-        await store.migrate(intake_conn)
+        await migrate_with_copy(intake_conn, cfg.storage.database)
         work_conn, mail_conn, check_conn, house_conn = [await self._connect() for _ in range(4)]
         self._house_conn = house_conn
         # This process's writers take SQLite's write lock in turn, intake first.

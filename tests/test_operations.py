@@ -521,3 +521,103 @@ def test_check_config_accepts_an_lmtp_socket_systemd_will_create(tmp_path: Path)
     result = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
                              str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 78 and "smtp.lmtp_socket: folder" in result.stderr
+
+
+async def test_backup_while_the_gateway_takes_mail(tmp_path: Path) -> None:
+    import hashlib
+    import json
+    import sqlite3
+    from email import message_from_bytes, policy
+
+    from tests.conftest import running_desk
+
+    (tmp_path / "gw").mkdir()
+    async with running_desk(tmp_path / "gw") as desk:
+        msg = message_from_bytes(make_mail(body=REPORT_BODY, message_id="<first@example.com>"),
+                                 policy=policy.default)
+        log_bytes = b"ERROR controller 0: battery failed\n" * 200
+        msg.add_attachment(log_bytes, maintype="text", subtype="plain", filename="ctrl.log")
+        first = await desk.mail(msg.as_bytes())
+
+        async def more_mail() -> None:  # the gateway keeps taking mail during the copy
+            for i in range(15):
+                await send(desk.gw.port, "jan@example.com", [INTAKE],
+                           make_mail(body=REPORT_BODY, message_id=f"<load{i}@example.com>"))
+
+        load = asyncio.create_task(more_mail())
+        dest = tmp_path / "backup"
+        _, out, _ = await desk.cli("backup", str(dest))
+        await load
+        assert f"database: {dest / 'gateway.db'}" in out and "attachments:" in out
+        # Again into the same folder: the database is replaced, attachments are there.
+        _, out, _ = await desk.cli("backup", str(dest))
+        assert "0 copied" in out and "1 already there" in out
+
+    db = sqlite3.connect(dest / "gateway.db")
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # one self-contained file
+    db.close()
+    assert not (dest / "gateway.db-wal").exists()
+    # The copy opens with the gateway's own CLI and holds the tickets.
+    copy_config = tmp_path / "copy.toml"
+    copy_config.write_text(f'[storage]\ndatabase = "{dest}/gateway.db"\n'
+                           f'attachments = "{dest}/attachments"\n')
+    from tests.conftest import run_cli_sync
+    code, out, err = await asyncio.to_thread(run_cli_sync, "tickets", "list", "--json",
+                                             "--config", str(copy_config))
+    assert code == 0, err
+    numbers = [t["number"] for t in json.loads(out)]
+    assert first["ticket"] in numbers
+    db = sqlite3.connect(dest / "gateway.db")
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+    files = [p for p in (dest / "attachments").rglob("*") if p.is_file()]
+    assert [p.read_bytes() for p in files] == [log_bytes]
+    assert files[0].name == hashlib.sha256(log_bytes).hexdigest()
+
+
+def test_backup_to_a_file_and_errors_are_one_line(tmp_path: Path) -> None:
+    from tests.conftest import run_cli_sync
+
+    config = write_config(tmp_path, "")
+    assert run_cli_sync("migrate", "--config", str(config))[0] == 0
+    code, out, err = run_cli_sync("backup", str(tmp_path / "copy.db"), "--config", str(config))
+    assert code == 0 and "attachments not copied" in out, err
+    code, _, err = run_cli_sync("backup", str(tmp_path / "gw.db"), "--config", str(config))
+    assert code == 1 and "is the database itself" in err and err.count("\n") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = write_config(empty, "")
+    code, _, err = run_cli_sync("backup", str(tmp_path / "x.db"), "--config", str(other))
+    assert code == 1 and "no database to back up" in err and err.count("\n") == 1
+
+
+def test_migrate_copies_the_database_before_changing_the_schema(tmp_path: Path) -> None:
+    import sqlite3
+
+    from gateway import store
+    from tests.conftest import run_cli_sync
+
+    config = write_config(tmp_path, "")
+    db_path = tmp_path / "gw.db"
+    db = sqlite3.connect(db_path)  # a database an older gateway left: schema version 3
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+               " applied_at TEXT NOT NULL)")
+    for migration in store.load_migrations()[:3]:
+        db.executescript(migration.sql)
+        db.execute("INSERT INTO schema_version VALUES (?, ?, 'then')",
+                   (migration.version, migration.name))
+    db.execute("INSERT INTO settings VALUES ('old', 'data')")
+    db.commit()
+    db.close()
+
+    code, out, err = run_cli_sync("migrate", "--config", str(config))
+    assert code == 0, err
+    (copy,) = tmp_path.glob("gw.db.v0003-*.bak")
+    assert f"copy of the database before migrating: {copy}" in out
+    old = sqlite3.connect(copy)
+    assert old.execute("SELECT max(version) FROM schema_version").fetchone() == (3,)
+    assert old.execute("SELECT value FROM settings WHERE key = 'old'").fetchone() == ("data",)
+    old.close()
+    # Up to date: nothing to change, no copy.
+    code, out, _ = run_cli_sync("migrate", "--config", str(config))
+    assert code == 0 and "copy" not in out and len(list(tmp_path.glob("*.bak"))) == 1

@@ -1,29 +1,53 @@
-"""Attachment bytes on disk: files named by their SHA-256 (never by the sender's file
-name), written atomically, each stored once however often it arrives."""
+"""Attachment bytes, stored once.
+
+Each attachment is a file named by its SHA-256 (never by the sender's file name),
+written atomically and fsync'd, stored once however often it arrives. The raw mail
+kept in the database for `inbox show --raw` and reprocessing then no longer carries
+those bytes a second time: once the files are safe, the exact encoded body of each
+attachment (base64 as the sender's mailer wrapped it, or the plain bytes) is cut out
+of the stored raw and the place is remembered as a `Span`. Reading the raw puts the
+same bytes back, re-encoded from the file: byte for byte the message as received (a
+cut is only made when the round trip is checked to give exactly the original).
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.model import Attachment
 
+# Smaller attachments stay inside the raw: cutting them would save next to nothing.
+MIN_CUT_SIZE = 4096
+# Base64 line lengths mailers use (76: RFC 2045 and nearly everyone; 72, 64: some).
+_B64_LINES = (76, 72, 64)
+_EOLS = (b"\r\n", b"\n")
+
 
 def save_attachments(folder: Path, attachments: Iterable[Attachment]) -> list[dict[str, Any]]:
     """Write attachment bytes under generated names (content hashes), never the
-    sender's file name. Idempotent: the same bytes land in the same file."""
+    sender's file name. Idempotent: the same bytes land in the same file. Each new
+    file is fsync'd (and its folder), so the raw may then be stored without them."""
     saved = []
     for attachment in attachments:
         path = attachment_path(folder, attachment.sha256)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(attachment.data)
+            with open(tmp, "wb") as fh:
+                fh.write(attachment.data)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
+            _fsync_dir(path.parent)
         saved.append({"id": uuid.uuid4().hex, "filename": attachment.filename,
                       "content_type": attachment.content_type, "size": attachment.size,
                       "sha256": attachment.sha256, "is_log": attachment.is_log})
@@ -34,3 +58,114 @@ def attachment_path(folder: Path, sha256: str) -> Path:
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise ValueError(f"not a sha256: {sha256!r}")
     return folder / sha256[:2] / sha256
+
+
+def read_attachment(folder: Path, sha256: str) -> bytes:
+    """An attachment's bytes, checked against their hash (a damaged file is an error,
+    never silently wrong bytes)."""
+    path = attachment_path(folder, sha256)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AttachmentMissing(f"attachment {sha256[:12]}...: file {path} is missing") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise AttachmentMissing(f"attachment {sha256[:12]}...: file {path} is damaged "
+                                "(its content does not match its name)")
+    return data
+
+
+class AttachmentMissing(Exception):
+    """An attachment file the stored raw needs is missing or damaged."""
+
+
+# --- the raw without the attachment bytes -----------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Where an attachment's encoded bytes were cut out of the stored raw."""
+
+    at: int  # offset in the stored (cut) raw
+    sha256: str
+    encoding: str  # "base64" | "plain"
+    line: int = 0  # base64: characters per line
+    eol: str = "\r\n"  # base64: line end; plain: the line end the bytes were given with
+
+
+def encode(data: bytes, span: Span) -> bytes:
+    eol = span.eol.encode()
+    if span.encoding == "plain":
+        return data if eol == b"\n" else data.replace(b"\n", b"\r\n")
+    text = base64.b64encode(data)
+    return eol.join(text[i:i + span.line] for i in range(0, len(text), span.line))
+
+
+def _candidates(attachment: Attachment) -> list[tuple[Span, bytes]]:
+    found = []
+    for eol in _EOLS:
+        for line in _B64_LINES:
+            span = Span(0, attachment.sha256, "base64", line, eol.decode())
+            found.append((span, encode(attachment.data, span)))
+    found.append((Span(0, attachment.sha256, "plain", 0, "\n"), attachment.data))
+    if b"\n" in attachment.data and b"\r\n" not in attachment.data:
+        span = Span(0, attachment.sha256, "plain", 0, "\r\n")
+        found.append((span, encode(attachment.data, span)))
+    return found
+
+
+def cut_attachments(raw: bytes, attachments: Iterable[Attachment],
+                    min_size: int = MIN_CUT_SIZE) -> tuple[bytes, tuple[Span, ...]]:
+    """The raw without the encoded bytes of its attachments (those stored as files),
+    and where they were. Returns (raw, ()) when nothing is worth cutting or the round
+    trip would not give the original exactly."""
+    data = {a.sha256: a for a in attachments if a.size >= min_size}
+    matches: list[tuple[int, int, Span]] = []  # (start, end, span) in the original raw
+    for attachment in data.values():
+        for span, encoded in _candidates(attachment):
+            start = raw.find(encoded)
+            while start != -1:
+                matches.append((start, start + len(encoded), span))
+                start = raw.find(encoded, start + len(encoded))
+    if not matches:
+        return raw, ()
+    matches.sort(key=lambda m: (m[0], -(m[1] - m[0])))
+    pieces, spans, position, removed = [], [], 0, 0
+    for start, end, span in matches:
+        if start < position:
+            continue  # overlaps one already cut
+        pieces.append(raw[position:start])
+        spans.append(Span(start - removed, span.sha256, span.encoding, span.line, span.eol))
+        removed += end - start
+        position = end
+    pieces.append(raw[position:])
+    stored, cut = b"".join(pieces), tuple(spans)
+    if restore_raw(stored, cut, lambda sha: data[sha].data) != raw:
+        return raw, ()
+    return stored, cut
+
+
+def restore_raw(stored: bytes, spans: Iterable[Span], load: Callable[[str], bytes]) -> bytes:
+    """The raw as received: `stored` with each span's bytes put back (from `load`)."""
+    pieces, position = [], 0
+    for span in sorted(spans, key=lambda s: s.at):
+        pieces.append(stored[position:span.at])
+        pieces.append(encode(load(span.sha256), span))
+        position = span.at
+    pieces.append(stored[position:])
+    return b"".join(pieces)
+
+
+def spans_to_json(spans: Iterable[Span]) -> str:
+    return json.dumps([[s.at, s.sha256, s.encoding, s.line, s.eol] for s in spans])
+
+
+def spans_from_json(text: str) -> tuple[Span, ...]:
+    return tuple(Span(int(at), sha, enc, int(line), eol)
+                 for at, sha, enc, line, eol in json.loads(text))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -94,6 +94,11 @@ class AddressesConfig:
 class StorageConfig:
     database: Path = Path("var/gateway.db")
     attachments: Path = Path("var/attachments")
+    keep_raw: str = ""  # "" = keep the raw mail for ever; else a duration (closed tickets)
+
+    @property
+    def keep_raw_seconds(self) -> int | None:
+        return parse_duration(self.keep_raw) if self.keep_raw else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +206,7 @@ _CHOICES = {
     ("auth", "verify"): ("off", "dns"),
 }
 _DURATIONS = {"timeout", "data_timeout", "retry_first", "retry_max", "give_up_after",
-              "rating_window", "session_lifetime", "login_window"}
+              "rating_window", "session_lifetime", "login_window", "keep_raw"}
 _HOSTPORTS = {("smtp", "listen"), ("outbound", "relay"), ("metrics", "listen"),
               ("auth", "resolver"), ("web", "listen")}
 _EMAILS = {("addresses", "intake"), ("addresses", "crm")}
@@ -249,6 +254,8 @@ def _convert(section: str, key: str, value: Any, base: Path) -> Any:
         choices = _CHOICES[(section, key)]
         if value not in choices and not (key == "transport" and value == ""):
             raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    if key == "keep_raw" and value == "":
+        return value  # keep for ever
     if key in _DURATIONS:
         seconds = parse_duration(value)
         if seconds == 0 and key != "rating_window":

@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,7 @@ class Gateway:
                 async with self._house_lock:
                     await staff.close_expired_ratings(conn, self.context)
                     await send_held_digest(conn, self.context)
+                    await self._drop_old_raw(conn)
                     self.notifier.status(await self._status(conn))
             except Exception as err:  # noqa: BLE001 - e.g. a locked database: next round
                 reason = expected_failure(err)
@@ -274,6 +276,18 @@ class Gateway:
                     log.error("housekeeping failed, next round in %.0fs: %s",
                               self.housekeeping_seconds, reason)
             await asyncio.sleep(self.housekeeping_seconds)
+
+    async def _drop_old_raw(self, conn: Any) -> int:
+        """[storage] keep_raw: raw mail of tickets closed longer ago is dropped."""
+        keep = self.config.storage.keep_raw_seconds
+        if keep is None:
+            return 0
+        now = store.utcnow()
+        dropped = await store.drop_old_raw(conn, now - timedelta(seconds=keep), now)
+        if dropped:
+            log.info("storage.keep_raw: raw mail of %d message(s) of tickets closed over %s ago"
+                     " dropped", dropped, self.config.storage.keep_raw)
+        return dropped
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: if the loop stalls, the pings stop.

@@ -25,8 +25,9 @@ from typing import Any
 import aiosqlite
 
 from gateway import msgid, store
-from gateway.attachments import save_attachments
+from gateway.attachments import cut_attachments, save_attachments, spans_to_json
 from gateway.config import Config
+from gateway.errors import StoreError
 from gateway.model import (FIELD_NAMES, TICKET_REF, UNVERIFIED, Attachment, AuthResult,
                            Fields, MessageKind, OutAttachment, Outcome, Outgoing,
                            Report, Status, Verdict, missing_fields)
@@ -123,14 +124,16 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
         await store.mark_inbound(conn, row.id, state="done", outcome=row.outcome,
                                  ticket=recorded)
         return Processed(Outcome(row.outcome), recorded)
-    raw = await store.read_raw(conn, row.id)
+    folder = ctx.config.storage.attachments
+    raw = await store.read_raw(conn, row.id, folder)
     report = await asyncio.to_thread(parse_report, raw)
     if release:
         verdict = Verdict(AuthResult.PASS, "released by an operator", _domain(report.sender))
     else:
         verdict = await asyncio.to_thread(ctx.verdict_for, raw, row.peer, row.mail_from)
-    saved = await asyncio.to_thread(save_attachments, ctx.config.storage.attachments,
-                                    report.attachments)
+    saved = await asyncio.to_thread(save_attachments, folder, report.attachments)
+    # The files are safe now: the stored raw need not carry the same bytes again.
+    cut_raw, spans = await asyncio.to_thread(cut_attachments, raw, report.attachments)
     situation = await look_up(conn, ctx, row, report, raw, verdict)
     if release:
         situation = dataclasses.replace(situation, authorised=True, duplicate_of=None,
@@ -146,6 +149,8 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
         await store.mark_inbound(conn, row.id, state="done", outcome=decision.outcome,
                                  ticket=ticket, report=report_json(report),
                                  auth=verdict.result, auth_reason=verdict.reason)
+        if spans:
+            await store.store_cut_raw(conn, row.id, cut_raw, spans_to_json(spans))
     log.info("%s inbound %d: outcome=%s ticket=%s (%s)", report.message_id or "<no-id>",
              row.id, decision.outcome, f"#{ticket:06d}" if ticket else "-",
              getattr(decision, "reason", ""))
@@ -177,7 +182,7 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
         reply_policy=cfg.tickets.reply_policy)
     participant = bool(view) and (sender == view.reporter_email or sender in view.participants)
     own = is_own_mail(ctx, report)
-    duplicate = await earlier_copy(conn, row, report, raw)
+    duplicate = await earlier_copy(conn, row, report, raw, ctx.config.storage.attachments)
     since = ctx.clock() - timedelta(hours=1)
     # The cap counts answers per sender and per recipient: this From and the e-mail
     # its report names, each without a +tag.
@@ -191,7 +196,7 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
 
 
 async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Report,
-                       raw: bytes) -> int | None:
+                       raw: bytes, attachments: Path) -> int | None:
     """An earlier routed message with the same Message-ID and the same content (its
     headers may differ: another path, another forwarder). The same Message-ID on
     different content is another message: devices and scripts reuse ids."""
@@ -199,7 +204,11 @@ async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Repo
         return None
     digest = store.body_digest(raw)
     for earlier in await store.processed_with_message_id(conn, report.message_id, row.id):
-        if store.body_digest(await store.read_raw(conn, earlier.id)) == digest:
+        try:
+            earlier_raw = await store.read_raw(conn, earlier.id, attachments)
+        except StoreError:  # dropped by keep_raw: nothing to compare, not the same
+            continue
+        if store.body_digest(earlier_raw) == digest:
             return earlier.id
     return None
 

@@ -577,11 +577,38 @@ async def claim_inbound(conn: aiosqlite.Connection) -> InboundRow | None:
     return InboundRow.from_row(rows[0]) if rows else None
 
 
-async def read_raw(conn: aiosqlite.Connection, inbound_id: int) -> bytes:
-    rows = await conn.execute_fetchall("SELECT raw FROM inbound_raw WHERE id = ?", (inbound_id,))
-    if not rows:
+async def read_raw(conn: aiosqlite.Connection, inbound_id: int,
+                   attachments: Path | None = None) -> bytes:
+    """The message exactly as received. Its attachment bytes live in the files under
+    `attachments` ([storage] attachments) and are put back (SPEC §12: stored once)."""
+    rows = await conn.execute_fetchall(
+        "SELECT r.raw, r.spans, i.raw_dropped_at FROM inbound i"
+        " LEFT JOIN inbound_raw r ON r.id = i.id WHERE i.id = ?", (inbound_id,))
+    if not rows or rows[0][0] is None:
+        if rows and rows[0][2]:
+            raise StoreError(f"inbound message {inbound_id}: raw mail dropped on "
+                             f"{rows[0][2][:10]} (storage.keep_raw); text and attachments kept")
         raise StoreError(f"inbound message {inbound_id}: raw bytes missing")
-    return bytes(rows[0][0])
+    raw, spans = bytes(rows[0][0]), rows[0][1]
+    if not spans:
+        return raw
+    from gateway import attachments as files
+
+    if attachments is None:
+        raise StoreError(f"inbound message {inbound_id}: its attachments are stored as files;"
+                         " read_raw needs the attachments folder")
+    try:
+        return files.restore_raw(raw, files.spans_from_json(spans),
+                                 lambda sha: files.read_attachment(attachments, sha))
+    except files.AttachmentMissing as err:
+        raise StoreError(f"inbound message {inbound_id}: {err}") from None
+
+
+async def store_cut_raw(conn: aiosqlite.Connection, inbound_id: int, raw: bytes,
+                        spans: str) -> None:
+    """Keep the raw without its attachment bytes (already safe in their files)."""
+    await conn.execute("UPDATE inbound_raw SET raw = ?, spans = ? WHERE id = ?",
+                       (raw, spans, inbound_id))
 
 
 async def mark_inbound(conn: aiosqlite.Connection, inbound_id: int, *, state: str,
@@ -1250,3 +1277,29 @@ async def probe_write(conn: aiosqlite.Connection, now: datetime) -> None:
         except sqlite3.Error:
             pass
         raise
+
+
+async def drop_old_raw(conn: aiosqlite.Connection, closed_before: datetime, now: datetime,
+                       limit: int = 200) -> int:
+    """[storage] keep_raw: the raw mail (inbound, and outbound already sent) of tickets
+    closed before `closed_before` is dropped; tickets, threads, attachment rows and
+    files stay. At most `limit` inbound messages per call (short transactions)."""
+    async with Tx(conn):
+        rows = await conn.execute_fetchall(
+            "SELECT i.id FROM inbound i JOIN tickets t ON t.number = i.ticket"
+            " WHERE t.status = 'closed' AND t.closed_at < ? AND i.raw_dropped_at IS NULL"
+            " AND i.state = 'done' LIMIT ?", (iso(closed_before), limit))
+        ids = [r[0] for r in rows]
+        for inbound_id in ids:
+            await conn.execute("DELETE FROM inbound_raw WHERE id = ?", (inbound_id,))
+            await conn.execute("UPDATE inbound SET raw_dropped_at = ? WHERE id = ?",
+                               (iso(now), inbound_id))
+        sent = await conn.execute_fetchall(
+            "SELECT o.id FROM outbox o JOIN tickets t ON t.number = o.ticket"
+            " WHERE t.status = 'closed' AND t.closed_at < ? AND o.status = 'sent'"
+            " AND o.raw_dropped_at IS NULL LIMIT ?", (iso(closed_before), limit))
+        for (outbox_id,) in sent:
+            await conn.execute("DELETE FROM outbox_raw WHERE id = ?", (outbox_id,))
+            await conn.execute("UPDATE outbox SET raw_dropped_at = ? WHERE id = ?",
+                               (iso(now), outbox_id))
+    return len(ids) + len(sent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -621,3 +622,169 @@ def test_migrate_copies_the_database_before_changing_the_schema(tmp_path: Path) 
     # Up to date: nothing to change, no copy.
     code, out, _ = run_cli_sync("migrate", "--config", str(config))
     assert code == 0 and "copy" not in out and len(list(tmp_path.glob("*.bak"))) == 1
+
+
+# --- storage: attachments once, keep_raw ------------------------------------------------
+
+def mail_with_attachment(data: bytes, *, message_id: str, filename: str = "logs.zip",
+                         body: str = REPORT_BODY) -> bytes:
+    from email import message_from_bytes, policy
+
+    msg = message_from_bytes(make_mail(body=body, message_id=message_id), policy=policy.default)
+    msg.add_attachment(data, maintype="application", subtype="zip", filename=filename)
+    return msg.as_bytes(policy=policy.SMTP)
+
+
+def test_cut_and_restore_give_the_raw_back_byte_for_byte() -> None:
+    import base64
+    import hashlib
+
+    from gateway.attachments import Span, cut_attachments, encode, restore_raw
+    from gateway.model import Attachment
+
+    data = os.urandom(20_000)
+    att = Attachment("a.bin", "application/octet-stream", len(data),
+                     hashlib.sha256(data).hexdigest(), False, data)
+    text = base64.b64encode(data)
+    for line, eol in ((76, b"\r\n"), (76, b"\n"), (72, b"\r\n"), (64, b"\n")):
+        body = eol.join(text[i:i + line] for i in range(0, len(text), line))
+        raw = b"Subject: x" + eol + eol + b"--b" + eol + body + eol + b"--b--" + eol
+        raw += b"again:" + eol + body + eol  # the same attachment twice: both cut
+        stored, spans = cut_attachments(raw, [att])
+        assert len(spans) == 2 and len(stored) < 200
+        assert restore_raw(stored, spans, lambda sha: data) == raw
+        assert encode(data, spans[0]) == body
+    # Encoded otherwise (here: 50-character lines): nothing is cut, the raw stays whole.
+    odd = b"\r\n".join(text[i:i + 50] for i in range(0, len(text), 50))
+    assert cut_attachments(b"x\r\n\r\n" + odd, [att]) == (b"x\r\n\r\n" + odd, ())
+    # Small attachments stay inside the raw.
+    small = Attachment("s", "text/plain", 10, hashlib.sha256(b"0123456789").hexdigest(), True,
+                       b"0123456789")
+    assert cut_attachments(b"x\n\n0123456789\n", [small]) == (b"x\n\n0123456789\n", ())
+    assert Span(0, "0" * 64, "plain", 0, "\r\n") == Span(0, "0" * 64, "plain", 0, "\r\n")
+
+
+def test_every_corpus_mail_round_trips_through_the_cut_raw() -> None:
+    from gateway.attachments import cut_attachments, restore_raw
+    from gateway.parser import parse_report
+    from tests.test_parser_corpus import CORPUS_FILES
+
+    if not CORPUS_FILES:
+        pytest.skip("no corpus (../shared/corpus or $S4E_CORPUS)")
+    for path in CORPUS_FILES:
+        raw = path.read_bytes()
+        report = parse_report(raw)
+        by_hash = {a.sha256: a.data for a in report.attachments}
+        stored, spans = cut_attachments(raw, report.attachments, min_size=64)
+        assert restore_raw(stored, spans, by_hash.__getitem__) == raw, path
+
+
+async def test_an_attachment_is_stored_once_and_the_raw_comes_back_exactly(tmp_path: Path) -> None:
+    import hashlib
+    import sqlite3
+
+    from gateway import store
+    from tests.conftest import running_desk
+
+    data = os.urandom(3 * 1024 * 1024)  # a 3 MB zip of logs: incompressible
+    async with running_desk(tmp_path) as desk:
+        row = await desk.mail(mail_with_attachment(data, message_id="<big@example.com>"))
+        ticket = await desk.ticket(row["ticket"])
+        assert [a["size"] for a in ticket["attachments"]] == [len(data)]
+        db = sqlite3.connect(desk.db)
+        (stored, spans, sha) = db.execute(
+            "SELECT length(r.raw), r.spans, i.sha256 FROM inbound_raw r JOIN inbound i USING (id)"
+        ).fetchone()
+        db.close()
+        # The database keeps the mail without the 4 MB of base64; the file has the bytes.
+        assert stored < 20_000 and spans
+        files = [p for p in desk.gw.config.storage.attachments.rglob("*") if p.is_file()]
+        assert [p.read_bytes() == data for p in files] == [True]
+        conn = await store.connect(desk.db)
+        try:
+            raw = await store.read_raw(conn, row["id"], desk.gw.config.storage.attachments)
+            assert hashlib.sha256(raw).hexdigest() == sha  # exactly as received
+            with pytest.raises(store.StoreError, match="needs the attachments folder"):
+                await store.read_raw(conn, row["id"])
+        finally:
+            await conn.close()
+        # Reprocessing works on it as on any message.
+        _, out, _ = await desk.cli("inbox", "reprocess", str(row["id"]))
+        assert f"outcome new ticket #{row['ticket']}" in out
+        # A lost attachment file: one clear error, never wrong bytes.
+        files[0].unlink()
+        conn = await store.connect(desk.db)
+        try:
+            with pytest.raises(store.StoreError, match=r"^inbound message \d+: attachment .* is missing"):
+                await store.read_raw(conn, row["id"], desk.gw.config.storage.attachments)
+        finally:
+            await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def keep_raw_desk(tmp_path: Path, keep: str):
+    from tests.conftest import Desk
+
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("[storage]\n", f'[storage]\nkeep_raw = "{keep}"\n'))
+    gw = Gateway(load_config(path))
+    await gw.start(port=0)
+    try:
+        yield Desk(gw, path)
+    finally:
+        await gw.stop(grace=2)
+
+
+async def test_keep_raw_drops_raw_mail_of_old_closed_tickets_only(tmp_path: Path) -> None:
+    import sqlite3
+
+    data = os.urandom(50_000)
+    async with keep_raw_desk(tmp_path, "30d") as desk:
+        old = await desk.mail(mail_with_attachment(data, message_id="<old@example.com>"))
+        recent = await desk.mail(mail_with_attachment(data[::-1], message_id="<recent@example.com>"))
+        still_open = await desk.mail(make_mail(body=REPORT_BODY, message_id="<open@example.com>"))
+        for row in (old, recent):
+            await desk.cli("tickets", "set-status", row["ticket"], "closed")
+        db = sqlite3.connect(desk.db)
+        db.execute("UPDATE tickets SET closed_at = '2020-01-01T00:00:00+00:00' WHERE number = ?",
+                   (int(old["ticket"]),))
+        db.commit()
+        before = await desk.ticket(old["ticket"])
+        await wait_for(lambda: db.execute("SELECT count(*) FROM outbox WHERE status != 'sent'")
+                       .fetchone()[0] == 0)  # the closing notices have left
+
+        assert await desk.gw._drop_old_raw(desk.gw._house_conn) >= 1  # one housekeeping round
+
+        kept = {r[0] for r in db.execute("SELECT id FROM inbound_raw")}
+        assert kept == {recent["id"], still_open["id"]}
+        sent_raw = db.execute("SELECT count(*) FROM outbox o JOIN outbox_raw r USING (id)"
+                              " WHERE o.ticket = ?", (int(old["ticket"]),)).fetchone()[0]
+        assert sent_raw == 0  # what was sent for it is history too
+        db.close()
+        after = await desk.ticket(old["ticket"])
+        assert after == before  # text, thread and attachments stay
+        assert after["description"] and after["attachments"][0]["size"] == len(data)
+        assert any(p.read_bytes() == data
+                   for p in desk.gw.config.storage.attachments.rglob("*") if p.is_file())
+        from gateway import store
+        conn = await store.connect(desk.db)
+        try:
+            with pytest.raises(store.StoreError, match=r"raw mail dropped on .* \(storage.keep_raw\)"):
+                await store.read_raw(conn, old["id"], desk.gw.config.storage.attachments)
+            assert await store.read_raw(conn, recent["id"], desk.gw.config.storage.attachments)
+        finally:
+            await conn.close()
+        assert await desk.gw._drop_old_raw(desk.gw._house_conn) == 0  # nothing more to do
+
+
+def test_keep_raw_is_a_duration_or_empty(tmp_path: Path) -> None:
+    from tests.conftest import run_cli_sync
+
+    config = tmp_path / "gw.toml"
+    config.write_text('[storage]\nkeep_raw = "for ever"\n')
+    code, _, err = run_cli_sync("check-config", "--config", str(config))
+    assert code == 78 and "storage.keep_raw: expected a duration" in err
+    config.write_text('[storage]\nkeep_raw = "365d"\n')
+    assert load_config(config).storage.keep_raw_seconds == 365 * 86400
+    config.write_text('[storage]\nkeep_raw = ""\n')
+    assert load_config(config).storage.keep_raw_seconds is None

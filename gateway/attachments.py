@@ -47,7 +47,7 @@ def save_attachments(folder: Path, attachments: Iterable[Attachment]) -> list[di
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_path(path.parent)
         saved.append({"id": uuid.uuid4().hex, "filename": attachment.filename,
                       "content_type": attachment.content_type, "size": attachment.size,
                       "sha256": attachment.sha256, "is_log": attachment.is_log})
@@ -163,8 +163,9 @@ def spans_from_json(text: str) -> tuple[Span, ...]:
                  for at, sha, enc, line, eol in json.loads(text))
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import store
+from gateway.attachments import fsync_path
 from gateway.errors import GatewayError, StoreError
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ def copy_database(source: Path, dest: Path) -> DatabaseCopy:
                 dst.close()
         finally:
             src.close()
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, dest)
-        _fsync(dest.parent)
+        fsync_path(dest.parent)
     except sqlite3.Error as err:
         raise StoreError(f"backup of {source} failed: {err}") from None
     finally:
@@ -125,11 +126,3 @@ def _scalar(conn: sqlite3.Connection, sql: str, default: int) -> int:
     except sqlite3.OperationalError:  # e.g. no tickets table in a very old schema
         return default
     return row[0] if row and row[0] is not None else default
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

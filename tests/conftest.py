@@ -220,9 +220,12 @@ class Desk:
         return [m for row, m in self.outbox() if row["rcpt_to"] == address]
 
 
-def write_config(tmp_path: Path, extra: str = "", sink: "Sink | None" = None) -> Path:
+def write_config(tmp_path: Path, extra: str = "", sink: "Sink | None" = None,
+                 storage: str = "") -> Path:
+    """`storage`: more lines for the [storage] table (e.g. 'keep_raw = "30d"\\n')."""
     text = (f'[smtp]\nlisten = "127.0.0.1:0"\nhostname = "gw.test"\n'
-            f'[storage]\ndatabase = "{tmp_path}/gw.db"\nattachments = "{tmp_path}/att"\n')
+            f'[storage]\ndatabase = "{tmp_path}/gw.db"\nattachments = "{tmp_path}/att"\n'
+            + storage)
     outbound = f'[outbound]\nmaildir = "{tmp_path}/outbox"\n'
     if sink is not None:
         outbound += f'relay = "127.0.0.1:{sink.port}"\nretry_first = "1s"\nretry_max = "2s"\n'
@@ -238,12 +241,12 @@ def desk_options() -> str:
 
 
 @asynccontextmanager
-async def running_desk(tmp_path: Path, options: str = "",
-                       sink: "Sink | None" = None) -> AsyncIterator[Desk]:
+async def running_desk(tmp_path: Path, options: str = "", sink: "Sink | None" = None,
+                       storage: str = "") -> AsyncIterator[Desk]:
     """A gateway started from a real config file (as `serve` would), stopped after."""
     from gateway.config import load_config
 
-    path = write_config(tmp_path, options, sink=sink)
+    path = write_config(tmp_path, options, sink=sink, storage=storage)
     gw = Gateway(load_config(path))
     await gw.start(port=0)
     try:

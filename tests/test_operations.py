@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -186,13 +187,22 @@ def samples(text: str) -> dict[str, float]:
     return found
 
 
+@contextlib.asynccontextmanager
+async def metrics_gateway(tmp_path: Path, **options: object) -> AsyncIterator[Gateway]:
+    """A gateway with its metrics listener on 127.0.0.1 (ephemeral port)."""
+    gw = Gateway(load_config(write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')),
+                 **options)
+    await gw.start(port=0)
+    try:
+        yield gw
+    finally:
+        await gw.stop(grace=1)
+
+
 async def test_metrics_are_scraped_over_http(tmp_path: Path) -> None:
     from gateway import __version__
 
-    path = write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
-    gw = Gateway(load_config(path))
-    await gw.start(port=0)
-    try:
+    async with metrics_gateway(tmp_path) as gw:
         status, ctype, text = await scrape(gw)
         assert status == 200 and ctype.startswith("text/plain"), (status, text)
         before = samples(text)
@@ -240,21 +250,14 @@ async def test_metrics_are_scraped_over_http(tmp_path: Path) -> None:
 
         status, _, body = await scrape(gw, "/nothing-here")
         assert status == 404 and "/metrics" in body
-    finally:
-        await gw.stop(grace=1)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None,
                     reason="promtool not installed (Debian package prometheus, ~96 MB: not in CI)")
 async def test_metric_names_pass_promtool(tmp_path: Path) -> None:
-    path = write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
-    gw = Gateway(load_config(path))
-    await gw.start(port=0)
-    try:
+    async with metrics_gateway(tmp_path) as gw:
         status, _, text = await scrape(gw)
         assert status == 200
-    finally:
-        await gw.stop(grace=1)
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -270,10 +273,7 @@ async def test_healthz_200_when_healthy_503_when_the_outbox_is_stuck(tmp_path: P
         async def send(self, mail_from: str, rcpt_to: str, raw: bytes, message_id: str) -> None:
             await asyncio.Event().wait()
 
-    path = write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
-    gw = Gateway(load_config(path), transport=StuckRelay())
-    await gw.start(port=0)
-    try:
+    async with metrics_gateway(tmp_path, transport=StuckRelay()) as gw:
         status, ctype, body = await scrape(gw, "/healthz")
         assert status == 200 and ctype == "application/json", body
         health = json.loads(body)
@@ -295,28 +295,23 @@ async def test_healthz_200_when_healthy_503_when_the_outbox_is_stuck(tmp_path: P
         assert status == 503, body
         assert health["status"] == "failing"
         assert any(p.startswith("outbox stuck") for p in health["problems"]), health
-    finally:
-        await gw.stop(grace=1)
 
 
 async def test_healthz_503_when_the_database_cannot_be_written(tmp_path: Path) -> None:
     import json
     import sqlite3
 
-    path = write_config(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
-    gw = Gateway(load_config(path))
-    await gw.start(port=0)
-    locker = sqlite3.connect(gw.config.storage.database, isolation_level=None)
-    try:
-        locker.execute("BEGIN EXCLUSIVE")  # e.g. a stuck process holding the write lock
-        status, _, body = await scrape(gw, "/healthz")
-        assert status == 503, body
-        assert json.loads(body)["problems"][0].startswith("database not writable: database")
-        locker.execute("ROLLBACK")
-        assert (await scrape(gw, "/healthz"))[0] == 200
-    finally:
-        locker.close()
-        await gw.stop(grace=1)
+    async with metrics_gateway(tmp_path) as gw:
+        locker = sqlite3.connect(gw.config.storage.database, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")  # e.g. a stuck process holding the write lock
+            status, _, body = await scrape(gw, "/healthz")
+            assert status == 503, body
+            assert json.loads(body)["problems"][0].startswith("database not writable: database")
+            locker.execute("ROLLBACK")
+            assert (await scrape(gw, "/healthz"))[0] == 200
+        finally:
+            locker.close()
 
 
 def test_log_lines_escape_cr_lf_and_start_with_their_priority() -> None:
@@ -721,25 +716,13 @@ async def test_an_attachment_is_stored_once_and_the_raw_comes_back_exactly(tmp_p
             await conn.close()
 
 
-@contextlib.asynccontextmanager
-async def keep_raw_desk(tmp_path: Path, keep: str):
-    from tests.conftest import Desk
-
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("[storage]\n", f'[storage]\nkeep_raw = "{keep}"\n'))
-    gw = Gateway(load_config(path))
-    await gw.start(port=0)
-    try:
-        yield Desk(gw, path)
-    finally:
-        await gw.stop(grace=2)
-
-
 async def test_keep_raw_drops_raw_mail_of_old_closed_tickets_only(tmp_path: Path) -> None:
     import sqlite3
 
+    from tests.conftest import running_desk
+
     data = os.urandom(50_000)
-    async with keep_raw_desk(tmp_path, "30d") as desk:
+    async with running_desk(tmp_path, storage='keep_raw = "30d"\n') as desk:
         old = await desk.mail(mail_with_attachment(data, message_id="<old@example.com>"))
         recent = await desk.mail(mail_with_attachment(data[::-1], message_id="<recent@example.com>"))
         still_open = await desk.mail(make_mail(body=REPORT_BODY, message_id="<open@example.com>"))

@@ -253,7 +253,7 @@ async def test_metrics_are_scraped_over_http(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None,
-                    reason="promtool not installed (Debian package prometheus, ~96 MB: not in CI)")
+                    reason="no promtool (.ci/run takes it out of Debian's prometheus package)")
 async def test_metric_names_pass_promtool(tmp_path: Path) -> None:
     async with metrics_gateway(tmp_path) as gw:
         status, _, text = await scrape(gw)

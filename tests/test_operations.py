@@ -771,3 +771,25 @@ def test_keep_raw_is_a_duration_or_empty(tmp_path: Path) -> None:
     assert load_config(config).storage.keep_raw_seconds == 365 * 86400
     config.write_text('[storage]\nkeep_raw = ""\n')
     assert load_config(config).storage.keep_raw_seconds is None
+
+
+async def test_healthz_503_when_the_disk_has_no_room(tmp_path: Path) -> None:
+    import json
+
+    from gateway import store
+    from gateway.metrics import MetricsServer, Metrics, Probe
+
+    config = load_config(write_config(tmp_path))
+    conn = await store.connect(config.storage.database)
+    await store.migrate(conn)
+    # Room wanted: more than any disk has (the real check, with another threshold).
+    server = MetricsServer(Metrics(), Probe(conn, config.storage.database, min_free=2**62))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/healthz")
+    finally:
+        await server.stop()
+        await conn.close()
+    assert status == 503
+    (problem,) = json.loads(body)["problems"]
+    assert problem.startswith("disk nearly full:") and str(tmp_path) in problem

@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.cli import _EscapingFormatter
 from gateway.config import load_config
@@ -657,6 +659,27 @@ def test_cut_and_restore_give_the_raw_back_byte_for_byte() -> None:
                        b"0123456789")
     assert cut_attachments(b"x\n\n0123456789\n", [small]) == (b"x\n\n0123456789\n", ())
     assert Span(0, "0" * 64, "plain", 0, "\r\n") == Span(0, "0" * 64, "plain", 0, "\r\n")
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=1, max_size=3000), before=st.binary(max_size=200),
+       after=st.binary(max_size=200), line=st.sampled_from([76, 72, 64, 50]),
+       eol=st.sampled_from([b"\r\n", b"\n"]), plain=st.booleans())
+def test_cut_raw_always_restores_exactly(data, before, after, line, eol, plain) -> None:
+    import base64
+    import hashlib
+
+    from gateway.attachments import cut_attachments, restore_raw
+    from gateway.model import Attachment
+
+    att = Attachment("a", "application/octet-stream", len(data),
+                     hashlib.sha256(data).hexdigest(), False, data)
+    text = base64.b64encode(data)
+    body = data if plain else eol.join(text[i:i + line] for i in range(0, len(text), line))
+    raw = before + body + after + body[: len(body) // 2]
+    stored, spans = cut_attachments(raw, [att], min_size=1)
+    assert restore_raw(stored, spans, lambda sha: data) == raw
+    assert len(stored) <= len(raw)
 
 
 def test_every_corpus_mail_round_trips_through_the_cut_raw() -> None:

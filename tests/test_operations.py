@@ -816,3 +816,47 @@ async def test_healthz_503_when_the_disk_has_no_room(tmp_path: Path) -> None:
     assert status == 503
     (problem,) = json.loads(body)["problems"]
     assert problem.startswith("disk nearly full:") and str(tmp_path) in problem
+
+
+def test_systemctl_reload_sighup_gives_new_sessions_the_renewed_certificate(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    from tests.test_daemon_process import wait_listening
+
+    ca = trustme.CA()
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(organisation: str) -> None:
+        cert = ca.issue_cert("gw.test", "127.0.0.1", organization_name=organisation)
+        cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+        cert.private_key_pem.write_to_path(str(key_path))
+
+    install("Before renewal")
+    port = free_port()
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[smtp]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert_path}"\n'
+                      f'tls_key = "{key_path}"\n')
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+
+    def organisation() -> str:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.starttls(context=client_context)
+            return dict(item[0] for item in client.sock.getpeercert()["subject"])["organizationName"]
+
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_listening(proc, port)
+        assert organisation() == "Before renewal"
+        install("After renewal")
+        assert organisation() == "Before renewal"  # files alone change nothing
+        proc.send_signal(signal.SIGHUP)  # what `systemctl reload` sends (ExecReload)
+        deadline = time.monotonic() + 20
+        while organisation() != "After renewal":
+            assert time.monotonic() < deadline, "the renewed certificate was not loaded"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert "<6>INFO gateway.daemon: TLS certificate reloaded" in err.decode()

@@ -147,6 +147,8 @@ class Gateway:
         if cfg.metrics.listen:
             probe_conn = await self._connect()
             await probe_conn.execute(f"PRAGMA busy_timeout = {HEALTH_BUSY_TIMEOUT_MS}")
+            # Its test write takes its turn behind intake like this process's others.
+            probe_conn.write_gate = intake_conn.write_gate
             probe = Probe(probe_conn, cfg.storage.database,
                           min_free_bytes(cfg.smtp.max_message_size))
             self._metrics_server = MetricsServer(self.metrics, probe)

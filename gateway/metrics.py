@@ -34,6 +34,7 @@ OUTBOX_STUCK_AFTER = timedelta(minutes=15)
 # The disk must hold at least this much besides two messages of max_message_size.
 MIN_FREE_BYTES = 64 * 1024 * 1024
 HEALTH_BUSY_TIMEOUT_MS = 2000  # a database locked longer than this is not healthy
+HEALTH_WRITE_TIMEOUT = 5.0  # the whole test write, waiting for this process's writers too
 
 
 def known_reply_codes() -> tuple[str, ...]:
@@ -147,8 +148,12 @@ class Probe:
             problems: list[str] = []
             checks: dict[str, Any] = {}
             try:
-                await store.probe_write(self._conn, now)
+                await asyncio.wait_for(store.probe_write(self._conn, now),
+                                       HEALTH_WRITE_TIMEOUT)
                 checks["database"] = "writable"
+            except TimeoutError:
+                checks["database"] = f"no write within {HEALTH_WRITE_TIMEOUT:.0f} s"
+                problems.append(f"database not writable: no write within {HEALTH_WRITE_TIMEOUT:.0f} s")
             except Exception as err:  # noqa: BLE001 - the reason is the answer
                 reason = expected_failure(err) or f"{type(err).__name__}: {err}"
                 checks["database"] = reason

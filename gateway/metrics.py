@@ -153,7 +153,7 @@ class Probe:
                 checks["database"] = "writable"
             except TimeoutError:
                 checks["database"] = f"no write within {HEALTH_WRITE_TIMEOUT:.0f} s"
-                problems.append(f"database not writable: no write within {HEALTH_WRITE_TIMEOUT:.0f} s")
+                problems.append(f"database not writable: {checks['database']}")
             except Exception as err:  # noqa: BLE001 - the reason is the answer
                 reason = expected_failure(err) or f"{type(err).__name__}: {err}"
                 checks["database"] = reason

@@ -589,24 +589,31 @@ def test_backup_to_a_file_and_errors_are_one_line(tmp_path: Path) -> None:
     assert code == 1 and "no database to back up" in err and err.count("\n") == 1
 
 
-def test_migrate_copies_the_database_before_changing_the_schema(tmp_path: Path) -> None:
+def old_database(path: Path, version: int = 3) -> None:
+    """A database an older gateway left: schema `version`, one row of data."""
     import sqlite3
 
     from gateway import store
-    from tests.conftest import run_cli_sync
 
-    config = write_config(tmp_path, "")
-    db_path = tmp_path / "gw.db"
-    db = sqlite3.connect(db_path)  # a database an older gateway left: schema version 3
+    db = sqlite3.connect(path)
     db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
                " applied_at TEXT NOT NULL)")
-    for migration in store.load_migrations()[:3]:
+    for migration in store.load_migrations()[:version]:
         db.executescript(migration.sql)
         db.execute("INSERT INTO schema_version VALUES (?, ?, 'then')",
                    (migration.version, migration.name))
     db.execute("INSERT INTO settings VALUES ('old', 'data')")
     db.commit()
     db.close()
+
+
+def test_migrate_copies_the_database_before_changing_the_schema(tmp_path: Path) -> None:
+    import sqlite3
+
+    from tests.conftest import run_cli_sync
+
+    config = write_config(tmp_path, "")
+    old_database(tmp_path / "gw.db")
 
     code, out, err = run_cli_sync("migrate", "--config", str(config))
     assert code == 0, err
@@ -860,3 +867,16 @@ def test_systemctl_reload_sighup_gives_new_sessions_the_renewed_certificate(tmp_
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
     assert "<6>INFO gateway.daemon: TLS certificate reloaded" in err.decode()
+
+
+async def test_serve_copies_the_database_before_its_own_migration(tmp_path: Path) -> None:
+    import sqlite3
+
+    old_database(tmp_path / "gw.db", version=2)
+    gw = Gateway(load_config(write_config(tmp_path)))
+    await gw.start(port=0)
+    await gw.stop(grace=1)
+    (copy,) = tmp_path.glob("gw.db.v0002-*.bak")
+    db = sqlite3.connect(copy)
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone() == (2,)
+    db.close()

@@ -1,3 +1,3 @@
--- Placeholder so that 0007_storage.sql applies on this branch alone: number 0006 belongs
--- to another branch (deskcli: 0005, web: 0006). DELETE THIS FILE WHEN MERGING.
+-- Placeholder so that 0007_storage.sql applies on this branch alone: 0006 belongs to
+-- the web branch (0006_web.sql). DELETE THIS FILE WHEN MERGING.
 SELECT 1;

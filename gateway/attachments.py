@@ -30,6 +30,7 @@ MIN_CUT_SIZE = 4096
 # Base64 line lengths mailers use (76: RFC 2045 and nearly everyone; 72, 64: some).
 _B64_LINES = (76, 72, 64)
 _EOLS = (b"\r\n", b"\n")
+MAX_CANDIDATES = 64  # starts looked at per encoding variant and attachment (_find_base64)
 
 
 def save_attachments(folder: Path, attachments: Iterable[Attachment]) -> list[dict[str, Any]]:
@@ -117,18 +118,34 @@ def _base64_at(raw: bytes, start: int, text: bytes, line: int, eol: bytes) -> in
 
 
 def _find_base64(raw: bytes, attachment: Attachment) -> Iterator[tuple[int, int, Span]]:
+    """Where `raw` holds the attachment's base64 exactly as encode() would write it.
+
+    A body always starts on a new line, so candidates are found as line end + first
+    line. A repetitive body (the same line over and over) has its first line on every
+    line: each variant looks at MAX_CANDIDATES starts at most (checked cheaply first:
+    the last line where it must end; a full check after), so a hostile message costs
+    a few linear passes, never one per line. What is not found stays in the raw."""
     text = base64.b64encode(attachment.data)
     for eol in _EOLS:
         for line in _B64_LINES:
             if len(text) <= line:
                 continue
-            first = text[:line] + eol
-            start = raw.find(first)
-            while start != -1:
-                end = _base64_at(raw, start, text, line, eol)
-                if end != -1:
+            lines = -(-len(text) // line)
+            length = len(text) + (lines - 1) * len(eol)
+            last = eol + text[(lines - 1) * line:]
+            first = eol + text[:line] + eol
+            found = raw.find(first)
+            for _ in range(MAX_CANDIDATES):
+                if found == -1:
+                    break
+                start = found + len(eol)
+                end = start + length
+                if (raw[end - len(last):end] == last
+                        and _base64_at(raw, start, text, line, eol) == end):
                     yield start, end, Span(0, attachment.sha256, "base64", line, eol.decode())
-                start = raw.find(first, max(end, start + 1))
+                    found = raw.find(first, end - len(eol))
+                else:
+                    found = raw.find(first, found + 1)
 
 
 def _find_plain(raw: bytes, attachment: Attachment) -> Iterator[tuple[int, int, Span]]:

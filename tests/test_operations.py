@@ -689,6 +689,32 @@ def test_cut_raw_always_restores_exactly(data, before, after, line, eol, plain) 
     assert len(stored) <= len(raw)
 
 
+def test_a_repetitive_body_is_cut_in_a_few_passes_not_one_per_line() -> None:
+    """The same base64 line 20,000 times: every line looks like a start. Found once
+    (when the encoding is exactly ours); otherwise left in the raw, never a check per
+    line (which made a 26 MB message take hours)."""
+    import base64
+    import hashlib
+
+    from gateway.attachments import cut_attachments, restore_raw
+    from gateway.model import Attachment
+
+    line = b"QUJD" * 19
+    body = b"\r\n".join([line] * 20_000)
+    data = base64.b64decode(b"".join([line] * 20_000))
+    att = Attachment("dump.bin", "application/octet-stream", len(data),
+                     hashlib.sha256(data).hexdigest(), False, data)
+    raw = b"Subject: x\r\n\r\n--b\r\n\r\n" + body + b"\r\n--b--\r\n"
+    stored, spans = cut_attachments(raw, [att])
+    assert len(spans) == 1 and restore_raw(stored, spans, lambda sha: data) == raw
+    # The same bytes wrapped otherwise near the end (one line broken in two): not our
+    # encoding, so it stays, after a bounded look.
+    lines = [line] * 20_000
+    lines[-2:-1] = [line[:40], line[40:]]
+    odd = raw.replace(body, b"\r\n".join(lines))
+    assert cut_attachments(odd, [att]) == (odd, ())
+
+
 def test_every_corpus_mail_round_trips_through_the_cut_raw() -> None:
     from gateway.attachments import cut_attachments, restore_raw
     from gateway.parser import parse_report

@@ -265,9 +265,9 @@ async def cmd_inbox_show(config: Config, args: argparse.Namespace) -> int:
         if args.raw:
             if await store.get_inbound(conn, args.id) is None:
                 raise NotFoundError(f"inbound message {args.id} not found")
-            raw = await store.read_raw(conn, args.id)
+            raw = await store.read_raw(conn, args.id, config.storage.attachments)
         else:
-            data = await inbound_json(conn, args.id)
+            data = await inbound_json(conn, args.id, config.storage.attachments)
     if args.raw:
         out = getattr(sys.stdout, "buffer", None)
         if out is None:
@@ -548,7 +548,8 @@ async def cmd_held_show(config: Config, args: argparse.Namespace) -> int:
 
     async with open_db(config) as conn:
         held = held_json(await require_held(conn, args.id))
-        held["message"] = await inbound_json(conn, held["inbound_id"])
+        held["message"] = await inbound_json(conn, held["inbound_id"],
+                                             config.storage.attachments)
     if args.json:
         _print_json(held)
         return 0

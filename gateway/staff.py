@@ -516,8 +516,10 @@ def header_lines(raw: bytes) -> list[tuple[str, str]]:
     return shown
 
 
-async def inbound_json(conn: aiosqlite.Connection, inbound_id: int) -> dict[str, Any]:
-    """`inbox show`: what arrived, what the gateway made of it and what it answered."""
+async def inbound_json(conn: aiosqlite.Connection, inbound_id: int,
+                       attachments: Path | None = None) -> dict[str, Any]:
+    """`inbox show`: what arrived, what the gateway made of it and what it answered.
+    `attachments`: [storage] attachments, where the raw's attachment bytes are."""
     row = await store.inbound_details(conn, inbound_id)
     if row is None:
         raise NotFoundError(f"inbound message {inbound_id} not found")
@@ -525,7 +527,7 @@ async def inbound_json(conn: aiosqlite.Connection, inbound_id: int) -> dict[str,
     from gateway.parser import parse_report
 
     try:
-        raw = await store.read_raw(conn, inbound_id)
+        raw = await store.read_raw(conn, inbound_id, attachments)
     except StoreError:
         raw = b""  # dropped (keep_raw): the stored metadata still tells the story
     report = await asyncio.to_thread(parse_report, raw)

@@ -759,6 +759,13 @@ async def test_an_attachment_is_stored_once_and_the_raw_comes_back_exactly(tmp_p
                 await store.read_raw(conn, row["id"])
         finally:
             await conn.close()
+        # What an engineer downloads is the message as received, attachment and all.
+        shown = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", "inbox", "show", str(row["id"]),
+                             "--raw", "--config", str(desk.config_file)],
+            capture_output=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert hashlib.sha256(shown.stdout).hexdigest() == sha
         # Reprocessing works on it as on any message.
         _, out, _ = await desk.cli("inbox", "reprocess", str(row["id"]))
         assert f"outcome new ticket #{row['ticket']}" in out

@@ -458,7 +458,8 @@ async def attachment(request: Request, desk: Desk, session: Session,
 
 async def inbound_page(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
-    message = await staff.inbound_json(conn, int(request.path_params["id"]))
+    message = await staff.inbound_json(conn, int(request.path_params["id"]),
+                                       desk.config.storage.attachments)
     return desk.page("inbound.html.j2", session, message=message)
 
 
@@ -467,7 +468,7 @@ async def inbound_raw(request: Request, desk: Desk, session: Session,
     inbound_id = int(request.path_params["id"])
     if await store.get_inbound(conn, inbound_id) is None:
         raise NotFoundError(f"inbound message {inbound_id} not found")
-    raw = await store.read_raw(conn, inbound_id)
+    raw = await store.read_raw(conn, inbound_id, desk.config.storage.attachments)
     return Response(raw, media_type="application/octet-stream",
                     headers=download_headers(f"inbound-{inbound_id}.eml"))
 
@@ -483,7 +484,8 @@ async def held_list(request: Request, desk: Desk, session: Session,
 async def held_page(request: Request, desk: Desk, session: Session,
                     conn: aiosqlite.Connection, form: FormData | None) -> Response:
     held = await staff.require_held(conn, int(request.path_params["id"]))
-    message = await staff.inbound_json(conn, held["inbound_id"])
+    message = await staff.inbound_json(conn, held["inbound_id"],
+                                       desk.config.storage.attachments)
     return desk.page("held_one.html.j2", session, held=held, message=message)
 
 

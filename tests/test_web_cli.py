@@ -85,7 +85,7 @@ def test_web_keys_are_checked_by_name(tmp_path: Path) -> None:
         path = tmp_path / "bad.toml"
         path.write_text(text)
         code, _, err = run_cli_sync("check-config", "--config", str(path))
-        assert code == 1 and message in err, (text, err)
+        assert code == 78 and message in err, (text, err)  # EX_CONFIG
     path = tmp_path / "public.toml"
     path.write_text('[web]\nlisten = "0.0.0.0:8080"\n')
     code, _, err = run_cli_sync("check-config", "--config", str(path))

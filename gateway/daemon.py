@@ -113,7 +113,8 @@ class Gateway:
             on_result=self._count_send)
         await self.mailer.start()
         self.processor = Processor(work_conn, self.stages or pipeline,
-                                   on_processed=self._count_processed)
+                                   on_processed=self._count_processed,
+                                   attachments=cfg.storage.attachments)
         self._writer = store.IntakeWriter(intake_conn, on_commit=self.processor.wake)
         self._writer.start()
         await self.processor.start()

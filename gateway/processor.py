@@ -26,6 +26,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import aiosqlite
 
 from gateway import store
@@ -98,8 +100,11 @@ class Processor:
     def __init__(self, conn: aiosqlite.Connection, stages: Stages = record_received,
                  on_processed: Callable[[Processed, float], None] | None = None, *,
                  probe: Probe = probe_in_subprocess,
-                 retry_first: float = RETRY_FIRST) -> None:
+                 retry_first: float = RETRY_FIRST,
+                 attachments: Path | None = None) -> None:
+        """`attachments`: [storage] attachments, where a raw's attachment bytes are."""
         self._conn = conn
+        self._attachments = attachments
         self._stages = stages
         self._on_processed = on_processed
         self._probe = probe
@@ -185,7 +190,7 @@ class Processor:
         if row.attempts > MAX_CLAIMS:
             await self._quarantine(row, f"abandoned after {MAX_CLAIMS} attempts that did not finish")
             return False
-        raw = await store.read_raw(self._conn, row.id)
+        raw = await store.read_raw(self._conn, row.id, self._attachments)
         if await self._probe(raw):
             log.warning("%s inbound %d: left unfinished %d time(s) by an earlier stop; a fresh "
                         "process handles it, so processing it now", name, row.id,

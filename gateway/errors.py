@@ -26,22 +26,17 @@ class TransitionError(GatewayError):
     pass
 
 
-def environment_failure(err: BaseException) -> str | None:
-    """The one-line reason when `err` is a failure of the environment rather than of
-    the work in hand (a locked or full database, disk full, an I/O error, permission
-    denied); None for anything else, which is a bug and keeps its traceback."""
+def expected_failure(err: BaseException) -> str | None:
+    """The one-line reason when `err` is a failure operation must expect: our own
+    StoreError, a locked or full database, disk full, an I/O error, permission
+    denied. None for anything else, which is a bug and keeps its traceback."""
     import sqlite3
 
+    if isinstance(err, StoreError):
+        return str(err)
     if isinstance(err, sqlite3.OperationalError):
         return f"database: {err}"
     if isinstance(err, OSError) and err.errno is not None:
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror or err}{where}"
     return None
-
-
-def expected_failure(err: BaseException) -> str | None:
-    """Like environment_failure, and also our own StoreError (already one line)."""
-    if isinstance(err, StoreError):
-        return str(err)
-    return environment_failure(err)

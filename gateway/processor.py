@@ -25,7 +25,6 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import aiosqlite
@@ -122,7 +121,6 @@ class Processor:
         recovered = await store.recover_inbound(self._conn)
         if recovered:
             log.warning("re-claiming %d message(s) left mid-way by an earlier stop", recovered)
-        self._stopping = False  # a stopped processor can be started again
         self._task = asyncio.get_running_loop().create_task(self._run(), name="processor")
 
     async def stop(self) -> None:

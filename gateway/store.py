@@ -671,14 +671,6 @@ async def requeue_inbound(conn: aiosqlite.Connection, inbound_id: int) -> bool:
     return cursor.rowcount == 1
 
 
-async def return_inbound(conn: aiosqlite.Connection, inbound_id: int) -> None:
-    """A claimed message goes back to the queue untouched (the environment failed, not
-    the message): the attempt does not count towards the poison-message limit."""
-    await conn.execute(
-        "UPDATE inbound SET state = 'queued', attempts = max(attempts - 1, 0)"
-        " WHERE id = ? AND state = 'processing'", (inbound_id,))
-
-
 async def count_inbound_by_state(conn: aiosqlite.Connection) -> dict[str, int]:
     rows = await conn.execute_fetchall("SELECT state, count(*) FROM inbound GROUP BY state")
     return {r[0]: r[1] for r in rows}

@@ -197,9 +197,10 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
 
 async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Report,
                        raw: bytes, attachments: Path) -> int | None:
-    """An earlier routed message with the same Message-ID and the same content (its
-    headers may differ: another path, another forwarder). The same Message-ID on
-    different content is another message: devices and scripts reuse ids."""
+    """An earlier routed message with the same Message-ID and the same content: body,
+    From and Subject (other headers may differ: another path, another forwarder). The
+    same Message-ID on a different body, sender or subject is another message: devices
+    and scripts reuse ids, and one alarm script may report for several customers."""
     if not report.message_id:
         return None
     digest = store.body_digest(raw)
@@ -208,7 +209,11 @@ async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Repo
             earlier_raw = await store.read_raw(conn, earlier.id, attachments)
         except StoreError:  # dropped by keep_raw: nothing to compare, not the same
             continue
-        if store.body_digest(earlier_raw) == digest:
+        if store.body_digest(earlier_raw) != digest:
+            continue
+        seen = await store.inbound_report(conn, earlier.id)
+        if (seen.get("sender", report.sender), seen.get("subject", report.subject)) == (
+                report.sender, report.subject):
             return earlier.id
     return None
 

@@ -664,6 +664,18 @@ async def inbound_details(conn: aiosqlite.Connection, inbound_id: int) -> Any | 
     return rows[0] if rows else None
 
 
+async def inbound_report(conn: aiosqlite.Connection, inbound_id: int) -> dict[str, Any]:
+    """The parsed report stored with a processed inbound message ({} when none)."""
+    rows = await conn.execute_fetchall("SELECT report FROM inbound WHERE id = ?", (inbound_id,))
+    if not rows or not rows[0][0]:
+        return {}
+    try:
+        value = json.loads(rows[0][0])
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 async def requeue_inbound(conn: aiosqlite.Connection, inbound_id: int) -> bool:
     cursor = await conn.execute(
         "UPDATE inbound SET state = 'queued', attempts = 0 WHERE id = ?"

@@ -422,6 +422,19 @@ async def test_same_message_via_another_path_is_a_duplicate(desk: Desk) -> None:
     assert len(desk.outbox()) == 1
 
 
+@pytest.mark.parametrize("change", [{"sender": "Anna Nowak <anna.nowak@example.com>"},
+                                    {"subject": "Awaria serwera w oddziale 2"}])
+async def test_same_message_id_and_body_from_another_sender_is_another_message(
+        desk: Desk, change: dict) -> None:
+    """An alarm script sends the same text with one Message-ID for two sites: a
+    different From or Subject makes it another message, not a duplicate."""
+    await open_ticket(desk, mid="<script@monitor.example>")
+    row = await desk.mail(make_mail(body=REPORT_BODY, message_id="<script@monitor.example>",
+                                    **change), mail_from=JAN)
+    assert row["outcome"] == "new"
+    assert len(await desk.cli_json("tickets", "list")) == 2
+
+
 async def test_same_message_id_on_different_content_is_another_message(desk: Desk) -> None:
     # Devices and scripts reuse Message-IDs: a different alarm is a different report.
     await open_ticket(desk, mid="<alarm@monitor.example>")

@@ -792,8 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(args.func(config, args))
     except ConfigError as err:
         print(f"{mark}s4e-gateway: configuration error: {err}", file=sys.stderr)
-        # serve and check-config: EX_CONFIG, so systemd does not restart for ever.
-        return EX_CONFIG if args.command in ("serve", "check-config") else 1
+        # serve, web and check-config: EX_CONFIG, so systemd does not restart for ever.
+        return EX_CONFIG if args.command in ("serve", "web", "check-config") else 1
     except GatewayError as err:
         print(f"{mark}s4e-gateway: error: {err}", file=sys.stderr)
         return 1

@@ -92,6 +92,13 @@ def test_web_keys_are_checked_by_name(tmp_path: Path) -> None:
     assert code == 0 and "web.listen: 0.0.0.0:8080 is not a loopback address" in err
 
 
+def test_web_with_a_bad_config_exits_78(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[web]\nlisten = "nowhere"\n')
+    code, _, err = run_cli_sync("web", "--config", str(path))
+    assert code == 78 and "web.listen" in err and "Traceback" not in err
+
+
 def test_web_without_a_database_is_one_line(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     code, _, err = run_cli_sync("web", "--config", str(path))

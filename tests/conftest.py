@@ -276,3 +276,15 @@ async def desk_with_relay(tmp_path: Path, smtp_sink: Sink, desk_options: str) ->
 # A real DNS server on 127.0.0.1 (`dns_server`) and a DKIM key to sign with (`dkim_key`),
 # for every test module: see tests/dns_server.py.
 from dns_server import dkim_key, dns_server  # noqa: E402, F401
+
+
+def received(sink: Sink, rcpt: str) -> list[EmailMessage]:
+    """What the relay sink got for `rcpt`, parsed as a mail client would."""
+    return [message_from_bytes(raw, policy=policy.default)
+            for _, rcpts, raw in sink.messages if rcpt in rcpts]
+
+
+async def arrive(sink: Sink, rcpt: str, count: int) -> list[EmailMessage]:
+    """Wait until `rcpt` got at least `count` mails; all of them, oldest first."""
+    await wait_for(lambda: len(received(sink, rcpt)) >= count, timeout=15)
+    return received(sink, rcpt)

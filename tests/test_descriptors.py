@@ -7,7 +7,6 @@ from __future__ import annotations
 import resource
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from email import message_from_bytes, policy
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import (CRM, REPORT_BODY, Desk, Sink, body_text, make_mail,
-                            running_desk, wait_for)
+from tests.conftest import (CRM, REPORT_BODY, arrive, body_text, Desk, make_mail, received,
+                            running_desk, Sink)
 from tests.dns_server import DkimKey, DnsServer
 
 JAN = "jan.kowalski@example.com"
@@ -44,14 +42,6 @@ async def desk(tmp_path: Path, smtp_sink: Sink, zones: DnsServer) -> AsyncIterat
         yield running
 
 
-def received(sink: Sink, rcpt: str) -> list[EmailMessage]:
-    return [message_from_bytes(raw, policy=policy.default)
-            for _, rcpts, raw in sink.messages if rcpt in rcpts]
-
-
-async def arrive(sink: Sink, rcpt: str, count: int) -> list[EmailMessage]:
-    await wait_for(lambda: len(received(sink, rcpt)) >= count, timeout=15)
-    return received(sink, rcpt)
 
 
 def signed(key: DkimKey, raw: bytes, domain: str) -> bytes:

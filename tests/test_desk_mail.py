@@ -8,15 +8,15 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from email import message_from_bytes, policy
+from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from gateway import store
-from tests.conftest import (CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail,
-                            running_desk, wait_for)
+from tests.conftest import (CRM, INTAKE, REPORT_BODY, arrive, body_text, Desk, make_mail,
+                            received, running_desk, Sink, wait_for)
 
 JAN = "jan.kowalski@example.com"
 ENGINEER = "anna.nowak@s4e.pl"
@@ -32,14 +32,6 @@ async def desk(tmp_path: Path, smtp_sink: Sink) -> AsyncIterator[Desk]:
         yield running
 
 
-def received(sink: Sink, rcpt: str) -> list[EmailMessage]:
-    return [message_from_bytes(raw, policy=policy.default)
-            for _, rcpts, raw in sink.messages if rcpt in rcpts]
-
-
-async def arrive(sink: Sink, rcpt: str, count: int) -> list[EmailMessage]:
-    await wait_for(lambda: len(received(sink, rcpt)) >= count, timeout=15)
-    return received(sink, rcpt)
 
 
 def report_with_log(message_id: str = "<r1@example.com>") -> bytes:

@@ -8,12 +8,10 @@ import hashlib
 import logging
 import smtplib
 import ssl
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gateway import store
 from gateway.config import SmtpConfig
 from gateway.daemon import Gateway
 from gateway.smtp_edge import spool_dir_for

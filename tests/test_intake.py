@@ -12,7 +12,7 @@ import pytest
 from gateway import store
 from gateway.config import SmtpConfig
 from gateway.daemon import Gateway
-from tests.conftest import CRM, INTAKE, make_config, make_mail, send, wait_for
+from tests.conftest import CRM, INTAKE, make_config, make_mail, send
 
 
 class Dialog:

@@ -30,13 +30,13 @@ async def send_held_digest(conn: aiosqlite.Connection, ctx: Context) -> int:
         return 0
     now = ctx.clock()
     async with Tx(conn):
-        rows = await conn.execute_fetchall(
+        rows = list(await conn.execute_fetchall(
             "SELECT h.*, i.received_at FROM held h JOIN inbound i ON i.id = h.inbound_id"
-            " WHERE h.status = 'held' AND h.announced_at IS NULL ORDER BY h.id")
+            " WHERE h.status = 'held' AND h.announced_at IS NULL ORDER BY h.id"))
         if not rows:
             return 0
-        last = await conn.execute_fetchall(
-            "SELECT max(created_at) FROM outbox WHERE kind = ?", (DIGEST_KIND,))
+        last = list(await conn.execute_fetchall(
+            "SELECT max(created_at) FROM outbox WHERE kind = ?", (DIGEST_KIND,)))
         if last and last[0][0] and datetime.fromisoformat(last[0][0]) > now - DIGEST_EVERY:
             return 0
         zone = ZoneInfo(ctx.config.tickets.timezone)

@@ -195,7 +195,8 @@ def _continuation(doc: Labelled, hits: list[_Hit | None], start: int, key: str,
                   alone: bool) -> tuple[int, list[str]]:
     """Lines that continue a value from `start`; returns (first unused index, lines)."""
     lines = doc.lines
-    j, out, blanks = start, [], 0
+    j, blanks = start, 0
+    out: list[str] = []
     if alone:
         while j < len(lines) and not lines[j].strip() and blanks < 2:
             j, blanks = j + 1, blanks + 1
@@ -427,6 +428,7 @@ def build_fields(labelled: Labelled, sender: str, sender_name: str, region: str,
             or (sig_name if sig_name and " " in sig_name else None)
             or _name_ending_paragraph(labelled, sig_start) or display or sig_name)
     email = _first_email(values.get("email")) or _first_email(contact) or (sender or None)
+    phone: str | None
     if values.get("phone"):
         phone = normalize_phone(values["phone"], region)
     else:

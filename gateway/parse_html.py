@@ -6,6 +6,7 @@ from __future__ import annotations
 import html as html_lib
 import logging
 import re
+from typing import cast
 
 import lxml.html
 from inscriptis import Inscriptis
@@ -92,14 +93,19 @@ def html_to_text(html: str, max_elements: int = MAX_LAYOUT_ELEMENTS) -> tuple[st
         log.debug("HTML not parsed (%s): tags stripped", exc)
         return html_lib.unescape(_TAG.sub(" ", html)), 0
     lowered = html.lower()
-    quotes = doc.xpath(_QUOTE_XPATH) if any(h in lowered for h in _QUOTE_HINTS) else []
-    for element in quotes + list(doc.iter("style", "script", "head")):
+    # Element paths and tag filters on an HTML document yield HtmlElements (the stubs
+    # type xpath() and iter() for any result and any tree).
+    quotes = (cast(list[lxml.html.HtmlElement], doc.xpath(_QUOTE_XPATH))
+              if any(h in lowered for h in _QUOTE_HINTS) else [])
+    for element in quotes + cast(list[lxml.html.HtmlElement],
+                                 list(doc.iter("style", "script", "head"))):
         if element.getparent() is not None:
             element.drop_tree()
     if any(h in lowered for h in _HISTORY_HINTS):
         _mark_history(doc)
     # As doc.iter() counts (elements, comments, PIs), but in C: no element proxies.
-    elements = int(doc.xpath("count(//*|//comment()|//processing-instruction())"))
+    # XPath's count() is always a number (a float)
+    elements = int(cast(float, doc.xpath("count(//*|//comment()|//processing-instruction())")))
     if elements <= max_elements:
         try:
             return Inscriptis(doc, _CONFIG).get_text(), elements

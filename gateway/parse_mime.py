@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -107,6 +108,8 @@ def parse_params(value: str) -> dict[str, str]:
         name, sep, val = item.partition("=")
         if sep:
             pairs.append((name.strip().lower(), val.strip()))
+    # decoded: RFC 2231 values are (charset, language, text), the rest plain strings
+    decoded: Sequence[tuple[str, str | tuple[str | None, str | None, str]]]
     try:
         decoded = decode_params(pairs)
     except (TypeError, ValueError, LookupError):  # e.g. "name*" next to "name*0"

@@ -415,7 +415,7 @@ def _parse(raw: bytes, region: str) -> Report:
     body = collector.message(root)
     subject = guard("header Subject", "", header_text, headers, "subject")
     message_id = guard("header Message-ID", "", _message_id, headers)
-    reasons = guard("loop markers", (), auto_reasons, headers, sender, root.declared_type,
+    reasons: tuple[str, ...] = guard("loop markers", (), auto_reasons, headers, sender, root.declared_type,
                     body.has_dsn)
     bounce = ("dsn" in reasons or bool(body.returned)
               or sender.rpartition("@")[0] in DAEMON_LOCAL_PARTS)

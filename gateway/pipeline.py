@@ -171,16 +171,16 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
         if ticket is not None:
             break
     if ticket is None:
-        number = await thread_ticket(conn, ctx, report)
-        if number is not None:
-            ticket = await store.get_ticket(conn, number)
+        threaded = await thread_ticket(conn, ctx, report)
+        if threaded is not None:
+            ticket = await store.get_ticket(conn, threaded)
     view = ticket_view(ticket) if ticket else None
     staff_sender = _domain(sender) in cfg.addresses.staff_domains
     # Staff domains admit mail only from a verified sender (SPEC §10).
-    authorised = bool(view) and is_authorised(
+    authorised = view is not None and is_authorised(
         sender, view, staff_domains=cfg.addresses.staff_domains if verdict.passed else (),
         reply_policy=cfg.tickets.reply_policy)
-    participant = bool(view) and (sender == view.reporter_email or sender in view.participants)
+    participant = view is not None and (sender == view.reporter_email or sender in view.participants)
     own = is_own_mail(ctx, report)
     duplicate = await earlier_copy(conn, row, report, raw, ctx.config.storage.attachments)
     since = ctx.clock() - timedelta(hours=1)

@@ -572,7 +572,7 @@ class Renderer:
                       "received": "2026-12-01 10:00", "ticket": "#123456"}],
         }
         # Both sides of every flag, so a typo in a rarely taken branch fails here too.
-        variants = (
+        variants: tuple[dict[str, Any], ...] = (
             {},
             {"again": True, "accepted_by_staff": True, "attachments": ["a.log"],
              "log_attachments": None, "rating": None, "reason": "staff",
@@ -724,7 +724,7 @@ def _linked(value: object) -> str | None:
         raise RenderError(str(exc)) from None
 
 
-def _context_files(value: object) -> list[dict[str, Any]]:
+def _context_files(value: Iterable[object] | None) -> list[dict[str, Any]]:
     """Attachments listed for staff: cleaned display name, size, whether a log."""
     files = []
     for item in value or ():
@@ -736,7 +736,7 @@ def _context_files(value: object) -> list[dict[str, Any]]:
     return files
 
 
-def _context_held(value: object) -> list[dict[str, Any]]:
+def _context_held(value: Iterable[object] | None) -> list[dict[str, Any]]:
     held = []
     for item in value or ():
         held.append({key: clean_header_text(_item_attr(item, key))

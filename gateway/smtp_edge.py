@@ -289,6 +289,7 @@ class GatewaySMTP(SMTP):
             except TimeoutError:
                 await handler.data_timed_out(self, sink.size)
                 return
+            assert self.session is not None  # aiosmtpd sets it when the connection opens
             if sink.too_big:
                 self._set_post_data_state()
                 await self.push(handler.too_big(self.session, sink.size))

@@ -90,7 +90,7 @@ async def connect(path: Path) -> aiosqlite.Connection:
     conn.row_factory = aiosqlite.Row
     try:
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+        mode = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
         if mode and mode[0][0].lower() != "wal":
             log.warning("database %s: journal_mode is %s, not WAL", path, mode[0][0])
         await conn.execute("PRAGMA synchronous = FULL")
@@ -106,7 +106,7 @@ async def schema_version(conn: aiosqlite.Connection) -> int:
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
     if not rows:
         return 0
-    rows = await conn.execute_fetchall("SELECT max(version) FROM schema_version")
+    rows = list(await conn.execute_fetchall("SELECT max(version) FROM schema_version"))
     return rows[0][0] or 0
 
 
@@ -171,7 +171,7 @@ async def setting(conn: aiosqlite.Connection, key: str, create: Any) -> str:
     """A value kept with the data, made by `create()` the first time it is asked for."""
     await conn.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)",
                        (key, create()))
-    rows = await conn.execute_fetchall("SELECT value FROM settings WHERE key = ?", (key,))
+    rows = list(await conn.execute_fetchall("SELECT value FROM settings WHERE key = ?", (key,)))
     return rows[0][0]
 
 
@@ -570,10 +570,10 @@ async def recover_inbound(conn: aiosqlite.Connection) -> int:
 async def claim_inbound(conn: aiosqlite.Connection) -> InboundRow | None:
     """Take the oldest queued message (in arrival order) for processing."""
     async with gated(conn):
-        rows = await conn.execute_fetchall(
+        rows = list(await conn.execute_fetchall(
             "UPDATE inbound SET state = 'processing', attempts = attempts + 1"
             " WHERE id = (SELECT id FROM inbound WHERE state = 'queued' ORDER BY id LIMIT 1)"
-            f" AND state = 'queued' RETURNING {_INBOUND_COLUMNS}")
+            f" AND state = 'queued' RETURNING {_INBOUND_COLUMNS}"))
     return InboundRow.from_row(rows[0]) if rows else None
 
 
@@ -581,9 +581,9 @@ async def read_raw(conn: aiosqlite.Connection, inbound_id: int,
                    attachments: Path | None = None) -> bytes:
     """The message exactly as received. Its attachment bytes live in the files under
     `attachments` ([storage] attachments) and are put back (SPEC §12: stored once)."""
-    rows = await conn.execute_fetchall(
+    rows = list(await conn.execute_fetchall(
         "SELECT r.raw, r.spans, i.raw_dropped_at FROM inbound i"
-        " LEFT JOIN inbound_raw r ON r.id = i.id WHERE i.id = ?", (inbound_id,))
+        " LEFT JOIN inbound_raw r ON r.id = i.id WHERE i.id = ?", (inbound_id,)))
     if not rows or rows[0][0] is None:
         if rows and rows[0][2]:
             raise StoreError(f"inbound message {inbound_id}: raw mail dropped on "
@@ -637,8 +637,8 @@ async def list_inbound(conn: aiosqlite.Connection, outcome: str | None = None,
 
 
 async def get_inbound(conn: aiosqlite.Connection, inbound_id: int) -> InboundRow | None:
-    rows = await conn.execute_fetchall(
-        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE id = ?", (inbound_id,))
+    rows = list(await conn.execute_fetchall(
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE id = ?", (inbound_id,)))
     return InboundRow.from_row(rows[0]) if rows else None
 
 
@@ -657,16 +657,16 @@ async def list_inbound_for_address(conn: aiosqlite.Connection,
 
 async def inbound_details(conn: aiosqlite.Connection, inbound_id: int) -> Any | None:
     """Everything stored about one inbound message except its raw bytes."""
-    rows = await conn.execute_fetchall(
+    rows = list(await conn.execute_fetchall(
         "SELECT id, message_id, sha256, size, peer, mail_from, rcpt_tos, received_at, state,"
         " attempts, outcome, ticket, error, report, processed_at, auth, auth_reason"
-        " FROM inbound WHERE id = ?", (inbound_id,))
+        " FROM inbound WHERE id = ?", (inbound_id,)))
     return rows[0] if rows else None
 
 
 async def inbound_report(conn: aiosqlite.Connection, inbound_id: int) -> dict[str, Any]:
     """The parsed report stored with a processed inbound message ({} when none)."""
-    rows = await conn.execute_fetchall("SELECT report FROM inbound WHERE id = ?", (inbound_id,))
+    rows = list(await conn.execute_fetchall("SELECT report FROM inbound WHERE id = ?", (inbound_id,)))
     if not rows or not rows[0][0]:
         return {}
     try:
@@ -734,12 +734,12 @@ async def enqueue_outbox(conn: aiosqlite.Connection, *, ticket: int | None,
                          rcpt_to: str, subject: str, auto: bool, raw: bytes,
                          now: datetime, topic: str = "") -> int:
     """Queue one composed mail; call inside the transaction of the change causing it."""
-    rows = await conn.execute_fetchall(
+    rows = list(await conn.execute_fetchall(
         "INSERT INTO outbox (ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject,"
         " auto, next_attempt_at, queued_at, created_at, topic, rcpt_key)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (ticket, inbound_id, kind, message_id, mail_from, rcpt_to, subject, int(auto),
-         iso(now), iso(now), iso(now), topic, address_key(rcpt_to)))
+         iso(now), iso(now), iso(now), topic, address_key(rcpt_to))))
     outbox_id = rows[0][0]
     await conn.execute("INSERT INTO outbox_raw (id, raw) VALUES (?, ?)", (outbox_id, raw))
     return outbox_id
@@ -755,7 +755,7 @@ async def recover_outbox(conn: aiosqlite.Connection) -> int:
 
 async def claim_due_outbox(conn: aiosqlite.Connection, now: datetime) -> OutboxRow | None:
     async with gated(conn):
-        rows = await conn.execute_fetchall(
+        rows = list(await conn.execute_fetchall(
             "UPDATE outbox SET status = 'sending', attempts = attempts + 1"
             " WHERE id = (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
             # Parallel sessions keep one ticket's mails in order: none while another
@@ -763,18 +763,18 @@ async def claim_due_outbox(conn: aiosqlite.Connection, now: datetime) -> OutboxR
             "             AND (ticket IS NULL OR ticket NOT IN (SELECT ticket FROM outbox"
             "                  WHERE status = 'sending' AND ticket IS NOT NULL))"
             "             ORDER BY next_attempt_at, id LIMIT 1)"
-            f" AND status = 'pending' RETURNING {_OUTBOX_COLUMNS}", (iso(now),))
+            f" AND status = 'pending' RETURNING {_OUTBOX_COLUMNS}", (iso(now),)))
     return OutboxRow.from_row(rows[0]) if rows else None
 
 
 async def next_outbox_due(conn: aiosqlite.Connection) -> datetime | None:
-    rows = await conn.execute_fetchall(
-        "SELECT min(next_attempt_at) FROM outbox WHERE status = 'pending'")
+    rows = list(await conn.execute_fetchall(
+        "SELECT min(next_attempt_at) FROM outbox WHERE status = 'pending'"))
     return datetime.fromisoformat(rows[0][0]) if rows and rows[0][0] else None
 
 
 async def read_outbox_raw(conn: aiosqlite.Connection, outbox_id: int) -> bytes:
-    rows = await conn.execute_fetchall("SELECT raw FROM outbox_raw WHERE id = ?", (outbox_id,))
+    rows = list(await conn.execute_fetchall("SELECT raw FROM outbox_raw WHERE id = ?", (outbox_id,)))
     if not rows:
         raise StoreError(f"outbox {outbox_id}: raw bytes missing")
     return bytes(rows[0][0])
@@ -810,8 +810,8 @@ async def retry_outbox(conn: aiosqlite.Connection, outbox_id: int, now: datetime
 
 
 async def get_outbox(conn: aiosqlite.Connection, outbox_id: int) -> OutboxRow | None:
-    rows = await conn.execute_fetchall(
-        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (outbox_id,))
+    rows = list(await conn.execute_fetchall(
+        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (outbox_id,)))
     return OutboxRow.from_row(rows[0]) if rows else None
 
 
@@ -840,14 +840,14 @@ async def outbox_sizes_since(conn: aiosqlite.Connection, after_id: int) -> list[
 
 
 async def last_outbox_id(conn: aiosqlite.Connection) -> int:
-    rows = await conn.execute_fetchall("SELECT coalesce(max(id), 0) FROM outbox")
+    rows = list(await conn.execute_fetchall("SELECT coalesce(max(id), 0) FROM outbox"))
     return rows[0][0]
 
 
 async def outbox_depth(conn: aiosqlite.Connection) -> tuple[int, str | None]:
     """How many mails wait to be sent, and since when the oldest waits."""
-    rows = await conn.execute_fetchall(
-        "SELECT count(*), min(queued_at) FROM outbox WHERE status IN ('pending', 'sending')")
+    rows = list(await conn.execute_fetchall(
+        "SELECT count(*), min(queued_at) FROM outbox WHERE status IN ('pending', 'sending')"))
     return rows[0][0], rows[0][1]
 
 
@@ -931,7 +931,7 @@ class TicketRow:
 
 
 async def get_ticket(conn: aiosqlite.Connection, number: int) -> TicketRow | None:
-    rows = await conn.execute_fetchall("SELECT * FROM tickets WHERE number = ?", (number,))
+    rows = list(await conn.execute_fetchall("SELECT * FROM tickets WHERE number = ?", (number,)))
     return TicketRow.from_row(rows[0]) if rows else None
 
 
@@ -1014,9 +1014,9 @@ async def ticket_for_message_ids(conn: aiosqlite.Connection,
                                  message_ids: Iterable[str]) -> int | None:
     """The ticket a message we sent or received for it belongs to (newest id first)."""
     for message_id in message_ids:
-        rows = await conn.execute_fetchall(
+        rows = list(await conn.execute_fetchall(
             "SELECT ticket FROM ticket_messages WHERE message_id = ? ORDER BY id DESC LIMIT 1",
-            (message_id,))
+            (message_id,)))
         if rows:
             return rows[0][0]
     return None
@@ -1031,10 +1031,10 @@ async def create_ticket(conn: aiosqlite.Connection, *, values: dict[str, Any],
     marks = ", ".join("?" * (len(values) + 3))
     for _ in range(1000):
         number = draw()
-        rows = await conn.execute_fetchall(
+        rows = list(await conn.execute_fetchall(
             f"INSERT INTO tickets ({columns}) VALUES ({marks})"
             " ON CONFLICT (number) DO NOTHING RETURNING number",
-            (number, *values.values(), iso(now), iso(now)))
+            (number, *values.values(), iso(now), iso(now))))
         if rows:
             return rows[0][0]
     raise StoreError("no free ticket number found (the number space is nearly full)")
@@ -1133,8 +1133,8 @@ async def sent_since(conn: aiosqlite.Connection, address: str, kind: str, topic:
 
 
 async def ticket_of_inbound(conn: aiosqlite.Connection, inbound_id: int) -> int | None:
-    rows = await conn.execute_fetchall(
-        "SELECT ticket FROM ticket_messages WHERE inbound_id = ? LIMIT 1", (inbound_id,))
+    rows = list(await conn.execute_fetchall(
+        "SELECT ticket FROM ticket_messages WHERE inbound_id = ? LIMIT 1", (inbound_id,)))
     return rows[0][0] if rows else None
 
 
@@ -1189,8 +1189,8 @@ async def contract_hours(conn: aiosqlite.Connection, device_ids: Iterable[str]) 
     """The shortest repair time of the contracts covering any of these devices."""
     best = None
     for device_id in device_ids:
-        rows = await conn.execute_fetchall(
-            "SELECT repair_hours FROM contracts WHERE device_id = ?", (device_id.strip(),))
+        rows = list(await conn.execute_fetchall(
+            "SELECT repair_hours FROM contracts WHERE device_id = ?", (device_id.strip(),)))
         if rows and (best is None or rows[0][0] < best):
             best = rows[0][0]
     return best
@@ -1221,7 +1221,7 @@ async def list_held(conn: aiosqlite.Connection, status: str | None = "held") -> 
 
 
 async def get_held(conn: aiosqlite.Connection, held_id: int) -> Any | None:
-    rows = await conn.execute_fetchall("SELECT * FROM held WHERE id = ?", (held_id,))
+    rows = list(await conn.execute_fetchall("SELECT * FROM held WHERE id = ?", (held_id,)))
     return rows[0] if rows else None
 
 
@@ -1234,7 +1234,7 @@ async def decide_held(conn: aiosqlite.Connection, held_id: int, status: str,
 
 
 async def held_of_inbound(conn: aiosqlite.Connection, inbound_id: int) -> Any | None:
-    rows = await conn.execute_fetchall("SELECT * FROM held WHERE inbound_id = ?", (inbound_id,))
+    rows = list(await conn.execute_fetchall("SELECT * FROM held WHERE inbound_id = ?", (inbound_id,)))
     return rows[0] if rows else None
 
 
@@ -1255,9 +1255,9 @@ class QueueCounts:
 
 async def queue_counts(conn: aiosqlite.Connection) -> QueueCounts:
     inbound = await count_inbound_by_state(conn)
-    (held,) = (await conn.execute_fetchall(
+    (held,) = list(await conn.execute_fetchall(
         "SELECT count(*) FROM held WHERE status = 'held'"))[0]
-    waiting, oldest, due, failed = (await conn.execute_fetchall(
+    waiting, oldest, due, failed = list(await conn.execute_fetchall(
         "SELECT count(*) FILTER (WHERE status IN ('pending', 'sending')),"
         " min(queued_at) FILTER (WHERE status IN ('pending', 'sending')),"
         " min(next_attempt_at) FILTER (WHERE status IN ('pending', 'sending')),"
@@ -1290,10 +1290,10 @@ async def drop_old_raw(conn: aiosqlite.Connection, closed_before: datetime, now:
             await conn.execute("DELETE FROM inbound_raw WHERE id = ?", (inbound_id,))
             await conn.execute("UPDATE inbound SET raw_dropped_at = ? WHERE id = ?",
                                (iso(now), inbound_id))
-        sent = await conn.execute_fetchall(
+        sent = list(await conn.execute_fetchall(
             "SELECT o.id FROM outbox o JOIN tickets t ON t.number = o.ticket"
             " WHERE t.status = 'closed' AND t.closed_at < ? AND o.status = 'sent'"
-            " AND o.raw_dropped_at IS NULL LIMIT ?", (iso(closed_before), limit))
+            " AND o.raw_dropped_at IS NULL LIMIT ?", (iso(closed_before), limit)))
         for (outbox_id,) in sent:
             await conn.execute("DELETE FROM outbox_raw WHERE id = ?", (outbox_id,))
             await conn.execute("UPDATE outbox SET raw_dropped_at = ? WHERE id = ?",

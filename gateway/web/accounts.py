@@ -99,13 +99,13 @@ async def list_users(conn: aiosqlite.Connection) -> list[User]:
 
 
 async def get_user(conn: aiosqlite.Connection, name: str) -> User | None:
-    rows = await conn.execute_fetchall(
-        "SELECT name, email, created_at FROM users WHERE name = ?", (name,))
+    rows = list(await conn.execute_fetchall(
+        "SELECT name, email, created_at FROM users WHERE name = ?", (name,)))
     return _user(rows[0]) if rows else None
 
 
 async def password_hash_of(conn: aiosqlite.Connection, name: str) -> str | None:
-    rows = await conn.execute_fetchall("SELECT password_hash FROM users WHERE name = ?", (name,))
+    rows = list(await conn.execute_fetchall("SELECT password_hash FROM users WHERE name = ?", (name,)))
     return rows[0][0] if rows else None
 
 
@@ -144,10 +144,10 @@ async def find_session(conn: aiosqlite.Connection, token: str, now: datetime) ->
     """The live session of this cookie token (a read: no write lock needed)."""
     if not token or len(token) > 200:
         return None
-    rows = await conn.execute_fetchall(
+    rows = list(await conn.execute_fetchall(
         "SELECT s.csrf, s.expires_at, u.name, u.email, u.created_at FROM web_sessions s"
         " JOIN users u ON u.name = s.user WHERE s.token_hash = ? AND s.expires_at > ?",
-        (_digest(token), store.iso(now)))
+        (_digest(token), store.iso(now))))
     if not rows:
         return None
     row = rows[0]
@@ -170,10 +170,10 @@ async def sign_in_blocked(conn: aiosqlite.Connection, username: str, client: str
                           limit: int, window: int, now: datetime) -> bool:
     """Too many failures for this user name (or 4 x as many from this client) lately."""
     since = store.iso(now - timedelta(seconds=window))
-    rows = await conn.execute_fetchall(
+    rows = list(await conn.execute_fetchall(
         "SELECT (SELECT count(*) FROM login_attempts WHERE username = ? AND at > ?),"
         " (SELECT count(*) FROM login_attempts WHERE client = ? AND at > ?)",
-        (username[:200], since, client, since))
+        (username[:200], since, client, since)))
     by_name, by_client = rows[0]
     return by_name >= limit or by_client >= 4 * limit
 

@@ -496,6 +496,9 @@ async def held_release(request: Request, desk: Desk, session: Session,
     ctx = await pipeline.make_context(conn, desk.config)
     result = await pipeline.release_held(conn, ctx, held_id, new_ticket=new_ticket,
                                          actor=session.user.email)
+    # Released mail always lands in a ticket: the checks that only store (own mail,
+    # automatic) decided before the hold, and a release is never a duplicate.
+    assert result.ticket is not None
     log.info("held %d released into #%06d by %s", held_id, result.ticket, session.user.email)
     return done(result.ticket, "release")
 

@@ -39,7 +39,7 @@ def attention_list(waiting: list[ListedTicket], phone: list[TicketRow]) -> list[
 async def ticket_attachment(conn: aiosqlite.Connection, number: int,
                             sha256: str) -> aiosqlite.Row | None:
     """One attachment of this ticket (never another ticket's, whatever the hash)."""
-    rows = await conn.execute_fetchall(
+    rows = list(await conn.execute_fetchall(
         "SELECT * FROM attachments WHERE ticket = ? AND sha256 = ? ORDER BY rowid LIMIT 1",
-        (number, sha256))
+        (number, sha256)))
     return rows[0] if rows else None

@@ -219,7 +219,7 @@ async def deliver(port: int, message: bytes, size: int) -> float:
         writer.close()
         try:
             await asyncio.wait_for(writer.wait_closed(), 5)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
 
 
@@ -262,7 +262,7 @@ async def run_load(port: int, template: MessageTemplate, tag: str, *, count: int
             try:
                 latency = await asyncio.wait_for(
                     deliver(port, template.make(tag, n), template.size), message_timeout)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+            except (TimeoutError, OSError, asyncio.IncompleteReadError,
                     asyncio.LimitOverrunError, SmtpFailure) as err:
                 result.errors.append(f"{type(err).__name__}: {err}")
             else:

@@ -447,7 +447,8 @@ async def _send_one(port: int, item: Sent) -> None:
     try:
         item.acked_250, item.dot_to_250 = await asyncio.wait_for(
             deliver_report(port, item.report), 60)
-    except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, SmtpFailure) as err:
+    except (TimeoutError, OSError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError, SmtpFailure) as err:
         item.error = f"{type(err).__name__}: {err}"
 
 
@@ -472,7 +473,7 @@ async def _send_open_loop(port: int, items: list[Sent], sessions: int, rate: flo
         finally:
             free.release()
 
-    for item, offset in zip(items, offsets):
+    for item, offset in zip(items, offsets, strict=True):
         delay = t0_loop + offset - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)

@@ -140,14 +140,16 @@ def main() -> None:
                    ("two words", "Kraków wentylator", ["Kraków", "wentylator"])]
         print(f"{'query':<10} {'FTS5 ms':>9} {'LIKE ms':>9} {'LIKE/FTS5':>10}  hits")
         for label, text, needles in queries:
-            fast, hits = median_time(lambda: fts_scan(indexed, text), args.repeats)
-            slow, like_hits = median_time(lambda: like_scan(plain, needles), args.repeats)
+            fast, hits = median_time(lambda text=text: fts_scan(indexed, text), args.repeats)
+            slow, like_hits = median_time(lambda needles=needles: like_scan(plain, needles),
+                                          args.repeats)
             print(f"{label:<10} {fast * 1000:9.1f} {slow * 1000:9.1f} {slow / fast:10.1f}  "
                   f"{hits} (LIKE, substrings: {like_hits})")
         for label, query in (("list --search SN-001234", {"search": '"SN-001234" *'}),
                              ("list --waiting", {"waiting": True}),
                              ("list (all)", {})):
-            took, rows = median_time(lambda: asyncio.run(listing(indexed, **query)), args.repeats)
+            took, rows = median_time(lambda query=query: asyncio.run(listing(indexed, **query)),
+                                     args.repeats)
             print(f"find_tickets {label:<24} {took * 1000:8.1f} ms  {rows} tickets")
 
 

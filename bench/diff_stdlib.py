@@ -187,7 +187,6 @@ def attachment_row(name: str, raw: bytes, theirs: Theirs, ours_files: list[tuple
     if ours_c == theirs_files:
         return Row(name, "attachments", "")
     by_hash = {h: (ct, p) for ct, h, p in ours_parts}
-    text = squash(ours_text)
     reasons = Counter()
     empty_multipart = any(p.content_type.startswith("multipart/") and not p.children
                           for _, _, p in ours_parts)

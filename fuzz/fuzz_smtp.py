@@ -27,7 +27,6 @@ import asyncio
 import logging
 import os
 import re
-import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -155,7 +154,8 @@ class Harness:
             pass  # the session ended by closing (its own QUIT or a 421)
         except TimeoutError:
             transport.close()
-            raise AssertionError(f"session did not end within {SESSION_LIMIT}s of its input")
+            raise AssertionError(
+                f"session did not end within {SESSION_LIMIT}s of its input") from None
         if not transport.closed:
             transport.close()
         await asyncio.sleep(0)

@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 from typing import Any
@@ -102,7 +102,7 @@ def copy_attachments(source: Path, dest: Path) -> FilesCopy:
 def copy_before_migrate(database: Path, version: int, now: datetime | None = None) -> Path:
     """The copy `migrate` takes before it changes the schema, next to the database:
     gateway.db.v0004-20261201T211500Z.bak"""
-    moment = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    moment = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     dest = database.with_name(f"{database.name}.v{version:04d}-{moment}.bak")
     return copy_database(database, dest).path
 

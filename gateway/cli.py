@@ -16,9 +16,10 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 import aiosqlite
 
@@ -103,7 +104,7 @@ def local_time(config: Config, stamp: str | None) -> str:
     except ValueError:
         return stamp
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(ZoneInfo(config.tickets.timezone)).strftime("%Y-%m-%d %H:%M")
 
 
@@ -114,7 +115,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     lines = []
     for row in [list(headers), *cells]:
-        padded = [c.ljust(w) for c, w in zip(row[:-1], widths)] + [row[-1]]
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [row[-1]]
         lines.append("  ".join(padded).rstrip())
     return lines
 
@@ -430,7 +431,7 @@ def render_ticket(data: dict[str, Any], bodies: list[str], config: Config) -> st
     if data["attachments"]:
         lines += ["", "Attachments:", *_attachment_lines(data["attachments"])]
     lines += ["", "Thread:"]
-    for message, body in zip(data["messages"], bodies):
+    for message, body in zip(data["messages"], bodies, strict=False):
         mark = _KIND_MARK.get(message["kind"], "--")
         verdict = f"  [sender verdict: {message['auth']}]" if message["auth"] else ""
         to = f" -> {', '.join(message['to'])}" if message["to"] else ""

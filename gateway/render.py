@@ -839,7 +839,8 @@ _GENERATE_POLICY = _POLICY.clone(refold_source="none")
 # RFC 2047 §5(3): the characters that may stand for themselves in a Q-encoded word.
 _Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 _EW_OPEN, _EW_CLOSE = "=?utf-8?q?", "?="
-_MSGID = re.compile(r"<[!#-'*+\-./0-9:=?@A-Z\[\]^_`a-z{|}~]{1,%d}>" % MAX_MSGID_LEN, re.ASCII)
+_MSGID = re.compile(r"<[!#-'*+\-./0-9:=?@A-Z\[\]^_`a-z{|}~]{1," + str(MAX_MSGID_LEN) + "}>",
+                    re.ASCII)
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LOCAL_PART = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*", re.ASCII)
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", re.ASCII)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -460,7 +460,7 @@ class IntakeHandler:
             mail_from="" if mail_from == "<>" else mail_from,
             rcpt_tos=tuple(envelope.rcpt_tos),
             raw=raw,
-            received_at=datetime.now(timezone.utc),
+            received_at=datetime.now(UTC),
         )
         refusal = await self._refusal(inbound, bool(envelope.smtp_utf8))
         try:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,11 +35,11 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat()
+    return moment.astimezone(UTC).isoformat()
 
 
 # --- migrations -------------------------------------------------------------------
@@ -436,7 +436,7 @@ class IntakeWriter:
                 if self._on_commit:
                     self._on_commit()
                 continue
-            for (_, fut), result in zip(live, results):
+            for (_, fut), result in zip(live, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
             if self._on_commit:

@@ -12,11 +12,13 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 
+import aiosqlite
 import pytest
 from aiosmtpd.smtp import SMTP
 
 from gateway.config import (AddressesConfig, Config, OutboundConfig, SmtpConfig,
                             StorageConfig, TicketsConfig)
+from gateway import store
 from gateway.daemon import Gateway
 
 INTAKE = "serwis@s4e.pl"
@@ -220,7 +222,7 @@ class Desk:
         return [m for row, m in self.outbox() if row["rcpt_to"] == address]
 
 
-def write_config(tmp_path: Path, extra: str = "", sink: "Sink | None" = None,
+def write_config(tmp_path: Path, extra: str = "", sink: Sink | None = None,
                  storage: str = "") -> Path:
     """`storage`: more lines for the [storage] table (e.g. 'keep_raw = "30d"\\n')."""
     text = (f'[smtp]\nlisten = "127.0.0.1:0"\nhostname = "gw.test"\n'
@@ -241,7 +243,7 @@ def desk_options() -> str:
 
 
 @asynccontextmanager
-async def running_desk(tmp_path: Path, options: str = "", sink: "Sink | None" = None,
+async def running_desk(tmp_path: Path, options: str = "", sink: Sink | None = None,
                        storage: str = "") -> AsyncIterator[Desk]:
     """A gateway started from a real config file (as `serve` would), stopped after."""
     from gateway.config import load_config
@@ -288,3 +290,14 @@ async def arrive(sink: Sink, rcpt: str, count: int) -> list[EmailMessage]:
     """Wait until `rcpt` got at least `count` mails; all of them, oldest first."""
     await wait_for(lambda: len(received(sink, rcpt)) >= count, timeout=15)
     return received(sink, rcpt)
+
+
+@pytest.fixture
+async def conn(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
+    """A migrated database of its own (the mailer tests)."""
+    connection = await store.connect(tmp_path / "gw.db")
+    await store.migrate(connection)
+    try:
+        yield connection
+    finally:
+        await connection.close()

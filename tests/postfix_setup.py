@@ -122,7 +122,7 @@ async def wait_routed(desk: Desk, count: int = 1, timeout: float = 30.0) -> list
 async def wait_mail(sink: Sink, predicate, timeout: float = 30.0) -> EmailMessage:
     """The first mail that reached the sink and satisfies predicate(mail_from, msg)."""
     def found():
-        for (mail_from, _, _), msg in zip(sink.messages, sink.parsed()):
+        for (mail_from, _, _), msg in zip(sink.messages, sink.parsed(), strict=True):
             if predicate(mail_from, msg):
                 return msg
         return None

@@ -22,7 +22,7 @@ class Dialog:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int) -> "Dialog":
+    async def open(cls, port: int) -> Dialog:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         dialog = cls(reader, writer)
         return dialog

@@ -13,9 +13,8 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from gateway.msgid import make_message_id, new_key
 from gateway.render import compose_message
 from tests.conftest import CRM, Sink, wait_for
 
-T0 = datetime(2026, 11, 25, 15, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 KEY = new_key()
 CUSTOMER = "jan.kowalski@example.com"
 PASSWORD = "s3cret pass wörd"
@@ -63,16 +62,6 @@ class Queued:
     id: int
     message_id: str
     raw: bytes
-
-
-@pytest.fixture
-async def conn(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
-    connection = await store.connect(tmp_path / "gw.db")
-    await store.migrate(connection)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def queue_mail(conn: aiosqlite.Connection, now: datetime, *, ticket: int = 123456,

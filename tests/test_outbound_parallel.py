@@ -13,8 +13,8 @@ from aiosmtpd.smtp import SMTP
 
 from gateway import store
 from gateway.mailer import Mailer, SmtpRelay
-from tests.test_mailer import (Recorder, conn, queue_mail, relay_config, row,  # noqa: F401
-                               server_tls, stop_server)
+from tests.test_mailer import (Recorder, queue_mail, relay_config, row, server_tls,
+                               stop_server)
 from tests.conftest import wait_for
 
 

@@ -4,7 +4,6 @@ step seen in the customer's mailbox (the relay sink), in one thread, in Polish."
 from __future__ import annotations
 
 import re
-import smtplib
 from email.message import EmailMessage
 
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail, wait_for

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import aiosqlite
 
@@ -26,7 +26,7 @@ async def put(conn: aiosqlite.Connection, n: int) -> int:
     try:
         raw = f"Message-ID: <m{n}@example.com>\r\nSubject: {n}\r\n\r\nbody\r\n".encode()
         stored = await writer.store(Inbound("peer", "a@example.com", ("serwis@s4e.pl",), raw,
-                                            datetime.now(timezone.utc)))
+                                            datetime.now(UTC)))
     finally:
         await writer.stop()
     return stored.id
@@ -153,7 +153,7 @@ async def test_new_mail_wakes_the_processor_without_polling_delay(tmp_path) -> N
     writer.start()
     raw = b"Subject: x\r\n\r\ny\r\n"
     stored = await writer.store(Inbound("p", "a@b.pl", ("serwis@s4e.pl",), raw,
-                                        datetime.now(timezone.utc)))
+                                        datetime.now(UTC)))
     await wait_for(lambda: _state_is(conn, stored.id, "done"), timeout=0.5)
     await writer.stop()
     await processor.stop()

@@ -1002,7 +1002,7 @@ def test_customer_values_never_carry_links_or_long_text(values) -> None:
 
     for language in ("pl", "en"):
         r = RENDERERS[language]
-        fields = dict(zip(FIELD_KEYS, values))
+        fields = dict(zip(FIELD_KEYS, values, strict=True))
         for event in CUSTOMER_EVENTS:
             body = r.render(event, number=123456, fields=fields, missing=["description"],
                             attachments=values)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+from itertools import pairwise
 
 import pytest
 
@@ -59,7 +60,7 @@ async def test_number_is_six_digits_not_sequential(desk: Desk) -> None:
     numbers = [await open_ticket(desk, mid=f"<n{i}@example.com>") for i in range(4)]
     assert all(re.fullmatch(r"\d{6}", n) for n in numbers)
     assert len(set(numbers)) == 4
-    diffs = {int(b) - int(a) for a, b in zip(numbers, numbers[1:])}
+    diffs = {int(b) - int(a) for a, b in pairwise(numbers)}
     assert diffs != {1}
 
 
@@ -92,7 +93,7 @@ async def test_incomplete_report_asks_for_missing_then_follow_up_completes_it(de
     assert ticket["reporter_name"] == "Jan Kowalski"
     acks = desk.mails_to(JAN)
     assert len(acks) == 2 and "Przyjęte" in body_text(acks[1])
-    assert len((await desk.cli_json("tickets", "list"))) == 1
+    assert len(await desk.cli_json("tickets", "list")) == 1
 
 
 async def test_follow_up_to_serwis_with_token_is_appended_not_a_second_ticket(desk: Desk) -> None:

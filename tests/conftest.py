@@ -16,9 +16,9 @@ import aiosqlite
 import pytest
 from aiosmtpd.smtp import SMTP
 
+from gateway import store
 from gateway.config import (AddressesConfig, Config, OutboundConfig, SmtpConfig,
                             StorageConfig, TicketsConfig)
-from gateway import store
 from gateway.daemon import Gateway
 
 INTAKE = "serwis@s4e.pl"

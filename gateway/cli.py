@@ -63,9 +63,11 @@ class _EscapingFormatter(logging.Formatter):
         return "\n".join([prefix + escaped, *(prefix + line for line in trace)])
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+def setup_logging(level: int = logging.INFO, *, name: str = "") -> None:
+    """`name`: which process of the gateway logs (the workers say "worker N")."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
+    where = f" [{name}]" if name else ""
+    handler.setFormatter(_EscapingFormatter(f"%(levelname)s{where} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -121,6 +121,21 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessingConfig:
+    """Where stored mail is parsed and routed (SPEC §7 [processing])."""
+
+    # Worker processes beside the SMTP process; "auto": one per core beyond the first.
+    # 0: processing runs inside the SMTP process (one-core machines, embedded tests).
+    workers: int | str = "auto"
+
+    @property
+    def worker_count(self) -> int:
+        if isinstance(self.workers, int):
+            return self.workers
+        return max(len(os.sched_getaffinity(0)) - 1, 0)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     listen: str = ""  # off when empty
 
@@ -173,6 +188,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    processing: ProcessingConfig = field(default_factory=ProcessingConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     web: WebConfig = field(default_factory=WebConfig)
@@ -185,6 +201,7 @@ _SECTIONS: dict[str, type] = {
     "storage": StorageConfig,
     "outbound": OutboundConfig,
     "metrics": MetricsConfig,
+    "processing": ProcessingConfig,
     "tickets": TicketsConfig,
     "auth": AuthConfig,
     "web": WebConfig,
@@ -214,6 +231,12 @@ _EMAILS = {("addresses", "intake"), ("addresses", "crm")}
 
 def _convert(section: str, key: str, value: Any, base: Path) -> Any:
     """Check one value's type and content; raise ValueError with the reason."""
+    if (section, key) == ("processing", "workers"):
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+            raise ValueError(f'expected "auto" or a number of processes 0-64, got {value!r}')
+        return value
     if key in _INTS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer, got {type(value).__name__}")

@@ -1,5 +1,6 @@
-"""Wiring: store, migrations, the SMTP edge, the processor, the mailer, metrics,
-systemd notification and signals.
+"""Wiring: store, migrations, the SMTP edge, the processing workers (or, with
+`[processing] workers = 0`, the processor, the mailer and the timed jobs in this
+process), metrics, systemd notification and signals.
 
 SIGTERM/SIGINT: new sessions get 421, sessions in flight may finish their
 transaction within SHUTDOWN_GRACE seconds, then the workers stop and the process
@@ -17,15 +18,13 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from gateway import staff, store
 from gateway.backup import migrate_with_copy
 from gateway.config import Config, check_files, parse_hostport
-from gateway.digest import send_held_digest
-from gateway.errors import ConfigError, expected_failure
+from gateway.errors import ConfigError
 from gateway.mailer import Mailer, Transport, make_transport
 from gateway.metrics import (HEALTH_BUSY_TIMEOUT_MS, Metrics, MetricsServer, Probe,
                              min_free_bytes)
@@ -35,11 +34,13 @@ from gateway.processor import Processed, Processor, Stages
 from gateway.smtp_edge import (REPLY_SHUTTING_DOWN, IntakeHandler, clear_spool, smtp_factory,
                                start_edge_server)
 from gateway.systemd import Notifier, watchdog_interval
+from gateway.timed_jobs import TimedJobs, drop_old_raw, queue_status
+from gateway.worker_pool import WorkerPool, wait_for_old_workers
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 30.0
-HOUSEKEEPING_SECONDS = 30.0
+HOUSEKEEPING_SECONDS = 30.0  # how often the timed jobs run
 # While SMTP transactions are open the processor waits up to this long before each
 # message: answering 250 quickly is the first promise (a slow 250 makes MTAs time out
 # and send again), processing catches up in the lulls and never stops entirely.
@@ -60,15 +61,17 @@ class Gateway:
     mailer: Mailer | None = None
     metrics: Metrics = field(default_factory=Metrics)
     metrics_port: int | None = None
+    workers: WorkerPool | None = None  # None: processing runs in this process
     servers: list[Any] = field(default_factory=list)  # EdgeServer, asyncio.Server (LMTP)
     _conns: list[Any] = field(default_factory=list)
     _writer: store.IntakeWriter | None = None
     _metrics_server: MetricsServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    # Housekeeping and SIGHUP reload share a connection of their own, one at a time
+    # The timed jobs and SIGHUP reload share a connection of their own, one at a time
     # (two coroutines must never interleave transactions on one connection).
     _house_conn: Any = None
     _house_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    timed_jobs: TimedJobs | None = None
     _lock: Any = None
     # How often the timed jobs run (rating window, held digest, gauges); tests shorten it.
     housekeeping_seconds: float = HOUSEKEEPING_SECONDS
@@ -101,23 +104,24 @@ class Gateway:
         self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer)
         await self._load_contracts(house_conn)
 
-        async def pipeline(conn: Any, row: Any) -> Processed:
-            await self._intake_first()
-            return await process_message(conn, context, row)
-
         async def reject_check(inbound: Any, utf8: bool) -> str | None:
             return await closed_ticket_refusal(check_conn, context, inbound, utf8)
 
-        self.mailer = Mailer(mail_conn, self.transport or make_transport(
-            cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
-            on_result=self._count_send)
-        await self.mailer.start()
-        self.processor = Processor(work_conn, self.stages or pipeline,
-                                   on_processed=self._count_processed,
-                                   attachments=cfg.storage.attachments)
-        self._writer = store.IntakeWriter(intake_conn, on_commit=self.processor.wake)
-        self._writer.start()
-        await self.processor.start()
+        # Workers of a daemon that was killed finish their message before anything
+        # left in hand goes back to the queue.
+        await wait_for_old_workers(cfg)
+        recovered = await store.recover_inbound(intake_conn)
+        if recovered:
+            log.warning("re-claiming %d message(s) left mid-way by an earlier stop", recovered)
+        count = cfg.processing.worker_count
+        if count and self.stages is None and self.transport is None:
+            self.workers = WorkerPool(cfg, count, self._from_worker,
+                                      housekeeping_seconds=self.housekeeping_seconds)
+            self._writer = store.IntakeWriter(intake_conn)
+            self._writer.start()
+            await self.workers.start()
+        else:
+            await self._start_processing(work_conn, mail_conn, intake_conn)
 
         self.handler = IntakeHandler(
             cfg, self._writer, on_reply=self._count_reply,
@@ -156,13 +160,51 @@ class Gateway:
             host, mport = parse_hostport(cfg.metrics.listen)
             with _naming("metrics.listen", cfg.metrics.listen):
                 self.metrics_port = await self._metrics_server.start(host, mport)
-        self._tasks.append(loop.create_task(self._housekeeping(house_conn), name="housekeeping"))
+        if self.workers is None:
+            self.timed_jobs = TimedJobs(house_conn, context, on_status=self.notifier.status,
+                                        interval=self.housekeeping_seconds,
+                                        lock=self._house_lock)
+            self._tasks.append(loop.create_task(self.timed_jobs.run(), name="timed jobs"))
         interval = watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval), name="watchdog"))
         log.info("listening on %s:%d for %s", cfg.smtp.host, self.port,
                  ", ".join(sorted(self.handler.mailboxes)))
-        self.notifier.ready(await self._status(house_conn))
+        self.notifier.ready(await queue_status(house_conn))
+
+    async def _start_processing(self, work_conn: Any, mail_conn: Any, intake_conn: Any) -> None:
+        """`[processing] workers = 0` (or a test's own stages or transport): the
+        processor and the mailer run on this event loop."""
+        cfg, context = self.config, self.context
+        assert context is not None
+
+        async def pipeline(conn: Any, row: Any) -> Processed:
+            await self._intake_first()
+            return await process_message(conn, context, row)
+
+        self.mailer = Mailer(mail_conn, self.transport or make_transport(
+            cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
+            on_result=self._count_send)
+        await self.mailer.start()
+        self.processor = Processor(work_conn, self.stages or pipeline,
+                                   on_processed=self._count_processed,
+                                   attachments=cfg.storage.attachments)
+        self._writer = store.IntakeWriter(intake_conn, on_commit=self.processor.wake)
+        self._writer.start()
+        await self.processor.start()
+
+    def _from_worker(self, message: tuple[Any, ...]) -> None:
+        """What a worker process reports: the metrics it moves, systemd STATUS."""
+        match message:
+            case ("processed", outcome, seconds):
+                self.metrics.messages.labels(outcome=outcome).inc()
+                self.metrics.processing.observe(seconds)
+            case ("sent", result):
+                self._count_send(result)
+            case ("status", text):
+                self.notifier.status(text)
+            case _:
+                pass
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         self.notifier.stopping()
@@ -180,6 +222,8 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._metrics_server:
             await self._metrics_server.stop()
+        if self.workers:
+            await self.workers.stop(grace)
         if self.processor:
             await self.processor.stop()
         if self.mailer:
@@ -199,6 +243,8 @@ class Gateway:
         self.notifier.reloading()
         assert self.context is not None
         self._reload_tls()
+        if self.workers:
+            self.workers.reload()
         try:
             self.context.renderer = load_renderer(self.config)
             log.info("templates reloaded")
@@ -206,7 +252,7 @@ class Gateway:
             log.error("templates not reloaded, keeping the old ones: %s", err)
         async with self._house_lock:
             await self._load_contracts(self._house_conn)
-            self.notifier.ready(await self._status(self._house_conn))
+            self.notifier.ready(await queue_status(self._house_conn))
 
     def _reload_tls(self) -> None:
         cfg = self.config.smtp
@@ -254,43 +300,9 @@ class Gateway:
         if result != "sent":
             self.metrics.send_failures.inc()
 
-    async def _status(self, conn: Any) -> str:
-        """systemd's STATUS= line (the gauges are read at scrape time instead)."""
-        counts = await store.queue_counts(conn)
-        return (f"listening; {counts.inbound_queued} inbound to process, "
-                f"{counts.outbox_waiting} outgoing waiting")
-
-    async def _housekeeping(self, conn: Any) -> None:
-        """Every `housekeeping_seconds`: the rating window, the held digest, gauges,
-        systemd STATUS."""
-        assert self.context is not None
-        while True:
-            try:
-                async with self._house_lock:
-                    await staff.close_expired_ratings(conn, self.context)
-                    await send_held_digest(conn, self.context)
-                    await self._drop_old_raw(conn)
-                    self.notifier.status(await self._status(conn))
-            except Exception as err:  # noqa: BLE001 - e.g. a locked database: next round
-                reason = expected_failure(err)
-                if reason is None:
-                    log.exception("housekeeping failed")
-                else:  # expected in operation: one line, no traceback
-                    log.error("housekeeping failed, next round in %.0fs: %s",
-                              self.housekeeping_seconds, reason)
-            await asyncio.sleep(self.housekeeping_seconds)
-
     async def _drop_old_raw(self, conn: Any) -> int:
-        """[storage] keep_raw: raw mail of tickets closed longer ago is dropped."""
-        keep = self.config.storage.keep_raw_seconds
-        if keep is None:
-            return 0
-        now = store.utcnow()
-        dropped = await store.drop_old_raw(conn, now - timedelta(seconds=keep), now)
-        if dropped:
-            log.info("storage.keep_raw: raw mail of %d message(s) of tickets closed over %s ago"
-                     " dropped", dropped, self.config.storage.keep_raw)
-        return dropped
+        """One round of [storage] keep_raw (tests call it instead of waiting)."""
+        return await drop_old_raw(conn, self.config)
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: if the loop stalls, the pings stop.

@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -64,6 +64,10 @@ class Context:
     # Who really sent a message (SPEC §10): (raw, peer, envelope sender) -> Verdict.
     # Blocking (DNS): called in a thread.
     verify: Callable[[bytes, str, str], Verdict] | None = None
+    # How CPU-bound steps (parsing, hashing attachments) run: in a thread in the SMTP
+    # process, so a 25 MB message never stalls a session; inline in a worker process,
+    # which has no sessions to protect.
+    offload: Callable[..., Awaitable[Any]] = asyncio.to_thread
 
     def verdict_for(self, raw: bytes, peer: str, mail_from: str) -> Verdict:
         if self.verify is not None:
@@ -126,14 +130,14 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
         return Processed(Outcome(row.outcome), recorded)
     folder = ctx.config.storage.attachments
     raw = await store.read_raw(conn, row.id, folder)
-    report = await asyncio.to_thread(parse_report, raw)
+    report = await ctx.offload(parse_report, raw)
     if release:
         verdict = Verdict(AuthResult.PASS, "released by an operator", _domain(report.sender))
     else:
         verdict = await asyncio.to_thread(ctx.verdict_for, raw, row.peer, row.mail_from)
-    saved = await asyncio.to_thread(save_attachments, folder, report.attachments)
+    saved = await ctx.offload(save_attachments, folder, report.attachments)
     # The files are safe now: the stored raw need not carry the same bytes again.
-    cut_raw, spans = await asyncio.to_thread(cut_attachments, raw, report.attachments)
+    cut_raw, spans = await ctx.offload(cut_attachments, raw, report.attachments)
     situation = await look_up(conn, ctx, row, report, raw, verdict)
     if release:
         situation = dataclasses.replace(situation, authorised=True, duplicate_of=None,

@@ -100,8 +100,11 @@ class Processor:
                  on_processed: Callable[[Processed, float], None] | None = None, *,
                  probe: Probe = probe_in_subprocess,
                  retry_first: float = RETRY_FIRST,
-                 attachments: Path | None = None) -> None:
-        """`attachments`: [storage] attachments, where a raw's attachment bytes are."""
+                 attachments: Path | None = None, slot: int | None = None) -> None:
+        """`attachments`: [storage] attachments, where a raw's attachment bytes are.
+        `slot`: the worker process this runs in (None: the SMTP process, the only one
+        processing); it claims as that slot and takes back only that slot's rows."""
+        self._slot = slot
         self._conn = conn
         self._attachments = attachments
         self._stages = stages
@@ -118,7 +121,7 @@ class Processor:
         self._wake.set()
 
     async def start(self) -> None:
-        recovered = await store.recover_inbound(self._conn)
+        recovered = await store.recover_inbound(self._conn, self._slot)
         if recovered:
             log.warning("re-claiming %d message(s) left mid-way by an earlier stop", recovered)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="processor")
@@ -162,7 +165,7 @@ class Processor:
         """Process one queued message; False when there was none."""
         row, self._in_hand = self._in_hand, None
         if row is None:
-            row = await store.claim_inbound(self._conn)
+            row = await store.claim_inbound(self._conn, self._slot)
             if row is None:
                 return False
             if row.attempts > 1 and not await self._survives(row):

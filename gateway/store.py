@@ -560,20 +560,28 @@ _INBOUND_COLUMNS = ("id, message_id, mail_from, rcpt_tos, received_at, size, sta
                     " attempts, outcome, ticket, error, peer, auth, auth_reason")
 
 
-async def recover_inbound(conn: aiosqlite.Connection) -> int:
-    """Rows a crash left mid-way go back to the queue."""
-    cursor = await conn.execute(
-        "UPDATE inbound SET state = 'queued' WHERE state = 'processing'")
+async def recover_inbound(conn: aiosqlite.Connection, slot: int | None = None) -> int:
+    """Rows a crash left mid-way go back to the queue: all of them (no worker is
+    running), or those of one worker slot (that worker died and is starting again)."""
+    if slot is None:
+        cursor = await conn.execute(
+            "UPDATE inbound SET state = 'queued', claimed_by = NULL WHERE state = 'processing'")
+    else:
+        cursor = await conn.execute(
+            "UPDATE inbound SET state = 'queued', claimed_by = NULL"
+            " WHERE state = 'processing' AND claimed_by = ?", (slot,))
     return cursor.rowcount
 
 
-async def claim_inbound(conn: aiosqlite.Connection) -> InboundRow | None:
-    """Take the oldest queued message (in arrival order) for processing."""
+async def claim_inbound(conn: aiosqlite.Connection,
+                        slot: int | None = None) -> InboundRow | None:
+    """Take the oldest queued message (in arrival order) for processing, for worker
+    `slot` (None: this process)."""
     async with gated(conn):
         rows = list(await conn.execute_fetchall(
-            "UPDATE inbound SET state = 'processing', attempts = attempts + 1"
+            "UPDATE inbound SET state = 'processing', attempts = attempts + 1, claimed_by = ?"
             " WHERE id = (SELECT id FROM inbound WHERE state = 'queued' ORDER BY id LIMIT 1)"
-            f" AND state = 'queued' RETURNING {_INBOUND_COLUMNS}"))
+            f" AND state = 'queued' RETURNING {_INBOUND_COLUMNS}", (slot,)))
     return InboundRow.from_row(rows[0]) if rows else None
 
 

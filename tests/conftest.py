@@ -17,7 +17,8 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from gateway import store
-from gateway.config import (AddressesConfig, Config, OutboundConfig, SmtpConfig,
+from gateway.config import (AddressesConfig, Config, OutboundConfig, ProcessingConfig,
+                            SmtpConfig,
                             StorageConfig, TicketsConfig)
 from gateway.daemon import Gateway
 
@@ -32,6 +33,9 @@ def make_config(tmp_path: Path, **sections: object) -> Config:
         storage=StorageConfig(database=tmp_path / "gw.db", attachments=tmp_path / "att"),
         outbound=OutboundConfig(maildir=tmp_path / "outbox"),
         tickets=TicketsConfig(),
+        # In this process: tests look at its processor and mailer (tests/test_workers.py
+        # and the daemon-process tests run the worker processes).
+        processing=ProcessingConfig(workers=0),
     )
     return replace(config, **sections)
 
@@ -231,6 +235,8 @@ def write_config(tmp_path: Path, extra: str = "", sink: Sink | None = None,
     outbound = f'[outbound]\nmaildir = "{tmp_path}/outbox"\n'
     if sink is not None:
         outbound += f'relay = "127.0.0.1:{sink.port}"\nretry_first = "1s"\nretry_max = "2s"\n'
+    if "[processing]" not in extra:  # see make_config
+        outbound += "[processing]\nworkers = 0\n"
     path = tmp_path / "gw.toml"
     path.write_text(text + outbound + extra)
     return path

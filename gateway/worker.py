@@ -1,0 +1,181 @@
+"""One processing worker: a process of its own that takes committed inbound mail from
+the database and runs it through the stages (`pipeline.process_message`).
+
+Started and supervised by the daemon (`worker_pool.WorkerPool`), never by hand. The
+SMTP process only accepts, commits and answers; the workers parse, route, open and
+update tickets and queue the answers. Worker 0 also runs the mailer and the timed
+jobs, so each of those runs once.
+
+Talking to the daemon: the worker sends small tuples on its channel (`ready`, what it
+processed and sent, for the metrics; systemd STATUS text). New mail is noticed by
+SQLite's `PRAGMA data_version`, which changes when any other connection commits,
+read every WATCH_SECONDS while idle: intake, the CLI and other workers all wake it
+without a signal path between processes.
+
+Signals: SIGTERM finishes the message in hand and exits; SIGHUP reloads the templates;
+SIGINT is ignored (a Ctrl-C reaches the whole process group: the daemon decides).
+If the daemon dies the worker notices within WATCH_SECONDS and stops the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.config import Config
+from gateway.direct_connection import DirectConnection, connect_direct
+from gateway.mailer import Mailer, make_transport
+from gateway.pipeline import Context, load_renderer, make_context, process_message
+from gateway.processor import Processed, Processor
+from gateway.timed_jobs import TimedJobs
+
+log = logging.getLogger(__name__)
+
+WATCH_SECONDS = 0.02
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    config: Config
+    slot: int
+    runs_mailer: bool  # and the timed jobs
+    housekeeping_seconds: float
+
+
+def workers_lock_path(database: Path) -> Path:
+    """Every live worker holds this file shared; a daemon starting takes it
+    exclusively first, so it never re-queues a message a worker of a dead daemon
+    still has in hand."""
+    return database.with_name(database.name + ".workers.lock")
+
+
+async def inline(fn: Callable[..., T], *args: Any) -> T:
+    """`Context.offload` in a worker: no SMTP sessions here to keep responsive."""
+    return fn(*args)
+
+
+def main(spec: WorkerSpec, channel: Any) -> None:
+    """The process's entry point (multiprocessing, spawn)."""
+    from gateway.cli import setup_logging
+
+    setup_logging(logging.INFO, name=f"worker {spec.slot}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lock = open(workers_lock_path(spec.config.storage.database), "a+")
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    try:
+        asyncio.run(Worker(spec, channel).run())
+    except Exception:
+        log.exception("worker %d stopped by an error", spec.slot)
+        sys.exit(70)
+    finally:
+        lock.close()
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, channel: Any) -> None:
+        self.spec = spec
+        self._channel = channel
+        self._stop = asyncio.Event()
+        self._conns: list[DirectConnection] = []
+        self._parent = os.getppid()
+        self.context: Context | None = None
+        self.processor: Processor | None = None
+        self.mailer: Mailer | None = None
+
+    def _send(self, *message: Any) -> None:
+        try:
+            self._channel.send(message)
+        except OSError:  # the daemon is gone: the watch loop stops this worker
+            pass
+
+    async def _connect(self) -> DirectConnection:
+        conn = await connect_direct(self.spec.config.storage.database)
+        self._conns.append(conn)
+        return conn
+
+    async def run(self) -> None:
+        spec, cfg = self.spec, self.spec.config
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        work_conn = await self._connect()
+        self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer)
+        context.offload = inline
+
+        async def stages(conn: Any, row: Any) -> Processed:
+            return await process_message(conn, context, row)
+
+        tasks: list[asyncio.Task[None]] = []
+        if spec.runs_mailer:
+            self.mailer = Mailer(await self._connect(), make_transport(
+                cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
+                on_result=lambda result: self._send("sent", result))
+            await self.mailer.start()
+            jobs = TimedJobs(await self._connect(), context, interval=spec.housekeeping_seconds,
+                             on_status=lambda text: self._send("status", text))
+            tasks.append(loop.create_task(jobs.run(), name="timed jobs"))
+        self.processor = Processor(work_conn, stages, on_processed=self._processed,
+                                   attachments=cfg.storage.attachments, slot=spec.slot)
+        await self.processor.start()
+        watch = await self._connect()
+        tasks.append(loop.create_task(self._watch(watch), name="watch"))
+        self._send("ready", spec.slot, os.getpid())
+        try:
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.processor.stop()
+            if self.mailer:
+                await self.mailer.stop()
+            for conn in self._conns:
+                await conn.close()
+
+    def _processed(self, result: Processed, seconds: float) -> None:
+        self._send("processed", str(result.outcome or "received"), seconds)
+
+    def _wake_mailer(self) -> None:
+        if self.mailer:
+            self.mailer.wake()
+
+    def _reload(self) -> None:
+        if self.context is None:
+            return
+        try:
+            self.context.renderer = load_renderer(self.spec.config)
+            log.info("templates reloaded")
+        except Exception as err:  # noqa: BLE001 - keep serving with the old templates
+            log.error("templates not reloaded, keeping the old ones: %s", err)
+
+    async def _watch(self, conn: DirectConnection) -> None:
+        """Wake the processor (and the mailer) when another connection committed;
+        stop when the daemon is gone."""
+        version = await _data_version(conn)
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            if os.getppid() != self._parent:
+                log.warning("the daemon is gone: finishing the message in hand and stopping")
+                self._stop.set()
+                return
+            current = await _data_version(conn)
+            if current != version:
+                version = current
+                if self.processor:
+                    self.processor.wake()
+                self._wake_mailer()
+
+
+async def _data_version(conn: DirectConnection) -> int:
+    rows = await conn.execute_fetchall("PRAGMA data_version")
+    return int(rows[0][0])
+

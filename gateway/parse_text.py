@@ -4,6 +4,7 @@ signature blocks, inline uuencoded files."""
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -30,12 +31,39 @@ def _build_fold_table() -> dict[int, str]:
 _FOLD_TABLE = _build_fold_table()
 
 
+_FOLDABLE = re.compile("[" + "".join(map(chr, sorted(_FOLD_TABLE))) + "]")
+
+
+def _fold_char(match: re.Match[str]) -> str:
+    return _FOLD_TABLE[ord(match.group())]
+
+
 def fold(text: str) -> str:
-    """Lower-case, without diacritics, same length as `text` (so match offsets carry over)."""
+    """Lower-case, without diacritics, same length as `text` (so match offsets carry over).
+
+    Cached for texts of a usual size: the stages fold the same body and lines several
+    times (a huge body is folded afresh: the cache must not hold megabytes)."""
+    if len(text) <= _FOLD_CACHE_MAX_CHARS:
+        return _fold_cached(text)
+    return _fold(text)
+
+
+_FOLD_CACHE_MAX_CHARS = 64 * 1024
+
+
+@functools.lru_cache(maxsize=128)
+def _fold_cached(text: str) -> str:
+    return _fold(text)
+
+
+def _fold(text: str) -> str:
+    # Only the foldable characters are looked up (str.translate looks up every one).
     lowered = text.lower()
     if len(lowered) != len(text):  # "İ" and a few others grow when lowered
         lowered = "".join(ch.lower() if len(ch.lower()) == 1 else ch for ch in text)
-    return lowered.translate(_FOLD_TABLE)
+    if lowered.isascii():
+        return lowered
+    return _FOLDABLE.sub(_fold_char, lowered)
 
 
 def line_breaks(text: str) -> str:

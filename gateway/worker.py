@@ -97,8 +97,8 @@ class Worker:
         except OSError:  # the daemon is gone: the watch loop stops this worker
             pass
 
-    async def _connect(self) -> DirectConnection:
-        conn = await connect_direct(self.spec.config.storage.database)
+    async def _connect(self, *, synchronous: str = "NORMAL") -> DirectConnection:
+        conn = await connect_direct(self.spec.config.storage.database, synchronous=synchronous)
         self._conns.append(conn)
         return conn
 
@@ -116,7 +116,8 @@ class Worker:
 
         tasks: list[asyncio.Task[None]] = []
         if spec.runs_mailer:
-            self.mailer = Mailer(await self._connect(), make_transport(
+            # FULL: its commit before each send makes all processing before it durable.
+            self.mailer = Mailer(await self._connect(synchronous="FULL"), make_transport(
                 cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
                 on_result=lambda result: self._send("sent", result))
             await self.mailer.start()

@@ -117,14 +117,20 @@ class Gateway:
         if count and self.stages is None and self.transport is None:
             self.workers = WorkerPool(cfg, count, self._from_worker,
                                       housekeeping_seconds=self.housekeeping_seconds)
-            self._writer = store.IntakeWriter(intake_conn)
-            self._writer.start()
             await self.workers.start()
         else:
-            await self._start_processing(work_conn, mail_conn, intake_conn)
+            await self._start_processing(work_conn, mail_conn)
+        # Workers notice commits themselves (SQLite's data_version); the processor here
+        # is woken directly.
+        writer = store.IntakeWriter(intake_conn,
+                                    on_commit=self.processor.wake if self.processor else None)
+        self._writer = writer
+        writer.start()
+        if self.processor:
+            await self.processor.start()
 
         self.handler = IntakeHandler(
-            cfg, self._writer, on_reply=self._count_reply,
+            cfg, writer, on_reply=self._count_reply,
             reject_check=reject_check if cfg.tickets.closed_action == "reject" else None)
         loop = asyncio.get_running_loop()
         if clear_spool(self.handler.spool_dir):
@@ -172,7 +178,7 @@ class Gateway:
                  ", ".join(sorted(self.handler.mailboxes)))
         self.notifier.ready(await queue_status(house_conn))
 
-    async def _start_processing(self, work_conn: Any, mail_conn: Any, intake_conn: Any) -> None:
+    async def _start_processing(self, work_conn: Any, mail_conn: Any) -> None:
         """`[processing] workers = 0` (or a test's own stages or transport): the
         processor and the mailer run on this event loop."""
         cfg, context = self.config, self.context
@@ -189,9 +195,6 @@ class Gateway:
         self.processor = Processor(work_conn, self.stages or pipeline,
                                    on_processed=self._count_processed,
                                    attachments=cfg.storage.attachments)
-        self._writer = store.IntakeWriter(intake_conn, on_commit=self.processor.wake)
-        self._writer.start()
-        await self.processor.start()
 
     def _from_worker(self, message: tuple[Any, ...]) -> None:
         """What a worker process reports: the metrics it moves, systemd STATUS."""

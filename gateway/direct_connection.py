@@ -44,7 +44,7 @@ class DirectConnection:
     async def execute_fetchall(self, sql: str, parameters: Iterable[Any] = ()) -> list[Any]:
         return self._conn.execute(sql, tuple(parameters)).fetchall()
 
-    async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> sqlite3.Cursor:
+    async def executemany(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> sqlite3.Cursor:
         return self._conn.executemany(sql, rows)
 
     async def _execute(self, fn: Callable[..., T], *args: Any) -> T:

@@ -28,7 +28,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+import aiosqlite
 
 from gateway.config import Config
 from gateway.direct_connection import DirectConnection, connect_direct
@@ -97,10 +99,12 @@ class Worker:
         except OSError:  # the daemon is gone: the watch loop stops this worker
             pass
 
-    async def _connect(self, *, synchronous: str = "NORMAL") -> DirectConnection:
+    async def _connect(self, *, synchronous: str = "NORMAL") -> aiosqlite.Connection:
         conn = await connect_direct(self.spec.config.storage.database, synchronous=synchronous)
         self._conns.append(conn)
-        return conn
+        # The store's functions are typed for aiosqlite; DirectConnection has the part
+        # of its interface they use.
+        return cast(aiosqlite.Connection, conn)
 
     async def run(self) -> None:
         spec, cfg = self.spec, self.spec.config
@@ -158,7 +162,7 @@ class Worker:
         except Exception as err:  # noqa: BLE001 - keep serving with the old templates
             log.error("templates not reloaded, keeping the old ones: %s", err)
 
-    async def _watch(self, conn: DirectConnection) -> None:
+    async def _watch(self, conn: aiosqlite.Connection) -> None:
         """Wake the processor (and the mailer) when another connection committed;
         stop when the daemon is gone."""
         version = await _data_version(conn)
@@ -176,7 +180,7 @@ class Worker:
                 self._wake_mailer()
 
 
-async def _data_version(conn: DirectConnection) -> int:
-    rows = await conn.execute_fetchall("PRAGMA data_version")
+async def _data_version(conn: aiosqlite.Connection) -> int:
+    rows = list(await conn.execute_fetchall("PRAGMA data_version"))
     return int(rows[0][0])
 

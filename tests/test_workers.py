@@ -258,3 +258,28 @@ def test_a_wrong_workers_value_is_one_line_naming_the_key(tmp_path: Path, value:
                            str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_sigterm_with_a_backlog_leaves_nothing_half_done(tmp_path: Path,
+                                                               smtp_sink: Sink) -> None:
+    async with daemon(tmp_path, smtp_sink, workers=2) as gw:
+        pids = gw.worker_pids()
+        accepted = await send_reports(gw.port, range(40), parallel=8)
+        gw.proc.send_signal(signal.SIGTERM)  # with most of the 40 still queued
+        assert await asyncio.wait_for(gw.proc.wait(), 60) == 0
+    assert not any(_alive(p) for p in pids)
+    states = inbound_states(tmp_path / "gw.db")
+    # Each message is either done (its ticket and answer committed together) or still
+    # queued for the next start; none is left claimed.
+    assert set(states) <= {"done", "queued"} and sum(states.values()) == len(accepted) == 40
+    with sqlite3.connect(tmp_path / "gw.db") as conn:
+        done_without_answer = conn.execute(
+            "SELECT count(*) FROM inbound i WHERE state = 'done' AND NOT EXISTS"
+            " (SELECT 1 FROM outbox o WHERE o.inbound_id = i.id)").fetchone()[0]
+    assert done_without_answer == 0
+    async with daemon(tmp_path, smtp_sink, workers=2):
+        await wait_for(lambda: inbound_states(tmp_path / "gw.db") == Counter({"done": 40}),
+                       timeout=60)
+        await wait_for(lambda: sum(answers_by_report(smtp_sink).values()) >= 40, timeout=60)
+        await asyncio.sleep(0.5)
+    assert answers_by_report(smtp_sink) == Counter({m: 1 for m in accepted})

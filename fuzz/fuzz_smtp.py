@@ -37,7 +37,8 @@ import atheris
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-with atheris.instrument_imports(include=["gateway.smtp_edge", "aiosmtpd"]):
+with atheris.instrument_imports(include=["gateway.smtp_edge", "gateway.aiosmtpd_fork",
+                                         "aiosmtpd"]):
     from gateway import store
     from gateway.config import Config, SmtpConfig, StorageConfig
     from gateway.smtp_edge import IntakeHandler, smtp_factory

@@ -1,9 +1,11 @@
 """The SMTP edge: RCPT only for the intake and crm addresses, the size limit, and
 `250` only once the raw message is committed to the store.
 
-`GatewaySMTP` is aiosmtpd's `SMTP` with a faster DATA reader (chunks instead of
-lines, same smuggling rule: only CRLF.CRLF ends DATA) and a 421 for sessions that
-arrive while the daemon shuts down. `IntakeHandler` holds the policy.
+`IntakeHandler` holds the policy (aiosmtpd's handle_* hooks and what
+`gateway.aiosmtpd_fork.GatewaySMTP` asks of it), `SpoolingSink` where DATA goes,
+`ConnectionLimits` and `EdgeServer` the connection caps. Everything that depends on
+aiosmtpd's internals (the chunked DATA reader, shutdown awareness, RFC 3463 codes on
+aiosmtpd's own replies, LMTP) is in `gateway.aiosmtpd_fork`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import asyncio
 import errno
 import logging
 import os
-import re
 import socket
 import sqlite3
 import ssl
@@ -24,9 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from gateway.aiosmtpd_fork import CONTROL_CHARS, GatewayEnvelope, GatewayLMTP, GatewaySMTP
 from gateway.config import Config
 from gateway.model import Inbound
 from gateway.errors import StoreError
@@ -52,27 +53,6 @@ REPLY_SPOOL_FAILED = "451 4.3.0 Temporary failure storing the message, please tr
 REPLY_BAD_SENDER = "553 5.1.7 Bad sender address syntax"
 REPLY_BAD_RCPT = "553 5.1.3 Bad recipient address syntax"
 
-# RFC 3463 codes for the replies aiosmtpd writes without one (its syntax errors,
-# RSET, NOOP, QUIT...). Greeting and EHLO lines never carry one (RFC 2034).
-_ENHANCED = {"250": "2.0.0", "221": "2.0.0", "500": "5.5.2", "501": "5.5.4",
-             "502": "5.5.1", "503": "5.5.1", "504": "5.5.4", "530": "5.7.0",
-             "454": "4.7.0", "554": "5.5.0", "555": "5.5.4", "553": "5.1.3",
-             "552": "5.3.4", "421": "4.3.2", "451": "4.3.0", "550": "5.0.0"}
-_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def with_enhanced_code(text: str, hostname: str) -> str:
-    code = text[:3]
-    if (len(text) < 4 or text[3] != " " or code not in _ENHANCED
-            or _HAS_ENHANCED.match(text) or text in ("250 HELP", f"250 {hostname}")):
-        return text
-    return f"{code} {_ENHANCED[code]} {text[4:]}"
-
-
-DATA_CHUNK = 256 * 1024
-DATA_TERMINATOR = b"\r\n.\r\n"
-
 # Decides, from the message's headers alone, whether it must be refused at the end of
 # DATA (crm@ mail on a closed ticket with closed_action = "reject"). Gets the message
 # and whether the client asked for SMTPUTF8; returns the SMTP reply to send instead of
@@ -81,33 +61,7 @@ RejectCheck = Callable[[Inbound, bool], Awaitable[str | None]]
 OUTCOME_REJECTED = "closed_rejected"
 
 
-class GatewayEnvelope(Envelope):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rcpt_attempts = 0
-        # Set for a message larger than spool_threshold: `content` is then only its
-        # head, the whole message is in this file.
-        self.spool: Spool | None = None
-
-
-def unstuff(data: bytes | bytearray) -> bytes:
-    """RFC 5321 §4.5.2: remove the leading dot of every line that has one."""
-    body = bytes(data)
-    if body.startswith(b"."):
-        body = body[1:]
-    return body.replace(b"\r\n.", b"\r\n")
-
-
-def safe_cut(buf: bytes | bytearray, keep: int) -> int:
-    """Where `buf` may be cut, leaving at least `keep` bytes, so that no CRLF "." and
-    no CRLF.CRLF straddles the cut (both halves can then be unstuffed apart)."""
-    cut = max(len(buf) - keep, 0)
-    while cut > 0 and (buf[cut - 1:cut + 2] == b"\r\n." or buf[cut - 2:cut + 1] == b"\r\n."):
-        cut -= 1
-    return cut
-
-
-class DataSink:
+class SpoolingSink:
     """Where the unstuffed message goes while it arrives: memory up to `threshold`
     bytes, then a spool file in `spool_dir` (memory stays bounded however many large
     messages are in flight). Past `limit` only the size is counted (as stored, i.e.
@@ -157,14 +111,16 @@ class DataSink:
         self._file = os.fdopen(fd, "wb", buffering=0)
         self._file.write(first)
 
-    async def finish(self) -> bytes | Spool:
-        """The message: bytes, or the closed spool file holding it."""
+    async def finish(self) -> tuple[bytes, Spool | None]:
+        """The message's bytes, or the head of the closed spool file holding it and
+        that file."""
         if self._file is None:
-            return bytes(self._memory)
+            return bytes(self._memory), None
         file, self._file = self._file, None
         await asyncio.to_thread(file.close)
         assert self.path is not None
-        return Spool(self.path, self.size)
+        spool = Spool(self.path, self.size)
+        return await asyncio.to_thread(_read_head, spool.path), spool
 
     async def discard(self) -> None:
         self._memory = bytearray()
@@ -195,173 +151,6 @@ def clear_spool(spool_dir: Path) -> int:
         path.unlink(missing_ok=True)
         removed += 1
     return removed
-
-
-class GatewaySMTP(SMTP):
-    """aiosmtpd's SMTP with a chunked DATA reader and shutdown awareness."""
-
-    def __init__(self, handler: IntakeHandler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.gateway_handler = handler
-        # The connection slot taken at accept (EdgeServer), given back when it ends.
-        self.limit_slot: str | None = None
-
-    def _create_envelope(self) -> Envelope:
-        return GatewayEnvelope()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.gateway_handler.sessions.add(self)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self.gateway_handler.sessions.discard(self)
-        if self.limit_slot is not None:
-            self.gateway_handler.limits.release(self.limit_slot)
-            self.limit_slot = None
-        super().connection_lost(error)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # email's address parser raises IndexError on "MAIL FROM:<" and AttributeError
-        # on "<a@ [x" (found by fuzz/fuzz_smtp.py): a malformed address (553), not a
-        # 451 the client retries for days.
-        try:
-            return super()._getaddr(arg)
-        except Exception:  # noqa: BLE001 - whatever the parser trips over
-            return None, None
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        # The gateway has no accounts: AUTH is never advertised, before or after
-        # STARTTLS, and never answered 535.
-        await self.push("502 5.5.1 Error: command not implemented")
-
-    async def push(self, status: Any) -> None:
-        if isinstance(status, str):
-            # aiosmtpd quotes the client's command in some replies ('500 Error: command
-            # "\r." not recognized', '502 Could not VRFY ...'): no control character and
-            # no undecodable byte of theirs (a lone surrogate) goes back out.
-            status = "\r\n".join(
-                with_enhanced_code(_CONTROL.sub("?", line).encode("utf-8", "replace").decode(),
-                                   self.hostname)
-                for line in status.split("\r\n"))
-        await super().push(status)
-
-    @property
-    def in_transaction(self) -> bool:
-        return self.envelope is not None and self.envelope.mail_from is not None
-
-    async def close_with(self, reply: str) -> None:
-        """Say `reply` (a 421) and hang up; used for idle sessions at shutdown."""
-        self.gateway_handler.sessions.discard(self)
-        if self.transport is None or self.transport.is_closing():
-            return
-        try:
-            self._writer.write(reply.encode("ascii") + b"\r\n")
-        finally:
-            self.transport.close()
-
-    async def _handle_client(self) -> None:
-        if self.gateway_handler.draining:
-            await self.push(REPLY_SHUTTING_DOWN)
-            assert self.transport is not None
-            self.transport.close()
-            return
-        await super()._handle_client()
-
-    async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        handler = self.gateway_handler
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        sink = DataSink(handler.max_size, handler.spool_threshold, handler.spool_dir)
-        try:
-            try:
-                async with asyncio.timeout(handler.data_timeout):
-                    await self._read_data(sink)
-            except TimeoutError:
-                await handler.data_timed_out(self, sink.size)
-                return
-            assert self.session is not None  # aiosmtpd sets it when the connection opens
-            if sink.too_big:
-                self._set_post_data_state()
-                await self.push(handler.too_big(self.session, sink.size))
-                return
-            if sink.error is not None:
-                self._set_post_data_state()
-                log.error("spooling a message from %s failed, answered 451: %s",
-                          _peer_text(self.session.peer), sink.error)
-                await self.push(handler._reply(REPLY_SPOOL_FAILED))
-                return
-            content = await sink.finish()
-            assert isinstance(self.envelope, GatewayEnvelope)
-            if isinstance(content, Spool):
-                # The handler sees the head (for its checks); the writer copies the
-                # whole file into the database before the 250.
-                self.envelope.spool = content
-                content = await asyncio.to_thread(_read_head, content.path)
-            self.envelope.content = self.envelope.original_content = content
-            status = await self._call_handler_hook("DATA")
-            self._set_post_data_state()
-            await self.push("250 OK" if status is MISSING else status)
-        finally:
-            await sink.discard()
-
-    async def _read_data(self, sink: DataSink) -> None:
-        """Read DATA up to CRLF.CRLF in large chunks into `sink`, unstuffed.
-
-        Only CRLF "." CRLF ends DATA (bare LF variants never do: no smuggling). The
-        stream is treated as if preceded by the DATA command's CRLF so that a lone "."
-        on the first line ends an empty message. Bytes read past the terminator (a
-        pipelining client's next command) are handed back to the reader. Whatever
-        the size, the message is read to its end so the session stays in sync.
-        """
-        reader = self._reader
-        # aiosmtpd's reader pauses the socket past 2x its 1001-byte line limit; a
-        # larger limit while reading DATA is most of the speed-up.
-        reader._limit = DATA_CHUNK  # type: ignore[attr-defined]
-        keep = len(DATA_TERMINATOR) - 1
-        try:
-            buf = bytearray(b"\r\n")
-            first = True  # buf still starts with that virtual CRLF
-            scan = 0
-            while True:
-                end = buf.find(DATA_TERMINATOR, scan)
-                if end >= 0:
-                    leftover = buf[end + len(DATA_TERMINATOR):]
-                    if leftover:
-                        # Give a pipelined command back to aiosmtpd's line reader
-                        # (aiosmtpd itself touches _buffer for STARTTLS).
-                        reader._buffer[:0] = leftover  # type: ignore[attr-defined]
-                    await sink.write(_unstuffed(buf, end + 2, first))
-                    return
-                if len(buf) > DATA_CHUNK:
-                    cut = safe_cut(buf, keep)
-                    await sink.write(_unstuffed(buf, cut, first))
-                    first = False
-                    del buf[:cut]
-                scan = max(0, len(buf) - keep)
-                chunk = await reader.read(DATA_CHUNK)
-                if not chunk:
-                    # The client went away mid-DATA: nothing is stored.
-                    raise ConnectionResetError("connection closed during DATA")
-                self._reset_timeout()
-                buf += chunk
-        finally:
-            reader._limit = self.line_length_limit  # type: ignore[attr-defined]
-
-
-def _unstuffed(buf: bytearray, cut: int, first: bool) -> bytes | bytearray:
-    """buf[:cut] unstuffed; without the virtual leading CRLF when `first`."""
-    part = buf[:cut].replace(b"\r\n.", b"\r\n")
-    return part[2:] if first else part
 
 
 def _read_head(path: Path) -> bytes:
@@ -395,6 +184,28 @@ class IntakeHandler:
             self.on_reply(text[:3])
         return text
 
+    # What GatewaySMTP asks (gateway.aiosmtpd_fork.EdgePolicy).
+
+    def session_opened(self, server: GatewaySMTP) -> None:
+        self.sessions.add(server)
+
+    def session_closed(self, server: GatewaySMTP) -> None:
+        self.sessions.discard(server)
+        if server.limit_slot is not None:
+            self.limits.release(server.limit_slot)
+            server.limit_slot = None
+
+    def refusal_at_greeting(self) -> str | None:
+        return REPLY_SHUTTING_DOWN if self.draining else None
+
+    def new_sink(self) -> SpoolingSink:
+        return SpoolingSink(self.max_size, self.spool_threshold, self.spool_dir)
+
+    def spool_failed(self, session: Session, error: OSError) -> str:
+        log.error("spooling a message from %s failed, answered 451: %s",
+                  _peer_text(session.peer), error)
+        return self._reply(REPLY_SPOOL_FAILED)
+
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         # aiosmtpd's data_size_limit is off (we enforce our own, with an RFC 3463
@@ -422,7 +233,7 @@ class IntakeHandler:
                           address: str, mail_options: list[str]) -> str:
         if self.draining:
             return self._reply(REPLY_SHUTTING_DOWN)
-        if _CONTROL.search(address) or not _is_utf8(address):
+        if CONTROL_CHARS.search(address) or not _is_utf8(address):
             return self._reply(REPLY_BAD_SENDER)
         for option in mail_options:
             name, _, value = option.partition("=")
@@ -438,7 +249,7 @@ class IntakeHandler:
         envelope.rcpt_attempts += 1
         if envelope.rcpt_attempts > self.max_recipients:
             return self._reply(REPLY_TOO_MANY_RCPTS)
-        if _CONTROL.search(address) or not _is_utf8(address):
+        if CONTROL_CHARS.search(address) or not _is_utf8(address):
             return self._reply(REPLY_BAD_RCPT)
         normal = address.strip().lower()
         if normal not in self.mailboxes:
@@ -746,36 +557,3 @@ def smtp_factory(handler: IntakeHandler, config: Config,
         )
 
     return factory
-
-
-class GatewayLMTP(GatewaySMTP, LMTP):
-    """LMTP for a Postfix on the same host: the same policy over a unix socket.
-
-    LMTP answers DATA once per recipient; every recipient here shares one stored
-    message, so each gets the same reply.
-    """
-
-    async def smtp_DATA(self, arg: str) -> None:
-        assert self.envelope is not None
-        recipients = len(self.envelope.rcpt_tos)
-        if recipients <= 1 or arg:
-            await super().smtp_DATA(arg)
-            return
-        replies: list[str] = []
-        original_push = self.push
-
-        async def capture(status: Any) -> None:
-            text = status.decode() if isinstance(status, bytes) else status
-            if text.startswith("354"):
-                await original_push(status)
-            else:
-                replies.append(text)
-
-        self.push = capture  # type: ignore[method-assign]
-        try:
-            await super().smtp_DATA(arg)
-        finally:
-            self.push = original_push  # type: ignore[method-assign]
-        for text in replies:
-            for _ in range(recipients):
-                await self.push(text)

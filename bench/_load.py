@@ -429,13 +429,16 @@ PROCESSOR_MODES = ("production", "minimal", "off")
 
 def start_gateway(port: int, workdir: Path, gateway_path: str | None = None,
                   processor: str = "production",
-                  wrapper: list[str] | None = None) -> ServerProcess:
+                  wrapper: list[str] | None = None,
+                  default_loop: bool = False) -> ServerProcess:
     """`python -m gateway serve` as operators run it, with a database in `workdir`
     (WAL, synchronous=FULL: the production settings are not configurable).
 
     processor="minimal" (the processor only marks each message done) or "off" (not
     running) start the same Gateway through this file instead, to tell the cost of
-    intake itself from the processor's competition for the CPU and the write lock."""
+    intake itself from the processor's competition for the CPU and the write lock.
+    default_loop: `gateway.daemon.serve` on asyncio's default event loop instead of
+    the one `serve` chooses (uvloop), to measure what the loop gives."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "gateway.toml"
     config.write_text(
@@ -451,8 +454,11 @@ def start_gateway(port: int, workdir: Path, gateway_path: str | None = None,
     env = dict(os.environ)
     if gateway_path:
         env["PYTHONPATH"] = gateway_path + os.pathsep + env.get("PYTHONPATH", "")
-    if processor == "production":
+    if processor == "production" and not default_loop:
         command = ["-m", "gateway", "serve", "--config", str(config)]
+    elif processor == "production":
+        command = [str(Path(__file__).resolve()), "gateway-serve-default-loop",
+                   "--config", str(config)]
     else:
         command = [str(Path(__file__).resolve()), "gateway-server", "--config", str(config),
                    "--processor", processor]
@@ -523,7 +529,8 @@ async def _serve_gateway(config_path: Path, processor: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="the servers of the intake benchmark")
-    parser.add_argument("command", choices=["bare-server", "gateway-server"])
+    parser.add_argument("command", choices=["bare-server", "gateway-server",
+                                            "gateway-serve-default-loop"])
     parser.add_argument("--port", type=int, help="bare-server: port to listen on")
     parser.add_argument("--config", type=Path, help="gateway-server: its config file")
     parser.add_argument("--processor", choices=PROCESSOR_MODES[1:], default="minimal")
@@ -534,11 +541,18 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_bare(args.port))
     else:
         if args.config is None:
-            parser.error("gateway-server needs --config")
+            parser.error(f"{args.command} needs --config")
         from gateway.cli import setup_logging
 
         setup_logging()
-        asyncio.run(_serve_gateway(args.config, args.processor))
+        if args.command == "gateway-serve-default-loop":
+            # What `python -m gateway serve` runs, on asyncio's own loop.
+            from gateway.config import load_config
+            from gateway.daemon import serve
+
+            asyncio.run(serve(load_config(args.config)))
+        else:
+            asyncio.run(_serve_gateway(args.config, args.processor))
     return 0
 
 

@@ -52,6 +52,11 @@ GOAL_RATIO_5K = 0.7
 GOAL_RATIO_1M = 1.0
 GOAL_P99_MS = 25.0
 
+# bare aiosmtpd; the gateway as `serve` runs it (on uvloop); with --default-loop also
+# the same `gateway.daemon.serve` on asyncio's default loop; with --compare-path a
+# second copy of the package (`serve` too), all in the same alternating rounds.
+KINDS = ("bare", "gateway", "gw-asyncio", "gw-B")
+
 
 @dataclass
 class Scenario:
@@ -63,7 +68,7 @@ class Scenario:
     warmup: int
     time_cap: float
     rounds: dict[str, list[RoundResult]] = field(
-        default_factory=lambda: {"bare": [], "gateway": []})
+        default_factory=lambda: {kind: [] for kind in KINDS})
 
     def median_rate(self, kind: str) -> float:
         rates = [r.rate for r in self.rounds[kind]]
@@ -77,9 +82,9 @@ class Scenario:
         values = [r.server_cpu / r.acked for r in self.rounds[kind] if r.acked]
         return statistics.median(values) if values else math.nan
 
-    def ratio(self) -> float:
+    def ratio(self, kind: str = "gateway") -> float:
         bare = self.median_rate("bare")
-        return self.median_rate("gateway") / bare if bare else math.nan
+        return self.median_rate(kind) / bare if bare else math.nan
 
 
 def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
@@ -109,6 +114,8 @@ class Env:
     keep: bool
     verbose: bool
     settle: float
+    kinds: tuple[str, ...] = KINDS[:2]
+    compare_path: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -123,7 +130,9 @@ def run_round(env: Env, scenario: Scenario, kind: str, round_no: int) -> RoundRe
     if kind == "bare":
         server = _load.start_bare(port)
     else:
-        server = _load.start_gateway(port, workdir, env.gateway_path, env.processor)
+        path = env.compare_path if kind == "gw-B" else env.gateway_path
+        server = _load.start_gateway(port, workdir, path, env.processor,
+                                     default_loop=kind == "gw-asyncio")
     tag = f"{env.tag}.{scenario.key}.{kind}.{round_no}"
     try:
         warm = asyncio.run(_load.run_load(
@@ -145,18 +154,18 @@ def run_round(env: Env, scenario: Scenario, kind: str, round_no: int) -> RoundRe
         returncode = server.stop()
     if returncode not in (0, None):
         env.notes.append(f"{scenario.title} {kind} round {round_no}: server exited {returncode}")
-    if kind == "gateway":
+    if kind != "bare":
         stored, done = _load.gateway_db_counts(workdir)
         expected = warm.acked + result.acked
         if stored != expected:
-            env.notes.append(f"{scenario.title} gateway round {round_no}: {expected} messages "
+            env.notes.append(f"{scenario.title} {kind} round {round_no}: {expected} messages "
                              f"acknowledged but {stored} stored")
         result.processed, result.stored = done, stored
         log = (workdir / "gateway.log").read_text("utf-8", "replace")
         bad = [line for line in log.splitlines()
                if line.startswith(("ERROR", "CRITICAL", "Traceback"))]
         if bad:
-            env.notes.append(f"{scenario.title} gateway round {round_no}: {len(bad)} error "
+            env.notes.append(f"{scenario.title} {kind} round {round_no}: {len(bad)} error "
                              f"line(s) in its log, first: {bad[0][:200]}")
         if not env.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -168,10 +177,10 @@ def run_round(env: Env, scenario: Scenario, kind: str, round_no: int) -> RoundRe
                          f"{scenario.count} messages within the {scenario.time_cap:.0f} s cap")
     if env.verbose:
         extra = ""
-        if kind == "gateway":
+        if kind != "bare":
             extra = f"  (processor finished {result.processed} of {result.stored} stored)"
         el = result.elapsed or 1.0
-        print(f"  {scenario.title:<20} {kind:<8} round {round_no}: {result.rate:8.1f} msg/s, "
+        print(f"  {scenario.title:<20} {kind:<10} round {round_no}: {result.rate:8.1f} msg/s, "
               f"p50 {_ms(_load.percentile(result.latencies, 0.5))} "
               f"p99 {_ms(_load.percentile(result.latencies, 0.99))}  CPU cores: server "
               f"{result.server_cpu / el:.2f} client {result.client_cpu / el:.2f} other "
@@ -185,25 +194,38 @@ def _ms(seconds: float) -> str:
 
 def print_table(scenarios: list[Scenario]) -> None:
     print()
-    head = (f"{'load':<20} {'server':<8} {'msg/s per round':<26} {'median':>8} {'ratio':>7} "
+    head = (f"{'load':<20} {'server':<10} {'msg/s per round':<26} {'median':>8} {'ratio':>7} "
             f"{'dot→250 p50':>12} {'p99':>9} {'max':>9} {'CPU/msg':>9} {'n':>6} {'err':>4}")
     print(head)
     print("-" * len(head))
     for sc in scenarios:
-        for kind in ("bare", "gateway"):
+        for kind in KINDS:
             rounds = sc.rounds[kind]
             if not rounds:
                 continue
             lat = sc.latencies(kind)
             per_round = " ".join(f"{r.rate:.0f}" for r in rounds)
-            ratio = f"{sc.ratio():.2f}×" if kind == "gateway" else ""
-            print(f"{sc.title if kind == 'bare' else '':<20} {kind:<8} {per_round:<26} "
+            ratio = f"{sc.ratio(kind):.2f}×" if kind != "bare" else ""
+            print(f"{sc.title if kind == 'bare' else '':<20} {kind:<10} {per_round:<26} "
                   f"{sc.median_rate(kind):8.1f} {ratio:>7} "
                   f"{_ms(_load.percentile(lat, 0.5)):>12} {_ms(_load.percentile(lat, 0.99)):>9} "
                   f"{_ms(max(lat) if lat else math.nan):>9} {_ms(sc.cpu_per_message(kind)):>9} "
                   f"{len(lat):>6} "
                   f"{sum(len(r.errors) for r in rounds):>4}")
     print()
+
+
+def print_comparison(scenarios: list[Scenario], kind: str, title: str) -> None:
+    """`kind` against the gateway: the ratio of the medians and, for the spread, the
+    ratio within each round (the two ran one after the other)."""
+    print(f"\n  {title}, msg/s:")
+    for sc in scenarios:
+        pairs = [b.rate / a.rate for a, b in zip(sc.rounds["gateway"], sc.rounds[kind])
+                 if a.rate]
+        median = sc.median_rate(kind) / sc.median_rate("gateway")
+        cpu = sc.cpu_per_message(kind) / sc.cpu_per_message("gateway")
+        print(f"    {sc.title:<20} {median:.2f}× (per round {' '.join(f'{x:.2f}' for x in pairs)}),"
+              f" CPU per message {cpu:.2f}×")
 
 
 def judge(scenarios: list[Scenario]) -> list[tuple[str, str, bool | None]]:
@@ -283,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=20.0, metavar="S",
                         help="before each round wait up to S seconds for other processes to "
                              "leave the CPUs idle (default 20; 0: do not wait)")
+    parser.add_argument("--default-loop", action="store_true",
+                        help="also measure the gateway on asyncio's default event loop "
+                             "(gw-asyncio) in the same alternating rounds, against `serve` "
+                             "on uvloop")
+    parser.add_argument("--compare-path", default=None, metavar="DIR",
+                        help="also measure a patched copy of the package (gw-B, as "
+                             "--gateway-path) in the same alternating rounds")
     parser.add_argument("--keep", action="store_true", help="keep databases and logs")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-round lines")
@@ -300,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                      "give --dir on a real disk")
     base = Path(tempfile.mkdtemp(prefix="s4e-intake-bench-", dir=parent))
     env = Env(base, uuid.uuid4().hex[:10], args.gateway_path, args.processor, args.keep,
-              not args.quiet, args.settle)
+              not args.quiet, args.settle,
+              kinds=tuple(k for k in KINDS if k in ("bare", "gateway")
+                          or (k == "gw-asyncio" and args.default_loop)
+                          or (k == "gw-B" and args.compare_path)),
+              compare_path=args.compare_path)
     atexit.register(ServerProcess.kill_all)
     scenarios = build_scenarios(args)
     started = time.monotonic()
@@ -308,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         describe(env, args, scenarios)
         for sc in scenarios:
             for round_no in range(1, args.rounds + 1):
-                for kind in ("bare", "gateway"):
+                for kind in env.kinds:
                     sc.rounds[kind].append(run_round(env, sc, kind, round_no))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -323,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     for goal, value, ok in verdicts:
         mark = "" if ok is None else ("MET" if ok else "MISSED")
         print(f"  {goal:<48} {value:<40} {mark}")
+    if "gw-asyncio" in env.kinds:
+        print_comparison(scenarios, "gw-asyncio",
+                         "asyncio's default loop (gw-asyncio) / uvloop (gateway)")
+    if "gw-B" in env.kinds:
+        print_comparison(scenarios, "gw-B", f"{env.compare_path} (gw-B) / gateway")
     processed = [(r.processed, r.stored)
                  for sc in scenarios for r in sc.rounds["gateway"]]
     if processed:
@@ -331,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n  the processor had finished {done} of {stored} stored messages when each "
               "round's gateway was stopped")
     busy = [(r.other_cpu / r.elapsed, sc.title, kind) for sc in scenarios
-            for kind in ("bare", "gateway") for r in sc.rounds[kind] if r.elapsed]
+            for kind in env.kinds for r in sc.rounds[kind] if r.elapsed]
     if busy and max(busy)[0] > 0.15:
         share, title, kind = max(busy)
         env.notes.append(f"other processes used up to {share:.2f} CPU cores during a round "
@@ -348,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
                 "sessions": sc.sessions,
                 **{kind: {"rates": [r.rate for r in sc.rounds[kind]],
                           "median_rate": sc.median_rate(kind),
+                          "cpu_ms_per_message": [r.server_cpu / r.acked * 1000
+                                                 for r in sc.rounds[kind] if r.acked],
                           "p50_ms": _load.percentile(sc.latencies(kind), 0.5) * 1000,
                           "p99_ms": _load.percentile(sc.latencies(kind), 0.99) * 1000,
                           "errors": sum(len(r.errors) for r in sc.rounds[kind])}
-                   for kind in ("bare", "gateway")},
+                   for kind in env.kinds},
                 "ratio": sc.ratio()} for sc in scenarios],
             "goals": [{"goal": g, "value": v, "met": ok} for g, v, ok in verdicts],
             "notes": env.notes}, indent=2, ensure_ascii=False) + "\n")

@@ -377,6 +377,9 @@ class ServerProcess:
                 with socket.create_connection((HOST, self.port), timeout=1) as sock:
                     if sock.recv(200).startswith(b"220"):
                         sock.sendall(b"QUIT\r\n")
+                        # The 221: this probe's session has ended, so its slot does
+                        # not count against the load's first sessions (per-IP cap).
+                        sock.recv(200)
                         return
             except OSError:
                 time.sleep(0.05)
@@ -437,8 +440,9 @@ def start_gateway(port: int, workdir: Path, gateway_path: str | None = None,
     processor="minimal" (the processor only marks each message done) or "off" (not
     running) start the same Gateway through this file instead, to tell the cost of
     intake itself from the processor's competition for the CPU and the write lock.
-    default_loop: `gateway.daemon.serve` on asyncio's default event loop instead of
-    the one `serve` chooses (uvloop), to measure what the loop gives."""
+    default_loop: asyncio's default event loop instead of the one `serve` chooses
+    (uvloop), to measure what the loop gives; the reduced processors run on the same
+    loop as `serve` unless this is set."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "gateway.toml"
     config.write_text(
@@ -461,7 +465,7 @@ def start_gateway(port: int, workdir: Path, gateway_path: str | None = None,
                    "--config", str(config)]
     else:
         command = [str(Path(__file__).resolve()), "gateway-server", "--config", str(config),
-                   "--processor", processor]
+                   "--processor", processor, *(["--default-loop"] if default_loop else [])]
     argv = [*(wrapper or []), sys.executable, *command]
     server = ServerProcess("gateway", argv, port, cwd=workdir, env=env,
                            log_path=workdir / "gateway.log")
@@ -534,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="bare-server: port to listen on")
     parser.add_argument("--config", type=Path, help="gateway-server: its config file")
     parser.add_argument("--processor", choices=PROCESSOR_MODES[1:], default="minimal")
+    parser.add_argument("--default-loop", action="store_true",
+                        help="gateway-server: asyncio's default loop, not the one `serve` runs on")
     args = parser.parse_args(argv)
     if args.command == "bare-server":
         if args.port is None:
@@ -552,7 +558,13 @@ def main(argv: list[str] | None = None) -> int:
 
             asyncio.run(serve(load_config(args.config)))
         else:
-            asyncio.run(_serve_gateway(args.config, args.processor))
+            import gateway.cli
+
+            # A copy of the package from before uvloop has no loop_factory_for.
+            choose = getattr(gateway.cli, "loop_factory_for", lambda command: None)
+            factory = None if args.default_loop else choose("serve")
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(_serve_gateway(args.config, args.processor))
     return 0
 
 

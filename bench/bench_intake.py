@@ -220,7 +220,8 @@ def print_comparison(scenarios: list[Scenario], kind: str, title: str) -> None:
     ratio within each round (the two ran one after the other)."""
     print(f"\n  {title}, msg/s:")
     for sc in scenarios:
-        pairs = [b.rate / a.rate for a, b in zip(sc.rounds["gateway"], sc.rounds[kind])
+        pairs = [b.rate / a.rate
+                 for a, b in zip(sc.rounds["gateway"], sc.rounds[kind], strict=True)
                  if a.rate]
         median = sc.median_rate(kind) / sc.median_rate("gateway")
         cpu = sc.cpu_per_message(kind) / sc.cpu_per_message("gateway")

@@ -180,6 +180,17 @@ async def open_db(config: Config, *, migrate: bool = False) -> AsyncIterator[aio
 
 # --- commands ---------------------------------------------------------------------
 
+def loop_factory_for(command: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The daemon (`serve`) runs on uvloop: intake measured faster on it
+    (bench/bench_intake.py, README "Benchmarks"); every other command, the web desk
+    (uvicorn) included, on asyncio's default loop."""
+    if command != "serve":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
 async def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from gateway.daemon import serve
 
@@ -791,7 +802,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mark = "<3>" if daemon else ""
     try:
         config = load_config(config_path_from(args.config))
-        return asyncio.run(args.func(config, args))
+        with asyncio.Runner(loop_factory=loop_factory_for(args.command)) as runner:
+            return runner.run(args.func(config, args))
     except ConfigError as err:
         print(f"{mark}s4e-gateway: configuration error: {err}", file=sys.stderr)
         # serve, web and check-config: EX_CONFIG, so systemd does not restart for ever.

@@ -7,10 +7,12 @@ import asyncio
 import hashlib
 import logging
 import smtplib
+import socket
 import ssl
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from gateway.config import SmtpConfig
 from gateway.daemon import Gateway
@@ -83,6 +85,35 @@ async def test_one_address_cannot_take_more_than_max_connections_per_ip(tmp_path
             await dialog.close()
     finally:
         await gw.stop(grace=1)
+
+
+def _sessions_one_after_another(port: int, count: int) -> list[str]:
+    """A sender in another thread, as an MTA is another process: connect, QUIT, and
+    the next connection as soon as the 221 is read. Returns each greeting."""
+    greetings = []
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            stream = conn.makefile("rb")
+            greetings.append(stream.readline().decode().rstrip())
+            conn.sendall(b"QUIT\r\n")
+            stream.readline()
+    return greetings
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_sender_at_its_per_ip_limit_may_reconnect_once_it_read_221(tmp_path, loop) -> None:
+    """The slot is given back at QUIT: uvloop (what `serve` runs on) closes the socket
+    an event loop iteration later, when the sender may already be connecting again."""
+    async def scenario() -> list[str]:
+        gw = await started(tmp_path, max_connections=10, max_connections_per_ip=1)
+        try:
+            return await asyncio.to_thread(_sessions_one_after_another, gw.port, 200)
+        finally:
+            await gw.stop(grace=1)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if loop == "uvloop" else None) as run:
+        greetings = run.run(scenario())
+    assert [g for g in greetings if not g.startswith("220 ")] == []
 
 
 # --- the DATA deadline -------------------------------------------------------------------

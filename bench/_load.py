@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import math
 import os
 import random
@@ -379,7 +380,8 @@ class ServerProcess:
                         sock.sendall(b"QUIT\r\n")
                         # The 221: this probe's session has ended, so its slot does
                         # not count against the load's first sessions (per-IP cap).
-                        sock.recv(200)
+                        with contextlib.suppress(OSError):
+                            sock.recv(200)
                         return
             except OSError:
                 time.sleep(0.05)

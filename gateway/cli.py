@@ -25,7 +25,7 @@ import aiosqlite
 from gateway import __version__, store
 from gateway.config import Config, check_files, config_path_from, load_config, risky_settings
 from gateway.errors import ConfigError, GatewayError, NotFoundError, StoreError
-from gateway.model import Outcome, Status
+from gateway.model import HeldStatus, Outcome, OutboxStatus, Status
 
 log = logging.getLogger("gateway")
 
@@ -394,7 +394,7 @@ async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
     async with open_db(config) as conn:
         ticket = await require_ticket(conn, number)
         data = await ticket_json(conn, ticket)
-        bodies = [m["body"] for m in await store.ticket_thread(conn, number)]
+        bodies = [m.body for m in await store.ticket_thread(conn, number)]
     if args.json:
         _print_json(data)
     else:
@@ -545,7 +545,8 @@ async def cmd_held_list(config: Config, args: argparse.Namespace) -> int:
     from gateway.staff import held_json
 
     async with open_db(config) as conn:
-        rows = [held_json(r) for r in await store.list_held(conn, None if args.all else "held")]
+        status = None if args.all else HeldStatus.HELD
+        rows = [held_json(r) for r in await store.list_held(conn, status)]
     if args.json:
         _print_json(rows)
         return 0
@@ -602,18 +603,19 @@ async def cmd_held_drop(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
-    statuses = ("pending", "sending", "sent", "failed", "bounced")
+    statuses = tuple(OutboxStatus)
     if args.status and args.status not in statuses:
         raise GatewayError(f"unknown status {args.status!r} (one of: {', '.join(statuses)})")
     async with open_db(config) as conn:
-        rows = await store.list_outbox(conn, args.status)
+        rows = await store.list_outbox(conn, OutboxStatus(args.status) if args.status else None)
     if args.json:
         _print_json([r.as_json() for r in rows])
         return 0
     print_table(("ID", "STATUS", "QUEUED", "TICKET", "KIND", "TO", "TRIES", "ERROR"),
                 [(r.id, r.status, local_time(config, r.created_at),
                   f"#{r.ticket:06d}" if r.ticket is not None else "-", r.kind, r.rcpt_to,
-                  r.attempts, r.last_error if r.last_error and r.status != "sent" else "")
+                  r.attempts,
+                  r.last_error if r.last_error and r.status is not OutboxStatus.SENT else "")
                  for r in rows], "no outgoing mail")
     return 0
 

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import aiosqlite
 
 from gateway import store
-from gateway.model import Outgoing
+from gateway.model import HeldStatus, Outgoing
 from gateway.pipeline import Context, queue
 from gateway.render import reply_subject
 from gateway.store import Tx
@@ -32,7 +32,7 @@ async def send_held_digest(conn: aiosqlite.Connection, ctx: Context) -> int:
     async with Tx(conn):
         rows = list(await conn.execute_fetchall(
             "SELECT h.*, i.received_at FROM held h JOIN inbound i ON i.id = h.inbound_id"
-            " WHERE h.status = 'held' AND h.announced_at IS NULL ORDER BY h.id"))
+            f" WHERE h.status = '{HeldStatus.HELD}' AND h.announced_at IS NULL ORDER BY h.id"))
         if not rows:
             return 0
         last = list(await conn.execute_fetchall(

@@ -56,6 +56,33 @@ class MessageKind(StrEnum):
     NOTICE = "notice"
 
 
+class InboundState(StrEnum):
+    """Where a received message is in the processing queue (inbound.state)."""
+
+    QUEUED = "queued"  # committed and acknowledged, waiting for the processor
+    PROCESSING = "processing"  # claimed; back to queued if the process dies
+    DONE = "done"  # routed (its outcome says how)
+    FAILED = "failed"  # broke the processor; left for operators (`inbox reprocess`)
+
+
+class OutboxStatus(StrEnum):
+    """Where a composed mail is on its way to the relay (outbox.status)."""
+
+    PENDING = "pending"  # due at next_attempt_at
+    SENDING = "sending"  # handed to a relay session; back to pending after a crash
+    SENT = "sent"
+    FAILED = "failed"  # given up after give_up_after (`outbox retry`)
+    BOUNCED = "bounced"  # sent, then a DSN reported it undelivered
+
+
+class HeldStatus(StrEnum):
+    """An operator's decision on a message held for them (held.status)."""
+
+    HELD = "held"  # waiting for a decision
+    RELEASED = "released"
+    DROPPED = "dropped"
+
+
 class AuthResult(StrEnum):
     """The sender verdict of SPEC §10."""
 

@@ -29,8 +29,8 @@ from gateway.attachments import cut_attachments, save_attachments, spans_to_json
 from gateway.config import Config
 from gateway.errors import StoreError
 from gateway.model import (FIELD_NAMES, TICKET_REF, UNVERIFIED, Attachment, AuthResult,
-                           Fields, MessageKind, OutAttachment, Outcome, Outgoing,
-                           Report, Status, Verdict, missing_fields)
+                           Fields, HeldStatus, InboundState, MessageKind, OutAttachment,
+                           Outcome, Outgoing, Report, Status, Verdict, missing_fields)
 from gateway.parser import parse_report
 from gateway.processor import Processed
 from gateway.errors import GatewayError
@@ -125,7 +125,7 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
     recorded = await store.ticket_of_inbound(conn, row.id)
     if recorded is not None and row.outcome and not release:
         # Reprocessing a message already in a ticket changes nothing (idempotent).
-        await store.mark_inbound(conn, row.id, state="done", outcome=row.outcome,
+        await store.mark_inbound(conn, row.id, state=InboundState.DONE, outcome=row.outcome,
                                  ticket=recorded)
         return Processed(Outcome(row.outcome), recorded)
     folder = ctx.config.storage.attachments
@@ -152,7 +152,7 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
     now = ctx.clock()
     async with Tx(conn):
         ticket = await apply(conn, ctx, row, report, situation, decision, saved, now)
-        await store.mark_inbound(conn, row.id, state="done", outcome=decision.outcome,
+        await store.mark_inbound(conn, row.id, state=InboundState.DONE, outcome=decision.outcome,
                                  ticket=ticket, report=report_json(report),
                                  auth=verdict.result, auth_reason=verdict.reason)
         if spans:
@@ -218,7 +218,8 @@ async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Repo
         if store.body_digest(earlier_raw) != digest:
             continue
         seen = await store.inbound_report(conn, earlier.id)
-        if (seen.get("sender", report.sender), seen.get("subject", report.subject)) == (
+        if (report.sender if seen.sender is None else seen.sender,
+                report.subject if seen.subject is None else seen.subject) == (
                 report.sender, report.subject):
             return earlier.id
     return None
@@ -674,7 +675,7 @@ async def report_context(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[
     values and how many attachments arrived (never their names: free text)."""
     attachments = await store.ticket_attachments(conn, ticket.number)
     return {"fields": ticket_fields(ticket), "attachments": len(attachments),
-            "log_attachments": sum(1 for a in attachments if a["is_log"])}
+            "log_attachments": sum(1 for a in attachments if a.is_log)}
 
 
 # Events that answer about a ticket and go to its reporter (and the dispatcher in Cc).
@@ -778,8 +779,8 @@ async def queue_ticket_mail(conn: aiosqlite.Connection, ctx: Context, ticket: Ti
 async def thread_tail(conn: aiosqlite.Connection, ticket: int) -> tuple[str, tuple[str, ...]]:
     """In-Reply-To and References for a notice that answers no particular message: the
     thread's first message and its latest ones."""
-    ids = [r["message_id"] for r in await store.ticket_messages(conn, ticket)
-           if not r["message_id"].endswith("@local>")]
+    ids = [r.message_id for r in await store.ticket_messages(conn, ticket)
+           if not r.message_id.endswith("@local>")]
     if not ids:
         return "", ()
     refs = tuple(dict.fromkeys([ids[0], *ids[-8:]]))
@@ -847,19 +848,19 @@ async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int, *
     held = await store.get_held(conn, held_id)
     if held is None:
         raise NotFoundError(f"held message {held_id} not found")
-    if held["status"] != "held":
-        raise GatewayError(f"held message {held_id} was already {held['status']}")
-    ticket = await store.get_ticket(conn, held["ticket"]) if held["ticket"] else None
+    if held.status is not HeldStatus.HELD:
+        raise GatewayError(f"held message {held_id} was already {held.status}")
+    ticket = await store.get_ticket(conn, held.ticket) if held.ticket else None
     if not new_ticket and (ticket is None or ticket.status == Status.CLOSED):
-        state = "closed" if ticket is not None else "gone" if held["ticket"] else "not named"
+        state = "closed" if ticket is not None else "gone" if held.ticket else "not named"
         raise GatewayError(f"held message {held_id}: its ticket is {state}; release it "
                            "with --new-ticket to open a ticket from it, or drop it")
-    row = await store.get_inbound(conn, held["inbound_id"])
+    row = await store.get_inbound(conn, held.inbound_id)
     assert row is not None
     result = await process_message(conn, ctx, row, release=True, new_ticket=new_ticket)
     now = ctx.clock()
     async with Tx(conn):
-        await store.decide_held(conn, held_id, "released", now, actor=actor)
+        await store.decide_held(conn, held_id, HeldStatus.RELEASED, now, actor=actor)
         opened = await store.get_ticket(conn, result.ticket) if result.ticket else None
         if new_ticket and opened is not None:
             await store.add_history(conn, ticket=opened.number, from_status=None,
@@ -870,19 +871,19 @@ async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int, *
 
 async def reprocess(conn: aiosqlite.Connection, config: Config, row: InboundRow) -> Processed:
     """`inbox reprocess ID`: run a stored message through the stages again, now."""
-    if row.state == "processing":
+    if row.state is InboundState.PROCESSING:
         from gateway.errors import GatewayError
         raise GatewayError(f"inbound message {row.id} is being processed right now")
     ctx = await make_context(conn, config)
     claimed = await conn.execute_fetchall(
-        "UPDATE inbound SET state = 'processing', attempts = attempts + 1"
-        " WHERE id = ? AND state != 'processing' RETURNING id", (row.id,))
+        f"UPDATE inbound SET state = '{InboundState.PROCESSING}', attempts = attempts + 1"
+        f" WHERE id = ? AND state != '{InboundState.PROCESSING}' RETURNING id", (row.id,))
     if not claimed:  # the daemon took it meanwhile
         from gateway.errors import GatewayError
         raise GatewayError(f"inbound message {row.id} is being processed right now")
     try:
         return await process_message(conn, ctx, row)
     except Exception as err:
-        await store.mark_inbound(conn, row.id, state="failed", outcome=Outcome.FAILED,
+        await store.mark_inbound(conn, row.id, state=InboundState.FAILED, outcome=Outcome.FAILED,
                                  error=f"{type(err).__name__}: {err}"[:2000])
         raise

@@ -30,7 +30,7 @@ from pathlib import Path
 import aiosqlite
 
 from gateway import store
-from gateway.model import Outcome
+from gateway.model import InboundState, Outcome
 from gateway.store import InboundRow
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ Stages = Callable[[aiosqlite.Connection, InboundRow], Awaitable[Processed]]
 
 async def record_received(conn: aiosqlite.Connection, row: InboundRow) -> Processed:
     """The minimal stage: the message is safely stored and known as received."""
-    await store.mark_inbound(conn, row.id, state="done", outcome=None)
+    await store.mark_inbound(conn, row.id, state=InboundState.DONE, outcome=None)
     return Processed(outcome=None)
 
 
@@ -138,8 +138,9 @@ class Processor:
         if row is not None:
             try:
                 await self._conn.execute(
-                    "UPDATE inbound SET state = 'queued', attempts = max(attempts - 1, 0)"
-                    " WHERE id = ? AND state = 'processing'", (row.id,))
+                    f"UPDATE inbound SET state = '{InboundState.QUEUED}',"
+                    " attempts = max(attempts - 1, 0)"
+                    f" WHERE id = ? AND state = '{InboundState.PROCESSING}'", (row.id,))
             except sqlite3.Error as err:
                 log.warning("%s inbound %d: left for the next start: %s",
                             row.message_id or "<no-id>", row.id, _one_line(err))
@@ -202,8 +203,8 @@ class Processor:
         return False
 
     async def _quarantine(self, row: InboundRow, error: str) -> None:
-        await store.mark_inbound(self._conn, row.id, state="failed", outcome=Outcome.FAILED,
-                                 error=error)
+        await store.mark_inbound(self._conn, row.id, state=InboundState.FAILED,
+                                 outcome=Outcome.FAILED, error=error)
         log.error("%s inbound %d: quarantined as failed: %s", row.message_id or "<no-id>",
                   row.id, error)
 
@@ -238,8 +239,8 @@ class Processor:
     async def _fail(self, row: InboundRow, err: Exception) -> None:
         log.exception("%s inbound %d: outcome=failed: %s: %s", row.message_id or "<no-id>",
                       row.id, type(err).__name__, err)
-        await store.mark_inbound(self._conn, row.id, state="failed", outcome=Outcome.FAILED,
-                                 error=f"{type(err).__name__}: {err}"[:2000])
+        await store.mark_inbound(self._conn, row.id, state=InboundState.FAILED,
+                                 outcome=Outcome.FAILED, error=f"{type(err).__name__}: {err}"[:2000])
 
 
 def _one_line(err: BaseException) -> str:

@@ -23,13 +23,13 @@ import aiosqlite
 from gateway import store
 from gateway.config import parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
-from gateway.model import (FIELD_NAMES, TRANSITIONS, Fields, MessageKind, OutAttachment, Report,
-                           Status, missing_fields)
+from gateway.model import (FIELD_NAMES, TRANSITIONS, Attachment, Fields, HeldStatus,
+                           MessageKind, OutAttachment, Report, Status, missing_fields)
 from gateway.names import display_filename
 from gateway.parse_fields import normalize_phone
 from gateway.pipeline import Context, notify, report_context
 from gateway.staff_mail import engineer_problem
-from gateway.store import TicketRow, Tx
+from gateway.store import AttachmentRow, ContractRow, HeldRow, MessageRow, TicketRow, Tx
 
 log = logging.getLogger(__name__)
 
@@ -417,18 +417,18 @@ async def import_contracts(conn: aiosqlite.Connection, contracts: list[Contract]
 
 # --- views for the CLI (and the web desk) ---------------------------------------------
 
-def attachment_json(a: Any) -> dict[str, Any]:
+def attachment_json(a: AttachmentRow | Attachment) -> dict[str, Any]:
     """An attachment as staff see it: `filename` safe to show, `original_filename`
     as the sender wrote it (for a download name, never for a terminal)."""
-    return {"filename": display_filename(a["filename"]), "content_type": a["content_type"],
-            "size": a["size"], "sha256": a["sha256"], "is_log": bool(a["is_log"]),
-            "original_filename": a["filename"]}
+    return {"filename": display_filename(a.filename), "content_type": a.content_type,
+            "size": a.size, "sha256": a.sha256, "is_log": bool(a.is_log),
+            "original_filename": a.filename}
 
 
-def message_json(m: Any) -> dict[str, Any]:
-    return {"direction": m["direction"], "from": m["from_addr"], "to": json.loads(m["to_addrs"]),
-            "subject": m["subject"], "message_id": m["message_id"], "date": m["date"],
-            "kind": m["kind"], "auth": m["verdict"], "author": m["author"]}
+def message_json(m: MessageRow) -> dict[str, Any]:
+    return {"direction": m.direction, "from": m.from_addr, "to": list(m.to_addrs),
+            "subject": m.subject, "message_id": m.message_id, "date": m.date,
+            "kind": m.kind, "auth": m.verdict, "author": m.author}
 
 
 async def ticket_json(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str, Any]:
@@ -436,8 +436,8 @@ async def ticket_json(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str
                    for a in await store.ticket_attachments(conn, ticket.number)]
     messages = [message_json(m) for m in await store.ticket_thread(conn, ticket.number)]
     history = [
-        {"from": h["from_status"], "to": h["to_status"], "actor": h["actor"], "note": h["note"],
-         "at": h["at"]} for h in await store.ticket_history(conn, ticket.number)]
+        {"from": h.from_status, "to": h.to_status, "actor": h.actor, "note": h.note,
+         "at": h.at} for h in await store.ticket_history(conn, ticket.number)]
     return {
         "number": f"{ticket.number:06d}", "status": ticket.status, "subject": ticket.subject,
         "reporter_name": ticket.reporter_name, "reporter_email": ticket.reporter_email,
@@ -479,15 +479,15 @@ async def find_tickets(conn: aiosqlite.Connection, *, search: str | None = None,
                                     search=expression, waiting=waiting)
 
 
-def held_json(row: Any) -> dict[str, Any]:
-    return {"id": row["id"], "inbound_id": row["inbound_id"],
-            "ticket": None if row["ticket"] is None else f"{row['ticket']:06d}",
-            "from": row["sender"], "subject": row["subject"], "reason": row["reason"],
-            "status": row["status"], "created_at": row["created_at"],
-            "decided_at": row["decided_at"], "decided_by": row["decided_by"]}
+def held_json(row: HeldRow) -> dict[str, Any]:
+    return {"id": row.id, "inbound_id": row.inbound_id,
+            "ticket": None if row.ticket is None else f"{row.ticket:06d}",
+            "from": row.sender, "subject": row.subject, "reason": row.reason,
+            "status": row.status, "created_at": row.created_at,
+            "decided_at": row.decided_at, "decided_by": row.decided_by}
 
 
-async def require_held(conn: aiosqlite.Connection, held_id: int) -> Any:
+async def require_held(conn: aiosqlite.Connection, held_id: int) -> HeldRow:
     held = await store.get_held(conn, held_id)
     if held is None:
         raise NotFoundError(f"held message {held_id} not found")
@@ -534,19 +534,17 @@ async def inbound_json(conn: aiosqlite.Connection, inbound_id: int,
     held = await store.held_of_inbound(conn, inbound_id)
     answers = await store.outbox_for_inbound(conn, inbound_id)
     return {
-        "id": row["id"], "message_id": row["message_id"], "mail_from": row["mail_from"],
-        "rcpt_tos": json.loads(row["rcpt_tos"]), "peer": row["peer"],
-        "received_at": row["received_at"], "size": row["size"], "sha256": row["sha256"],
-        "state": row["state"], "attempts": row["attempts"], "outcome": row["outcome"],
-        "ticket": None if row["ticket"] is None else f"{row['ticket']:06d}",
-        "error": row["error"], "processed_at": row["processed_at"],
-        "auth": row["auth"], "auth_reason": row["auth_reason"],
+        "id": row.id, "message_id": row.message_id, "mail_from": row.mail_from,
+        "rcpt_tos": list(row.rcpt_tos), "peer": row.peer,
+        "received_at": row.received_at, "size": row.size, "sha256": row.sha256,
+        "state": row.state, "attempts": row.attempts, "outcome": row.outcome,
+        "ticket": None if row.ticket is None else f"{row.ticket:06d}",
+        "error": row.error, "processed_at": row.processed_at,
+        "auth": row.auth, "auth_reason": row.auth_reason,
         "headers": [{"name": n, "value": v} for n, v in header_lines(raw)],
         "text": report.text,
         "notes": list(report.notes) if raw else ["the raw message is no longer stored"],
-        "attachments": [attachment_json({"filename": a.filename, "content_type": a.content_type,
-                                         "size": a.size, "sha256": a.sha256, "is_log": a.is_log})
-                        for a in report.attachments],
+        "attachments": [attachment_json(a) for a in report.attachments],
         "held": None if held is None else held_json(held),
         "answers": [{"id": o.id, "kind": o.kind, "to": o.rcpt_to, "status": o.status,
                      "created_at": o.created_at, "sent_at": o.sent_at,
@@ -554,9 +552,9 @@ async def inbound_json(conn: aiosqlite.Connection, inbound_id: int,
     }
 
 
-def contract_json(row: Any) -> dict[str, Any]:
-    return {"device_id": row["device_id"], "customer": row["customer"],
-            "repair_hours": row["repair_hours"], "imported_at": row["imported_at"]}
+def contract_json(row: ContractRow) -> dict[str, Any]:
+    return {"device_id": row.device_id, "customer": row.customer,
+            "repair_hours": row.repair_hours, "imported_at": row.imported_at}
 
 
 # --- operators' queue decisions (CLI and web desk) ----------------------------------
@@ -565,8 +563,8 @@ async def drop_held(conn: aiosqlite.Connection, held_id: int, now: datetime, *,
                     actor: str) -> None:
     """`held drop ID`: leave a held message out for good (it stays in the inbox)."""
     held = await require_held(conn, held_id)
-    if not await store.decide_held(conn, held_id, "dropped", now, actor=actor):
-        raise GatewayError(f"held message {held_id} was already {held['status']}")
+    if not await store.decide_held(conn, held_id, HeldStatus.DROPPED, now, actor=actor):
+        raise GatewayError(f"held message {held_id} was already {held.status}")
 
 
 async def retry_mail(conn: aiosqlite.Connection, outbox_id: int, now: datetime) -> None:

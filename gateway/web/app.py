@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import secrets
@@ -40,7 +39,8 @@ from gateway import pipeline, staff, store
 from gateway.attachments import attachment_path
 from gateway.config import Config, parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
-from gateway.model import FIELD_NAMES, TRANSITIONS, OutAttachment, Status
+from gateway.model import FIELD_NAMES, TRANSITIONS, HeldStatus, OutAttachment, OutboxStatus, Status
+from gateway.store import AttachmentRow
 from gateway.web import accounts, queries
 from gateway.web.accounts import Session
 from gateway.web.i18n import WORDS, Language
@@ -119,7 +119,7 @@ class Desk:
             loader=jinja2.FileSystemLoader(templates_folder()), autoescape=True,
             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(self.lang.helpers(), lang=self.lang.code, words=WORDS)
-        self.env.filters["addresses"] = lambda text: ", ".join(json.loads(text or "[]"))
+        self.env.filters["addresses"] = ", ".join
         self.lifetime = parse_duration(config.web.session_lifetime)
         self.window = parse_duration(config.web.login_window)
         self.proxies = tuple(ipaddress.ip_network(p, strict=False)
@@ -425,9 +425,9 @@ async def ticket_field(request: Request, desk: Desk, session: Session,
 
 # --- attachments and messages ----------------------------------------------------------
 
-def viewable(attachment: Any) -> bool:
-    name = attachment["filename"].lower()
-    return (attachment["content_type"].startswith("text/")
+def viewable(attachment: AttachmentRow) -> bool:
+    name = attachment.filename.lower()
+    return (attachment.content_type.startswith("text/")
             or name.endswith((".log", ".txt", ".csv", ".xml", ".json")))
 
 
@@ -453,7 +453,7 @@ async def attachment(request: Request, desk: Desk, session: Session,
                          text=data[:TEXT_VIEW_LIMIT].decode("utf-8", "replace"),
                          truncated=len(data) > TEXT_VIEW_LIMIT)
     return FileResponse(path, media_type="application/octet-stream",
-                        headers=download_headers(row["filename"]))
+                        headers=download_headers(row.filename))
 
 
 async def inbound_page(request: Request, desk: Desk, session: Session,
@@ -477,14 +477,14 @@ async def inbound_raw(request: Request, desk: Desk, session: Session,
 
 async def held_list(request: Request, desk: Desk, session: Session,
                     conn: aiosqlite.Connection, form: FormData | None) -> Response:
-    return desk.page("held.html.j2", session, rows=await store.list_held(conn, "held"),
+    return desk.page("held.html.j2", session, rows=await store.list_held(conn, HeldStatus.HELD),
                      done=request.query_params.get("done", ""))
 
 
 async def held_page(request: Request, desk: Desk, session: Session,
                     conn: aiosqlite.Connection, form: FormData | None) -> Response:
     held = await staff.require_held(conn, int(request.path_params["id"]))
-    message = await staff.inbound_json(conn, held["inbound_id"],
+    message = await staff.inbound_json(conn, held.inbound_id,
                                        desk.config.storage.attachments)
     return desk.page("held_one.html.j2", session, held=held, message=message)
 
@@ -513,7 +513,8 @@ async def held_drop(request: Request, desk: Desk, session: Session,
 
 async def outbox_page(request: Request, desk: Desk, session: Session,
                       conn: aiosqlite.Connection, form: FormData | None) -> Response:
-    rows = [r for status in ("failed", "bounced") for r in await store.list_outbox(conn, status)]
+    rows = [r for status in (OutboxStatus.FAILED, OutboxStatus.BOUNCED)
+            for r in await store.list_outbox(conn, status)]
     rows.sort(key=lambda r: r.id)
     return desk.page("outbox.html.j2", session, rows=rows,
                      done=request.query_params.get("done", ""))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import aiosqlite
 
-from gateway.store import ListedTicket, TicketRow
+from gateway.store import AttachmentRow, ListedTicket, TicketRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +37,9 @@ def attention_list(waiting: list[ListedTicket], phone: list[TicketRow]) -> list[
 
 
 async def ticket_attachment(conn: aiosqlite.Connection, number: int,
-                            sha256: str) -> aiosqlite.Row | None:
+                            sha256: str) -> AttachmentRow | None:
     """One attachment of this ticket (never another ticket's, whatever the hash)."""
     rows = list(await conn.execute_fetchall(
         "SELECT * FROM attachments WHERE ticket = ? AND sha256 = ? ORDER BY rowid LIMIT 1",
         (number, sha256)))
-    return rows[0] if rows else None
+    return AttachmentRow.from_row(rows[0]) if rows else None

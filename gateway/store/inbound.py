@@ -1,0 +1,244 @@
+"""The inbound queue: received messages, claimed by the processor, marked with their
+outcome; and what the desk reads about them (details, the stored report, the raw)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway.errors import StoreError
+from gateway.model import InboundState, Outcome
+from gateway.store.connection import gated, iso, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class InboundRow:
+    id: int
+    message_id: str
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    received_at: str
+    size: int
+    state: InboundState
+    attempts: int
+    outcome: str | None
+    ticket: int | None
+    error: str | None
+    peer: str = ""
+    auth: str | None = None  # the sender verdict, once processed
+    auth_reason: str | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> InboundRow:
+        return cls(row["id"], row["message_id"], row["mail_from"],
+                   tuple(json.loads(row["rcpt_tos"])), row["received_at"], row["size"],
+                   InboundState(row["state"]), row["attempts"], row["outcome"], row["ticket"], row["error"],
+                   row["peer"], row["auth"], row["auth_reason"])
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "message_id": self.message_id, "mail_from": self.mail_from,
+                "rcpt_tos": list(self.rcpt_tos), "received_at": self.received_at,
+                "size": self.size, "outcome": self.outcome,
+                "ticket": None if self.ticket is None else f"{self.ticket:06d}"}
+
+
+_INBOUND_COLUMNS = ("id, message_id, mail_from, rcpt_tos, received_at, size, state,"
+                    " attempts, outcome, ticket, error, peer, auth, auth_reason")
+
+
+async def recover_inbound(conn: aiosqlite.Connection, slot: int | None = None) -> int:
+    """Rows a crash left mid-way go back to the queue: all of them (no worker is
+    running), or those of one worker slot (that worker died and is starting again)."""
+    if slot is None:
+        cursor = await conn.execute(
+            f"UPDATE inbound SET state = '{InboundState.QUEUED}', claimed_by = NULL"
+            f" WHERE state = '{InboundState.PROCESSING}'")
+    else:
+        cursor = await conn.execute(
+            f"UPDATE inbound SET state = '{InboundState.QUEUED}', claimed_by = NULL"
+            f" WHERE state = '{InboundState.PROCESSING}' AND claimed_by = ?", (slot,))
+    return cursor.rowcount
+
+
+async def claim_inbound(conn: aiosqlite.Connection,
+                        slot: int | None = None) -> InboundRow | None:
+    """Take the oldest queued message (in arrival order) for processing, for worker
+    `slot` (None: this process)."""
+    async with gated(conn):
+        rows = list(await conn.execute_fetchall(
+            f"UPDATE inbound SET state = '{InboundState.PROCESSING}', attempts = attempts + 1,"
+            " claimed_by = ?"
+            f" WHERE id = (SELECT id FROM inbound WHERE state = '{InboundState.QUEUED}'"
+            " ORDER BY id LIMIT 1)"
+            f" AND state = '{InboundState.QUEUED}' RETURNING {_INBOUND_COLUMNS}", (slot,)))
+    return InboundRow.from_row(rows[0]) if rows else None
+
+
+async def read_raw(conn: aiosqlite.Connection, inbound_id: int,
+                   attachments: Path | None = None) -> bytes:
+    """The message exactly as received. Its attachment bytes live in the files under
+    `attachments` ([storage] attachments) and are put back (SPEC §12: stored once)."""
+    rows = list(await conn.execute_fetchall(
+        "SELECT r.raw, r.spans, i.raw_dropped_at FROM inbound i"
+        " LEFT JOIN inbound_raw r ON r.id = i.id WHERE i.id = ?", (inbound_id,)))
+    if not rows or rows[0][0] is None:
+        if rows and rows[0][2]:
+            raise StoreError(f"inbound message {inbound_id}: raw mail dropped on "
+                             f"{rows[0][2][:10]} (storage.keep_raw); text and attachments kept")
+        raise StoreError(f"inbound message {inbound_id}: raw bytes missing")
+    raw, spans = bytes(rows[0][0]), rows[0][1]
+    if not spans:
+        return raw
+    from gateway import attachments as files
+
+    if attachments is None:
+        raise StoreError(f"inbound message {inbound_id}: its attachments are stored as files;"
+                         " read_raw needs the attachments folder")
+    try:
+        return files.restore_raw(raw, files.spans_from_json(spans),
+                                 lambda sha: files.read_attachment(attachments, sha))
+    except files.AttachmentMissing as err:
+        raise StoreError(f"inbound message {inbound_id}: {err}") from None
+
+
+async def store_cut_raw(conn: aiosqlite.Connection, inbound_id: int, raw: bytes,
+                        spans: str) -> None:
+    """Keep the raw without its attachment bytes (already safe in their files)."""
+    await conn.execute("UPDATE inbound_raw SET raw = ?, spans = ? WHERE id = ?",
+                       (raw, spans, inbound_id))
+
+
+async def mark_inbound(conn: aiosqlite.Connection, inbound_id: int, *, state: InboundState,
+                       outcome: str | None, ticket: int | None = None,
+                       error: str | None = None, report: str | None = None,
+                       auth: str | None = None, auth_reason: str | None = None) -> None:
+    await conn.execute(
+        "UPDATE inbound SET state = ?, outcome = ?, ticket = ?, error = ?,"
+        " report = coalesce(?, report), auth = coalesce(?, auth),"
+        " auth_reason = coalesce(?, auth_reason), processed_at = ? WHERE id = ?",
+        (state, outcome, ticket, error, report, auth, auth_reason, iso(utcnow()), inbound_id))
+
+
+async def list_inbound(conn: aiosqlite.Connection, outcome: str | None = None,
+                       limit: int | None = None) -> list[InboundRow]:
+    sql = f"SELECT {_INBOUND_COLUMNS} FROM inbound"
+    params: list[Any] = []
+    if outcome:
+        sql += " WHERE outcome = ?"
+        params.append(outcome)
+    sql += " ORDER BY id"
+    if limit:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [InboundRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
+
+
+async def get_inbound(conn: aiosqlite.Connection, inbound_id: int) -> InboundRow | None:
+    rows = list(await conn.execute_fetchall(
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE id = ?", (inbound_id,)))
+    return InboundRow.from_row(rows[0]) if rows else None
+
+
+async def list_inbound_for_address(conn: aiosqlite.Connection,
+                                   address: str) -> list[InboundRow]:
+    """Messages whose envelope sender, an envelope recipient or From header is
+    `address` (case-insensitive), oldest first."""
+    address = address.strip().lower()
+    sql = (f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE lower(mail_from) = ?"
+           " OR lower(json_extract(report, '$.sender')) = ?"
+           " OR EXISTS (SELECT 1 FROM json_each(inbound.rcpt_tos) WHERE lower(value) = ?)"
+           " ORDER BY id")
+    return [InboundRow.from_row(r)
+            for r in await conn.execute_fetchall(sql, (address, address, address))]
+
+
+@dataclass(frozen=True, slots=True)
+class InboundDetails:
+    """Everything stored about one inbound message except its raw bytes (`inbox show`)."""
+
+    id: int
+    message_id: str
+    sha256: str
+    size: int
+    peer: str
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    received_at: str
+    state: InboundState
+    attempts: int
+    outcome: str | None
+    ticket: int | None
+    error: str | None
+    report: str | None  # the parsed report as JSON (see StoredReport)
+    processed_at: str | None
+    auth: str | None
+    auth_reason: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> InboundDetails:
+        return cls(row["id"], row["message_id"], row["sha256"], row["size"], row["peer"],
+                   row["mail_from"], tuple(json.loads(row["rcpt_tos"])), row["received_at"],
+                   InboundState(row["state"]), row["attempts"], row["outcome"], row["ticket"],
+                   row["error"], row["report"], row["processed_at"], row["auth"],
+                   row["auth_reason"])
+
+
+async def inbound_details(conn: aiosqlite.Connection, inbound_id: int) -> InboundDetails | None:
+    """Everything stored about one inbound message except its raw bytes."""
+    rows = list(await conn.execute_fetchall(
+        "SELECT id, message_id, sha256, size, peer, mail_from, rcpt_tos, received_at, state,"
+        " attempts, outcome, ticket, error, report, processed_at, auth, auth_reason"
+        " FROM inbound WHERE id = ?", (inbound_id,)))
+    return InboundDetails.from_row(rows[0]) if rows else None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReport:
+    """What is read back of the parsed report stored with a processed message (the
+    duplicate check compares them); None where the stored report lacks the key."""
+
+    sender: str | None = None
+    subject: str | None = None
+
+
+async def inbound_report(conn: aiosqlite.Connection, inbound_id: int) -> StoredReport:
+    """The parsed report stored with a processed inbound message (all None when none)."""
+    rows = list(await conn.execute_fetchall("SELECT report FROM inbound WHERE id = ?", (inbound_id,)))
+    if not rows or not rows[0][0]:
+        return StoredReport()
+    try:
+        value = json.loads(rows[0][0])
+    except ValueError:
+        return StoredReport()
+    if not isinstance(value, dict):
+        return StoredReport()
+    return StoredReport(value.get("sender"), value.get("subject"))
+
+
+async def requeue_inbound(conn: aiosqlite.Connection, inbound_id: int) -> bool:
+    cursor = await conn.execute(
+        f"UPDATE inbound SET state = '{InboundState.QUEUED}', attempts = 0 WHERE id = ?"
+        f" AND state != '{InboundState.PROCESSING}'", (inbound_id,))
+    return cursor.rowcount == 1
+
+
+async def count_inbound_by_state(conn: aiosqlite.Connection) -> dict[str, int]:
+    rows = await conn.execute_fetchall("SELECT state, count(*) FROM inbound GROUP BY state")
+    return {r[0]: r[1] for r in rows}
+
+
+async def processed_with_message_id(conn: aiosqlite.Connection, message_id: str,
+                                    exclude_id: int) -> list[InboundRow]:
+    """Earlier inbound messages with this Message-ID that were already routed."""
+    rows = await conn.execute_fetchall(
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE message_id = ? AND id < ?"
+        f" AND state = '{InboundState.DONE}' AND outcome IS NOT NULL"
+        f" AND outcome NOT IN ('{Outcome.DUPLICATE}', '{Outcome.FAILED}',"
+        f" '{Outcome.CLOSED_REJECTED}')"
+        " ORDER BY id LIMIT 20", (message_id, exclude_id))
+    return [InboundRow.from_row(r) for r in rows]

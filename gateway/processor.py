@@ -240,7 +240,8 @@ class Processor:
         log.exception("%s inbound %d: outcome=failed: %s: %s", row.message_id or "<no-id>",
                       row.id, type(err).__name__, err)
         await store.mark_inbound(self._conn, row.id, state=InboundState.FAILED,
-                                 outcome=Outcome.FAILED, error=f"{type(err).__name__}: {err}"[:2000])
+                                 outcome=Outcome.FAILED,
+                                 error=f"{type(err).__name__}: {err}"[:2000])
 
 
 def _one_line(err: BaseException) -> str:

@@ -78,7 +78,7 @@ async def test_inbound_rows_carry_named_states(conn: aiosqlite.Connection) -> No
     assert isinstance(details, store.InboundDetails)
     assert details.state is InboundState.DONE
     assert details.rcpt_tos == ("serwis@s4e.pl",)
-    assert await store.count_inbound_by_state(conn) == {"done": 1}
+    assert await store.count_inbound_by_state(conn) == {InboundState.DONE: 1}
     assert await store.inbound_report(conn, stored.id) == store.StoredReport(None, None)
 
 

@@ -227,9 +227,9 @@ async def requeue_inbound(conn: aiosqlite.Connection, inbound_id: int) -> bool:
     return cursor.rowcount == 1
 
 
-async def count_inbound_by_state(conn: aiosqlite.Connection) -> dict[str, int]:
+async def count_inbound_by_state(conn: aiosqlite.Connection) -> dict[InboundState, int]:
     rows = await conn.execute_fetchall("SELECT state, count(*) FROM inbound GROUP BY state")
-    return {r[0]: r[1] for r in rows}
+    return {InboundState(r[0]): r[1] for r in rows}
 
 
 async def processed_with_message_id(conn: aiosqlite.Connection, message_id: str,

@@ -66,7 +66,8 @@ async def run_on_thread(conn: aiosqlite.Connection,
 
     aiosqlite has no public "run this on the connection's thread"; `_execute` is what
     all of its own methods go through and `_conn` is the sqlite3 connection
-    (aiosqlite>=0.20,<0.23, pinned in pyproject.toml). The only use of either.
+    (aiosqlite>=0.20,<0.23, pinned in pyproject.toml). The only use of either; a
+    worker's `DirectConnection` offers the same two names and runs `fn` inline.
     """
     return await conn._execute(fn, conn._conn)
 

@@ -114,6 +114,7 @@ class OutboundConfig:
     give_up_after: str = "5d"
     ca_file: Path | None = None  # PEM CA(s) to verify the relay's STARTTLS certificate
     connections: int = 4  # relay sessions in parallel
+    keep_alive: str = "30s"  # an idle relay session is kept this long; "0": one per mail
 
     @property
     def effective_transport(self) -> str:
@@ -223,7 +224,7 @@ _CHOICES = {
     ("auth", "verify"): ("off", "dns"),
 }
 _DURATIONS = {"timeout", "data_timeout", "retry_first", "retry_max", "give_up_after",
-              "rating_window", "session_lifetime", "login_window", "keep_raw"}
+              "rating_window", "session_lifetime", "login_window", "keep_raw", "keep_alive"}
 _HOSTPORTS = {("smtp", "listen"), ("outbound", "relay"), ("metrics", "listen"),
               ("auth", "resolver"), ("web", "listen")}
 _EMAILS = {("addresses", "intake"), ("addresses", "crm")}
@@ -281,7 +282,7 @@ def _convert(section: str, key: str, value: Any, base: Path) -> Any:
         return value  # keep for ever
     if key in _DURATIONS:
         seconds = parse_duration(value)
-        if seconds == 0 and key != "rating_window":
+        if seconds == 0 and key not in ("rating_window", "keep_alive"):
             raise ValueError("must be longer than 0")
     if (section, key) in _HOSTPORTS and value:
         parse_hostport(value)

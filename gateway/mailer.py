@@ -22,9 +22,10 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import aiosmtplib
 import aiosqlite
@@ -37,10 +38,14 @@ from gateway.store import OutboxRow
 
 log = logging.getLogger(__name__)
 
-# When idle, look at the outbox at least this often: rows queued by another process
-# (the CLI's staff replies, status changes, `outbox retry`) cannot wake() us, and an
-# engineer's reply should leave within seconds. One indexed query per poll.
-IDLE_POLL_SECONDS = 2.0
+# Rows queued by another process (the CLI's staff replies, status changes, `outbox
+# retry`, the web desk, worker processes) cannot wake() us: while idle, the mailer reads
+# SQLite's `PRAGMA data_version` this often (it changes when any other connection
+# commits; one cheap read, no query of the outbox) and looks at the outbox only when
+# it changed or the next retry is due...
+COMMIT_CHECK_SECONDS = 0.05
+# ...and, as a fallback, looks anyway at least this often.
+IDLE_POLL_SECONDS = 30.0
 MIN_IDLE_SECONDS = 0.25  # a due row we could not claim (another process, clock skew)
 ERROR_PAUSE_SECONDS = 5.0  # after the database itself failed (locked, disk full)
 STOP_GRACE_SECONDS = 15.0  # stop(): how long the send in hand may take to finish
@@ -48,6 +53,10 @@ SMTP_TIMEOUT_SECONDS = 60.0  # per SMTP command (connect, each reply, DATA)
 # The whole relay session: a relay that answers every command just in time (or
 # trickles) cannot hold a connection for longer than this.
 SESSION_TIMEOUT_SECONDS = 600.0
+# A kept relay session is QUIT once this old, however busy: a relay swapped behind the
+# same address (or a load balancer) gets the new sessions within minutes (Postfix's
+# smtp_connection_reuse_time_limit is the same 300 s).
+MAX_CONNECTION_AGE_SECONDS = 300.0
 
 RESULT_SENT = "sent"
 RESULT_RETRY = "retry"
@@ -65,6 +74,14 @@ class PermanentFailure(Exception):
 class Transport(Protocol):
     async def send(self, mail_from: str, rcpt_to: str, raw: bytes, message_id: str) -> None:
         """Deliver `raw` or raise TemporaryFailure / PermanentFailure."""
+
+
+@runtime_checkable
+class ClosingTransport(Protocol):
+    """A transport holding something open between mails (SmtpRelay's sessions)."""
+
+    async def aclose(self) -> None:
+        """Release it; called once by Mailer.stop() after the last send."""
 
 
 # --- log hygiene ------------------------------------------------------------------
@@ -169,12 +186,43 @@ def classify_smtp_error(err: BaseException, relay: str) -> TemporaryFailure | Pe
     return TemporaryFailure(f"relay {relay}: {one_line(err) or type(err).__name__}")
 
 
+@dataclass(eq=False)
+class _Connection:
+    """One relay session kept open between mails."""
+
+    smtp: aiosmtplib.SMTP
+    opened: float  # loop.time() at connect
+    idle_timer: asyncio.TimerHandle | None = None
+
+
+def _relay_closed(err: BaseException) -> bool:
+    """Did the relay end the session (dropped, reset, silent, 421) rather than answer
+    about the mail? On a kept connection that is no verdict on the mail."""
+    if isinstance(err, aiosmtplib.SMTPRecipientsRefused):
+        return any(r.code == 421 for r in err.recipients)
+    if isinstance(err, aiosmtplib.SMTPResponseException):
+        return err.code == 421
+    return isinstance(err, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
+                            ConnectionError))
+
+
+class _KeptConnectionLost(Exception):
+    """Internal: a kept connection turned out dead; the mail goes on a new one."""
+
+
 class SmtpRelay:
     """Sends through the configured relay with aiosmtplib.
 
-    One connection per mail: the outbox carries a handful of mails a minute, and a
-    fresh connection needs no keep-alive, no NOOP probing and no recovery from a
-    connection the relay dropped while idle.
+    Connections are kept: after a mail its session goes back to a pool (one per
+    parallel sender at most) and the next mail is MAIL/RCPT/DATA on it again, with no
+    new TCP, TLS or AUTH. A transaction the relay refused was reset (RSET, by
+    aiosmtplib) and the session stays usable. A session idle for `keep_alive` seconds,
+    or older than MAX_CONNECTION_AGE_SECONDS, is closed with QUIT; `keep_alive = 0`
+    opens a new session per mail. A kept session the relay closed meanwhile (dropped,
+    reset, timed out, 421) costs nothing: the mail is tried once more on a new one
+    before it counts as a temporary failure. Each mail, connecting included, must be
+    done within `session_timeout`, so a black-hole relay holds one sender at most that
+    long and never the queue.
 
     With `starttls` the session is upgraded right after EHLO and the certificate is
     verified against `tls_context` (default: the system's trust store); a relay that
@@ -185,7 +233,8 @@ class SmtpRelay:
     def __init__(self, config: OutboundConfig, *, tls_context: ssl.SSLContext | None = None,
                  timeout: float = SMTP_TIMEOUT_SECONDS,
                  session_timeout: float = SESSION_TIMEOUT_SECONDS,
-                 local_hostname: str | None = None) -> None:
+                 local_hostname: str | None = None,
+                 keep_alive: float | None = None) -> None:
         try:
             self._host, self._port = parse_hostport(config.relay)
         except ValueError as err:
@@ -200,17 +249,52 @@ class SmtpRelay:
         self._timeout = timeout
         self._session_timeout = session_timeout
         self._local_hostname = local_hostname
+        self._keep_alive = float(keep_alive if keep_alive is not None
+                                 else keep_alive_seconds(config))
+        self._idle: list[_Connection] = []  # last used on top: the others age out
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def send(self, mail_from: str, rcpt_to: str, raw: bytes, message_id: str) -> None:
         try:
             async with asyncio.timeout(self._session_timeout):
-                await self._session(mail_from, rcpt_to, raw)
+                await self._send(mail_from, rcpt_to, raw)
         except TimeoutError:
             raise TemporaryFailure(
                 f"relay {self._relay}: session not finished within "
                 f"{format_delay(self._session_timeout)}") from None
 
-    async def _session(self, mail_from: str, rcpt_to: str, raw: bytes) -> None:
+    async def aclose(self) -> None:
+        """QUIT every kept session (stop)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._quit_later(conn)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def _send(self, mail_from: str, rcpt_to: str, raw: bytes) -> None:
+        conn = self._take()
+        if conn is not None:
+            try:
+                await self._transaction(conn, mail_from, rcpt_to, raw, kept=True)
+                return
+            except _KeptConnectionLost as err:
+                log.info("relay %s closed a kept session (%s): sending on a new one",
+                         self._relay, one_line(err))
+        conn = await self._open()
+        await self._transaction(conn, mail_from, rcpt_to, raw, kept=False)
+
+    def _take(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if conn.smtp.is_connected:
+                return conn
+            conn.smtp.close()  # the relay hung up while it waited: noticed for free
+        return None
+
+    async def _open(self) -> _Connection:
         if self._local_hostname is None:  # the EHLO name; getfqdn may ask DNS: once
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
         smtp = aiosmtplib.SMTP(hostname=self._host, port=self._port, timeout=self._timeout,
@@ -227,22 +311,65 @@ class SmtpRelay:
             await _greet(smtp)
             if self._username:
                 await smtp.login(self._username, self._password)
-            options = []
-            if not raw.isascii() and smtp.supports_extension("8bitmime"):
-                options.append("BODY=8BITMIME")
-            if not (mail_from + rcpt_to).isascii():
-                options.append("SMTPUTF8")
-            await smtp.sendmail(mail_from, [rcpt_to], raw, mail_options=options)
         except (TemporaryFailure, PermanentFailure):
             smtp.close()
             raise
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as err:
             smtp.close()
             raise classify_smtp_error(err, self._relay) from err
-        except BaseException:  # cancelled (stop): just drop the connection
+        except BaseException:  # cancelled (stop, session timeout): just drop it
             smtp.close()
             raise
-        await _quit(smtp)
+        return _Connection(smtp, asyncio.get_running_loop().time())
+
+    async def _transaction(self, conn: _Connection, mail_from: str, rcpt_to: str, raw: bytes,
+                           *, kept: bool) -> None:
+        smtp = conn.smtp
+        options = []
+        if not raw.isascii() and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if not (mail_from + rcpt_to).isascii():
+            options.append("SMTPUTF8")
+        try:
+            await smtp.sendmail(mail_from, [rcpt_to], raw, mail_options=options)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as err:
+            if kept and _relay_closed(err):
+                smtp.close()
+                raise _KeptConnectionLost(one_line(err) or type(err).__name__) from err
+            # A refusal about this mail: aiosmtplib sent RSET and the session goes on.
+            self._release(conn)
+            raise classify_smtp_error(err, self._relay) from err
+        except BaseException:  # cancelled (stop, session timeout): just drop it
+            smtp.close()
+            raise
+        self._release(conn)
+
+    def _release(self, conn: _Connection) -> None:
+        """After a transaction: keep the session for the next mail, or QUIT it."""
+        loop = asyncio.get_running_loop()
+        if not conn.smtp.is_connected:
+            conn.smtp.close()
+            return
+        if self._keep_alive <= 0 or loop.time() - conn.opened >= MAX_CONNECTION_AGE_SECONDS:
+            self._quit_later(conn)  # the mail's fate is decided: nobody waits for the 221
+            return
+        conn.idle_timer = loop.call_later(self._keep_alive, self._expire, conn)
+        self._idle.append(conn)
+
+    def _expire(self, conn: _Connection) -> None:
+        """Idle for keep_alive: QUIT it (in the background; nobody waits for it)."""
+        conn.idle_timer = None
+        if conn in self._idle:
+            self._idle.remove(conn)
+            self._quit_later(conn)
+
+    def _quit_later(self, conn: _Connection) -> None:
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
+        task = asyncio.get_running_loop().create_task(_quit(conn.smtp))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
 
 def relay_tls_context(config: OutboundConfig) -> ssl.SSLContext:
@@ -325,6 +452,14 @@ class MaildirDrop:
             os.close(fd)
 
 
+def keep_alive_seconds(config: OutboundConfig) -> int:
+    """`[outbound] keep_alive` in seconds; 0: a new relay session per mail."""
+    try:
+        return parse_duration(config.keep_alive)
+    except ValueError as err:
+        raise ConfigError(f"outbound.keep_alive: {err}") from None
+
+
 def make_transport(config: OutboundConfig, *, local_hostname: str | None = None) -> Transport:
     if config.effective_transport == "smtp":
         return SmtpRelay(config, local_hostname=local_hostname)
@@ -349,8 +484,10 @@ def _describe(row: OutboxRow) -> str:
 
 
 class Mailer:
-    """The outbox worker: one row at a time, woken by `wake()` when rows are queued in
-    this process, by the earliest `next_attempt_at`, or by the idle poll.
+    """The outbox worker: `connections` senders, each one row at a time, woken by
+    `wake()` when rows are queued in this process, by another connection's commit
+    (`PRAGMA data_version`, read every COMMIT_CHECK_SECONDS while idle: the CLI, the
+    web desk, other processes), by the earliest `next_attempt_at`, or by the slow poll.
 
     `clock` is injectable so tests move time instead of sleeping; `on_result` gets
     "sent", "retry" or "failed" after each attempt (metrics).
@@ -419,11 +556,18 @@ class Mailer:
             if isinstance(result, Exception):
                 log.error("outbox: a mailer worker had stopped with an error: %s",
                           one_line(f"{type(result).__name__}: {result}"))
+        if isinstance(self._transport, ClosingTransport):
+            try:
+                await self._transport.aclose()  # QUIT the kept relay sessions
+            except Exception:  # noqa: BLE001 - stopping goes on
+                log.exception("outbox: closing the transport failed")
 
     async def _run(self) -> None:
         failures = 0
         while not self._stopping:
             self._wake.clear()
+            # Read before the claim: a commit after it changes what _idle compares.
+            version = await self._data_version()
             try:
                 worked = await self.run_once()
             except Exception as err:  # noqa: BLE001 - e.g. database locked: the loop goes on
@@ -438,7 +582,7 @@ class Mailer:
                 continue
             failures = 0
             if not worked and not self._stopping:
-                await self._sleep(await self._idle_delay())
+                await self._idle(version)
 
     async def _help(self, event: asyncio.Event) -> None:
         """A further relay session: sends while rows are due, then waits to be woken."""
@@ -453,7 +597,44 @@ class Mailer:
                     log.warning("outbox: a parallel session stops for now: %s", one_line(err))
                     break
 
-    async def _idle_delay(self) -> float:
+    async def _idle(self, version: int | None) -> None:
+        """Wait for wake(), another connection's commit that made a row due, the next
+        retry, or the slow poll, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        due_in = await self._due_in()
+        deadline = started + self._idle_delay(due_in)
+        # A row due but not claimable (its ticket has a mail in flight, or another
+        # process holds it): commits alone do not make us try again at once.
+        not_before = started + (MIN_IDLE_SECONDS if due_in is not None and due_in <= 0 else 0)
+        while not self._stopping:
+            left = deadline - loop.time()
+            if left <= 0 or await self._sleep(min(left, COMMIT_CHECK_SECONDS)):
+                return
+            if version is None or loop.time() < not_before:
+                continue
+            current = await self._data_version()
+            if current is None or current == version:
+                continue
+            version = current  # another connection committed: is a row due now?
+            due_in = await self._due_in()
+            if due_in is not None and due_in <= 0:
+                return
+            deadline = min(deadline, loop.time() + self._idle_delay(due_in))
+
+    async def _data_version(self) -> int | None:
+        """SQLite's count of commits by other connections (None when it cannot be read:
+        then only wake(), the next retry and the slow poll wake us)."""
+        try:
+            rows = await self._conn.execute_fetchall("PRAGMA data_version")
+        except Exception as err:  # noqa: BLE001
+            log.warning("outbox: reading data_version failed: %s", one_line(err))
+            return None
+        return int(rows[0][0]) if rows else None
+
+    async def _due_in(self) -> float | None:
+        """Seconds until the earliest pending row is due (<= 0: due now), None when
+        nothing is pending; ERROR_PAUSE_SECONDS when the database cannot say."""
         try:
             due = await store.next_outbox_due(self._conn)
         except Exception as err:  # noqa: BLE001
@@ -463,15 +644,21 @@ class Mailer:
                 log.exception("outbox: reading the next due time failed")
             return ERROR_PAUSE_SECONDS
         if due is None:
-            return self._poll_interval
-        wait = (due - self._clock()).total_seconds()
-        return min(max(wait, MIN_IDLE_SECONDS), self._poll_interval)
+            return None
+        return (due - self._clock()).total_seconds()
 
-    async def _sleep(self, seconds: float) -> None:
+    def _idle_delay(self, due_in: float | None) -> float:
+        if due_in is None:
+            return self._poll_interval
+        return min(max(due_in, MIN_IDLE_SECONDS), self._poll_interval)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, or less if woken; whether we were woken."""
         try:
             await asyncio.wait_for(self._wake.wait(), seconds)
         except TimeoutError:
-            pass
+            return False
+        return True
 
     async def run_once(self) -> bool:
         """Claim one due row and send it; False when nothing was due."""

@@ -696,6 +696,9 @@ class Mailer:
         next_at = min(now + timedelta(seconds=delay), deadline)
         await self._persist(row, lambda: store.mark_outbox_retry(self._conn, row.id, next_at,
                                                                  error))
+        # Our own commits leave data_version alone: the idle first sender must learn of
+        # the new due time from us (else it sleeps until the slow poll).
+        self._wake.set()
         log.warning("%s outbox %d to %s: temporary failure, retry in %s: %s",
                     one_line(row.message_id), row.id, _describe(row),
                     format_delay((next_at - now).total_seconds()), error)

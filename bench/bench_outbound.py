@@ -25,12 +25,18 @@ Modes (`--mode`, default `both`):
              half of `--intake-rate`, else half of the intake rate measured here first
              (the intake benchmark's 5 KB load at 20 sessions, one round).
 
+* relay      the mailer alone (`Mailer` + `SmtpRelay` in this process, the sink in its
+             own): `--count` rows queued in a fresh database, mails/s until the last one
+             is at the sink; kept relay sessions (`keep_alive = "30s"`) against a new
+             session per mail (`"0"`, the baseline), `--rounds` (3) alternating rounds.
+
 The delay crosses processes: the client takes time.time() when it reads the 250, the
 sink when it has the acknowledgement's DATA (same machine, same clock).
 
     python bench/bench_outbound.py              # both modes, about 2 minutes
     python bench/bench_outbound.py --quick      # short sanity run
     python bench/bench_outbound.py --mode sustained --rate 40 --duration 30
+    python bench/bench_outbound.py --mode relay --count 300 --rounds 3
 """
 
 from __future__ import annotations
@@ -775,6 +781,124 @@ def describe(args: argparse.Namespace, base: Path, rate_source: str) -> None:
     print(flush=True)
 
 
+# --- relay mode: the mailer alone, kept sessions against a new session per mail ---------
+
+RELAY_VARIANTS = (("kept", "30s"), ("new per mail", "0"))
+
+
+def _outbox_mail(tag: str, n: int) -> tuple[str, str, bytes]:
+    """An acknowledgement as the outbox holds it (~3 KB): Message-ID, In-Reply-To, raw."""
+    message_id = f"<ack-{tag}-{n}@gw.bench>"
+    in_reply_to = f"<report-{tag}-{n}@customer.bench>"
+    body = ("Dzień dobry,\r\n\r\nprzyjęliśmy zgłoszenie i nadaliśmy mu numer.\r\n"
+            + "Szczegóły zgłoszenia: awaria biblioteki taśmowej, kopie kończą się błędem.\r\n"
+            * 36)
+    raw = (f"From: crm@s4e.pl\r\nTo: customer-{n}@customer.bench\r\n"
+           f"Subject: [#{n:06d}] Awaria biblioteki taśmowej\r\nMessage-ID: {message_id}\r\n"
+           f"In-Reply-To: {in_reply_to}\r\nAuto-Submitted: auto-replied\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+           "Content-Transfer-Encoding: 8bit\r\n\r\n" + body).encode("utf-8")
+    return message_id, in_reply_to, raw
+
+
+async def _relay_round(args: argparse.Namespace, workdir: Path, reader: SinkReader,
+                       sink_port: int, tag: str, keep_alive: str) -> dict:
+    """`args.count` rows queued in a fresh database, then the Mailer (this process)
+    sends them to the sink; mails/s from start() to the last arrival at the sink."""
+    from gateway import store
+    from gateway.config import OutboundConfig
+    from gateway.mailer import Mailer, SmtpRelay
+
+    workdir.mkdir(parents=True)
+    conn = await store.connect(workdir / "gateway.db")
+    await store.migrate(conn)
+    now = store.utcnow()
+    wanted: set[str] = set()
+    async with store.Tx(conn):
+        for n in range(args.count):
+            message_id, in_reply_to, raw = _outbox_mail(tag, n)
+            wanted.add(in_reply_to)
+            await store.enqueue_outbox(
+                conn, ticket=n + 1, inbound_id=None, kind="acknowledgement",
+                message_id=message_id, mail_from="crm@s4e.pl",
+                rcpt_to=f"customer-{n}@customer.bench", subject=f"[#{n:06d}] Awaria",
+                auto=True, raw=raw, now=now)
+    config = OutboundConfig(transport="smtp", relay=f"{HOST}:{sink_port}",
+                            connections=args.connections, keep_alive=keep_alive)
+    mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.bench"), config)
+    first = len(reader.records)
+    started = time.time()
+    await mailer.start()
+    try:
+        await _wait_for_acks(reader, wanted, args.drain_cap, args.idle_cap)
+    finally:
+        await mailer.stop()
+        rows = await conn.execute_fetchall(
+            "SELECT count(*) FROM outbox WHERE status = 'sent'")
+        await conn.close()
+    records = [r for r in reader.records[first:] if r.in_reply_to in wanted]
+    counts = Counter(r.in_reply_to for r in records)
+    end = max((r.arrived for r in records), default=math.nan)
+    return {"mails": len(wanted), "once": sum(1 for c in counts.values() if c == 1),
+            "doubled": sum(1 for c in counts.values() if c > 1),
+            "missing": len(wanted - set(counts)), "sent_rows": rows[0][0],
+            "seconds": end - started, "per_s": len(counts) / (end - started),
+            "sessions": len({r.ehlo for r in records})}
+
+
+def run_relay_mode(args: argparse.Namespace, base: Path, tag: str) -> int:
+    if args.gateway_path:
+        sys.path.insert(0, args.gateway_path)
+    import aiosmtplib
+
+    import gateway
+
+    print(f"outbound benchmark, relay mode, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"  machine   {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"aiosmtplib {aiosmtplib.__version__}")
+    print(f"  gateway   {Path(gateway.__file__).parent}"
+          f"{_load.git_revision(Path(gateway.__file__).parent)}")
+    mount, fstype = _load.filesystem_of(base)
+    print(f"  mailer    this process: Mailer + SmtpRelay, [outbound] connections = "
+          f"{args.connections}; database {base} on {mount} ({fstype}), fresh per round")
+    print(f"  load      {args.count} outbox rows (~3 KB, one ticket each) queued, then "
+          f"sent to the sink (its own process); {args.rounds} rounds of each variant, "
+          "alternating", flush=True)
+    sink, reader = start_sink(base)
+    results: dict[str, list[dict]] = {label: [] for label, _ in RELAY_VARIANTS}
+    try:
+        for round_no in range(args.rounds):
+            order = RELAY_VARIANTS if round_no % 2 == 0 else RELAY_VARIANTS[::-1]
+            for label, keep_alive in order:
+                busy = _load.wait_for_quiet(min(args.settle, 3.0)) if args.settle else 0.0
+                name = f"{tag}-{round_no}-{keep_alive}"
+                result = asyncio.run(_relay_round(args, base / f"relay-{name}", reader,
+                                                  sink.port, name, keep_alive))
+                result["busy_before"] = busy
+                results[label].append(result)
+                print(f"  round {round_no + 1} {label:>12}: {result['per_s']:7.1f} mails/s "
+                      f"({result['mails']} in {result['seconds']:.2f} s, "
+                      f"{result['sessions']} relay sessions; {result['once']} once, "
+                      f"{result['missing']} missing, {result['doubled']} doubled; machine "
+                      f"busy {busy:.2f} cores before)", flush=True)
+    finally:
+        sink.stop()
+    kept = [r["per_s"] for r in results["kept"]]
+    new = [r["per_s"] for r in results["new per mail"]]
+    med_kept, med_new = _load.percentile(kept, 0.5), _load.percentile(new, 0.5)
+    print(f"\n  median mails/s: kept {med_kept:.1f}, new session per mail {med_new:.1f}: "
+          f"kept = {med_kept / med_new:.2f}x the baseline")
+    pairs = [k / n for k, n in zip(kept, new)]
+    print("  per round (kept / new): " + ", ".join(f"{p:.2f}x" for p in pairs))
+    exact = all(r["once"] == r["mails"] and r["sent_rows"] == r["mails"]
+                for rs in results.values() for r in rs)
+    print(f"  every mail exactly once at the sink and marked sent: {'yes' if exact else 'NO'}")
+    if args.json:
+        args.json.write_text(json.dumps({"relay": results, "median_kept_per_s": med_kept,
+                                         "median_new_per_s": med_new}, indent=2) + "\n")
+    return 0 if exact else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -788,9 +912,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Outbound benchmark: acknowledgements per second end to end and the "
                     "delay from a report's 250 to its acknowledgement at a relay sink.")
-    parser.add_argument("--mode", choices=("max", "sustained", "both"), default="both",
+    parser.add_argument("--mode", choices=("max", "sustained", "both", "relay"),
+                        default="both",
                         help="max: N reports as fast as the sessions go; sustained: paced "
-                             "at --rate; both (default): max, then sustained")
+                             "at --rate; both (default): max, then sustained; relay: the "
+                             "mailer alone, kept relay sessions against a new session per "
+                             "mail")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="relay mode: rounds of each variant, alternating (3)")
+    parser.add_argument("--connections", type=int, default=4,
+                        help="relay mode: [outbound] connections (4)")
     parser.add_argument("--quick", action="store_true", help="a short sanity run")
     parser.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS,
                         help=f"parallel SMTP sessions ({DEFAULT_SESSIONS})")
@@ -835,6 +966,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     args.count = args.count or (80 if quick else 600)
+    if args.mode == "relay" and args.rounds < 1:
+        parser.error("--rounds >= 1")
     args.duration = args.duration or (5.0 if quick else 20.0)
     args.warmup = 16 if args.warmup is None else args.warmup
     args.drain_cap = args.drain_cap or (60.0 if quick else 300.0)
@@ -853,6 +986,16 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="s4e-outbound-bench-", dir=parent))
     tag = uuid.uuid4().hex[:10]
     atexit.register(ServerProcess.kill_all)
+    if args.mode == "relay":
+        try:
+            return run_relay_mode(args, base, tag)
+        except RuntimeError as err:
+            print(f"bench_outbound: {err}", file=sys.stderr)
+            return 1
+        finally:
+            ServerProcess.kill_all()
+            if not args.keep:
+                shutil.rmtree(base, ignore_errors=True)
     started = time.monotonic()
     runs: list[Run] = []
     try:

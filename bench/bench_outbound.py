@@ -888,7 +888,7 @@ def run_relay_mode(args: argparse.Namespace, base: Path, tag: str) -> int:
     med_kept, med_new = _load.percentile(kept, 0.5), _load.percentile(new, 0.5)
     print(f"\n  median mails/s: kept {med_kept:.1f}, new session per mail {med_new:.1f}: "
           f"kept = {med_kept / med_new:.2f}x the baseline")
-    pairs = [k / n for k, n in zip(kept, new)]
+    pairs = [k / n for k, n in zip(kept, new, strict=True)]
     print("  per round (kept / new): " + ", ".join(f"{p:.2f}x" for p in pairs))
     exact = all(r["once"] == r["mails"] and r["sent_rows"] == r["mails"]
                 for rs in results.values() for r in rs)

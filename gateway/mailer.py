@@ -626,7 +626,7 @@ class Mailer:
         """SQLite's count of commits by other connections (None when it cannot be read:
         then only wake(), the next retry and the slow poll wake us)."""
         try:
-            rows = await self._conn.execute_fetchall("PRAGMA data_version")
+            rows = list(await self._conn.execute_fetchall("PRAGMA data_version"))
         except Exception as err:  # noqa: BLE001
             log.warning("outbox: reading data_version failed: %s", one_line(err))
             return None

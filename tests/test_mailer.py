@@ -294,10 +294,11 @@ async def test_worker_sleeps_until_the_next_retry_is_due(
     assert len(sink.messages) == 1
 
 
-async def test_rows_queued_by_another_process_are_found_by_the_poll(
+async def test_rows_queued_by_another_process_are_found_without_wake(
         conn: aiosqlite.Connection, smtp_sink: Sink, tmp_path: Path) -> None:
     """The CLI (staff reply, `outbox retry`) queues on its own connection and cannot
-    wake() the daemon's mailer: the idle poll picks its rows up."""
+    wake() the daemon's mailer: the commit check (or else the idle poll) finds its rows.
+    test_outbound_kept proves the commit check alone, with a poll of an hour."""
     config = relay_config(tmp_path, smtp_sink.port)
     mailer = Mailer(conn, relay(config), config, poll_interval=0.2)
     await mailer.start()

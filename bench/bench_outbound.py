@@ -986,19 +986,11 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="s4e-outbound-bench-", dir=parent))
     tag = uuid.uuid4().hex[:10]
     atexit.register(ServerProcess.kill_all)
-    if args.mode == "relay":
-        try:
-            return run_relay_mode(args, base, tag)
-        except RuntimeError as err:
-            print(f"bench_outbound: {err}", file=sys.stderr)
-            return 1
-        finally:
-            ServerProcess.kill_all()
-            if not args.keep:
-                shutil.rmtree(base, ignore_errors=True)
     started = time.monotonic()
     runs: list[Run] = []
     try:
+        if args.mode == "relay":
+            return run_relay_mode(args, base, tag)
         rate_source = ""
         if "sustained" in args.modes:
             if args.rate is not None:

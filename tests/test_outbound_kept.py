@@ -25,7 +25,7 @@ from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.mailer import Mailer, SmtpRelay
 from tests.conftest import Sink, wait_for, write_config
-from tests.test_mailer import conn, queue_mail, relay_config, row  # noqa: F401
+from tests.test_mailer import Queued, conn, queue_mail, relay_config, row  # noqa: F401
 
 
 @dataclass
@@ -104,6 +104,12 @@ def raws(relay: Sink) -> list[bytes]:
     return [raw for _, _, raw in relay.messages]
 
 
+async def queue_many(conn: aiosqlite.Connection, count: int, first_ticket: int) -> list[Queued]:
+    """`count` mails queued at once, one ticket each (so they may leave in parallel)."""
+    now = store.utcnow()
+    return [await queue_mail(conn, now, ticket=first_ticket + n) for n in range(count)]
+
+
 async def all_sent(conn: aiosqlite.Connection) -> bool:
     return all(r.status == "sent" for r in await store.list_outbox(conn))
 
@@ -113,8 +119,7 @@ async def test_many_mails_go_over_the_kept_sessions_and_stop_quits_them(
         conn: aiosqlite.Connection, tmp_path: Path, connections: int) -> None:
     async with counting_relay() as relay:
         config = relay_config(tmp_path, relay.port, connections=connections)
-        now = store.utcnow()
-        queued = [await queue_mail(conn, now, ticket=100000 + n) for n in range(12)]
+        queued = await queue_many(conn, 12, 100000)
         mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config)
         await mailer.start()
         try:
@@ -132,8 +137,7 @@ async def test_a_refused_mail_is_reset_and_the_session_carries_the_next(
         conn: aiosqlite.Connection, tmp_path: Path) -> None:
     async with counting_relay(rcpt_replies=["550 5.1.1 No such user"]) as relay:
         config = relay_config(tmp_path, relay.port, connections=1)
-        now = store.utcnow()
-        refused, *others = [await queue_mail(conn, now, ticket=200000 + n) for n in range(3)]
+        refused, *others = await queue_many(conn, 3, 200000)
         mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config)
         await mailer.start()
         try:
@@ -154,8 +158,7 @@ async def test_a_kept_session_the_relay_closed_costs_nothing(
     goes on a new session at once, no retry recorded, none lost, none twice."""
     async with counting_relay(drop=drop) as relay:
         config = relay_config(tmp_path, relay.port, connections=1)
-        now = store.utcnow()
-        queued = [await queue_mail(conn, now, ticket=300000 + n) for n in range(3)]
+        queued = await queue_many(conn, 3, 300000)
         mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config)
         with caplog.at_level(logging.INFO, logger="gateway.mailer"):
             await mailer.start()
@@ -220,8 +223,7 @@ async def test_keep_alive_0_is_a_new_session_per_mail(
         conn: aiosqlite.Connection, tmp_path: Path) -> None:
     async with counting_relay() as relay:
         config = relay_config(tmp_path, relay.port, connections=1, keep_alive="0")
-        now = store.utcnow()
-        queued = [await queue_mail(conn, now, ticket=600000 + n) for n in range(3)]
+        queued = await queue_many(conn, 3, 600000)
         mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config)
         await mailer.start()
         try:
@@ -256,8 +258,7 @@ async def test_a_kept_session_gone_silent_does_not_stop_mail_on_the_others(
             first = await queue_mail(conn, store.utcnow(), ticket=700000)
             mailer.wake()
             await wait_for(lambda: all_sent(conn), timeout=10)  # session 1 is kept
-            now = store.utcnow()
-            burst = [await queue_mail(conn, now, ticket=700001 + n) for n in range(5)]
+            burst = await queue_many(conn, 5, 700001)
             mailer.wake()
             # Four leave on other sessions while one mail hangs on session 1.
             await wait_for(lambda: len(relay.messages) == 5, timeout=20)

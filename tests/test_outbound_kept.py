@@ -25,7 +25,7 @@ from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.mailer import Mailer, SmtpRelay
 from tests.conftest import Sink, wait_for, write_config
-from tests.test_mailer import Queued, conn, queue_mail, relay_config, row  # noqa: F401
+from tests.test_mailer import Queued, queue_mail, relay_config, row
 
 
 @dataclass

@@ -802,9 +802,11 @@ def _outbox_mail(tag: str, n: int) -> tuple[str, str, bytes]:
 
 
 async def _relay_round(args: argparse.Namespace, workdir: Path, reader: SinkReader,
-                       sink_port: int, tag: str, keep_alive: str) -> dict:
+                       sink: ServerProcess, tag: str, keep_alive: str) -> dict:
     """`args.count` rows queued in a fresh database, then the Mailer (this process)
-    sends them to the sink; mails/s from start() to the last arrival at the sink."""
+    sends them to the sink; mails/s from start() to the last arrival at the sink, and
+    the CPU time per mail of this process (the mailer and its SQLite thread) and of the
+    sink (less disturbed by other load on the machine than wall time)."""
     from gateway import store
     from gateway.config import OutboundConfig
     from gateway.mailer import Mailer, SmtpRelay
@@ -823,15 +825,19 @@ async def _relay_round(args: argparse.Namespace, workdir: Path, reader: SinkRead
                 message_id=message_id, mail_from="crm@s4e.pl",
                 rcpt_to=f"customer-{n}@customer.bench", subject=f"[#{n:06d}] Awaria",
                 auto=True, raw=raw, now=now)
-    config = OutboundConfig(transport="smtp", relay=f"{HOST}:{sink_port}",
+    config = OutboundConfig(transport="smtp", relay=f"{HOST}:{sink.port}",
                             connections=args.connections, keep_alive=keep_alive)
     mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.bench"), config)
     first = len(reader.records)
+    cpu = _load.own_cpu_seconds()
+    sink_cpu = _load.process_cpu_seconds(sink.proc.pid)
     started = time.time()
     await mailer.start()
     try:
         await _wait_for_acks(reader, wanted, args.drain_cap, args.idle_cap)
     finally:
+        cpu = _load.own_cpu_seconds() - cpu  # includes _wait_for_acks' polling (small)
+        sink_cpu = _load.process_cpu_seconds(sink.proc.pid) - sink_cpu
         await mailer.stop()
         rows = await conn.execute_fetchall(
             "SELECT count(*) FROM outbox WHERE status = 'sent'")
@@ -843,7 +849,9 @@ async def _relay_round(args: argparse.Namespace, workdir: Path, reader: SinkRead
             "doubled": sum(1 for c in counts.values() if c > 1),
             "missing": len(wanted - set(counts)), "sent_rows": rows[0][0],
             "seconds": end - started, "per_s": len(counts) / (end - started),
-            "sessions": len({r.ehlo for r in records})}
+            "sessions": len({r.ehlo for r in records}),
+            "cpu_ms_per_mail": 1000 * cpu / len(wanted),
+            "sink_cpu_ms_per_mail": 1000 * sink_cpu / len(wanted)}
 
 
 def run_relay_mode(args: argparse.Namespace, base: Path, tag: str) -> int:
@@ -873,12 +881,14 @@ def run_relay_mode(args: argparse.Namespace, base: Path, tag: str) -> int:
                 busy = _load.wait_for_quiet(min(args.settle, 3.0)) if args.settle else 0.0
                 name = f"{tag}-{round_no}-{keep_alive}"
                 result = asyncio.run(_relay_round(args, base / f"relay-{name}", reader,
-                                                  sink.port, name, keep_alive))
+                                                  sink, name, keep_alive))
                 result["busy_before"] = busy
                 results[label].append(result)
                 print(f"  round {round_no + 1} {label:>12}: {result['per_s']:7.1f} mails/s "
                       f"({result['mails']} in {result['seconds']:.2f} s, "
-                      f"{result['sessions']} relay sessions; {result['once']} once, "
+                      f"{result['sessions']} relay sessions; CPU/mail "
+                      f"{result['cpu_ms_per_mail']:.2f} ms mailer, "
+                      f"{result['sink_cpu_ms_per_mail']:.2f} ms sink; {result['once']} once, "
                       f"{result['missing']} missing, {result['doubled']} doubled; machine "
                       f"busy {busy:.2f} cores before)", flush=True)
     finally:
@@ -890,6 +900,11 @@ def run_relay_mode(args: argparse.Namespace, base: Path, tag: str) -> int:
           f"kept = {med_kept / med_new:.2f}x the baseline")
     pairs = [k / n for k, n in zip(kept, new, strict=True)]
     print("  per round (kept / new): " + ", ".join(f"{p:.2f}x" for p in pairs))
+    for key, what in (("cpu_ms_per_mail", "mailer"), ("sink_cpu_ms_per_mail", "relay sink")):
+        cpu_kept = _load.percentile([r[key] for r in results["kept"]], 0.5)
+        cpu_new = _load.percentile([r[key] for r in results["new per mail"]], 0.5)
+        print(f"  median CPU per mail, {what}: kept {cpu_kept:.2f} ms, new session per mail "
+              f"{cpu_new:.2f} ms: kept = {cpu_kept / cpu_new:.2f}x the baseline")
     exact = all(r["once"] == r["mails"] and r["sent_rows"] == r["mails"]
                 for rs in results.values() for r in rs)
     print(f"  every mail exactly once at the sink and marked sent: {'yes' if exact else 'NO'}")

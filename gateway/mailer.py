@@ -544,8 +544,16 @@ class Mailer:
         self._stopping = True
         self.wake()
         tasks, self._tasks = self._tasks, []
-        if not tasks:
-            return
+        if tasks:
+            await self._finish(tasks, grace)
+        if isinstance(self._transport, ClosingTransport):
+            try:
+                await self._transport.aclose()  # QUIT the kept relay sessions
+            except Exception:  # noqa: BLE001 - stopping goes on
+                log.exception("outbox: closing the transport failed")
+
+    @staticmethod
+    async def _finish(tasks: list[asyncio.Task[None]], grace: float) -> None:
         _, pending = await asyncio.wait(tasks, timeout=grace)
         if pending:
             log.warning("outbox: %d send(s) still in progress after %.0fs; cut off, they go "
@@ -556,11 +564,6 @@ class Mailer:
             if isinstance(result, Exception):
                 log.error("outbox: a mailer worker had stopped with an error: %s",
                           one_line(f"{type(result).__name__}: {result}"))
-        if isinstance(self._transport, ClosingTransport):
-            try:
-                await self._transport.aclose()  # QUIT the kept relay sessions
-            except Exception:  # noqa: BLE001 - stopping goes on
-                log.exception("outbox: closing the transport failed")
 
     async def _run(self) -> None:
         failures = 0

@@ -18,14 +18,17 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from aiosmtpd.smtp import SMTP
+import trustme
+from aiosmtpd.smtp import SMTP, LoginPassword
 
 from gateway import store
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.mailer import Mailer, SmtpRelay
 from tests.conftest import Sink, wait_for, write_config
-from tests.test_mailer import Queued, queue_mail, relay_config, row
+from tests.test_mailer import (PASSWORD, T0, FakeClock, Queued, Recorder, check_password,
+                               client_tls, password_file, queue_mail, relay_config, row,
+                               server_tls, stop_server)
 
 
 @dataclass
@@ -323,3 +326,43 @@ async def test_outbox_retry_from_the_cli_process_wakes_the_idle_mailer(
 
 async def _status_is(conn: aiosqlite.Connection, outbox_id: int, status: str) -> bool:
     return (await row(conn, outbox_id)).status == status
+
+
+@dataclass
+class QuitCounter(Recorder):
+    quits: int = 0
+
+    async def handle_QUIT(self, server, session, envelope):  # noqa: ANN001
+        self.quits += 1
+        return "221 2.0.0 Bye"
+
+
+async def test_a_kept_session_keeps_its_tls_and_login(
+        conn: aiosqlite.Connection, tmp_path: Path) -> None:
+    """The second mail rides the first one's STARTTLS and AUTH: still encrypted and
+    authenticated, with no new handshake."""
+    ca = trustme.CA()
+    handler = QuitCounter()
+    sessions = 0
+
+    def factory() -> SMTP:
+        nonlocal sessions
+        sessions += 1
+        return SMTP(handler, hostname="relay.test", tls_context=server_tls(ca),
+                    require_starttls=True, authenticator=check_password, auth_required=True)
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    config = relay_config(tmp_path, server.sockets[0].getsockname()[1], starttls=True,
+                          username="gateway", password_file=password_file(tmp_path))
+    transport = SmtpRelay(config, local_hostname="gw.test", tls_context=client_tls(ca))
+    mailer = Mailer(conn, transport, config, clock=FakeClock())
+    queued = [await queue_mail(conn, T0, ticket=900000 + n) for n in range(2)]
+    try:
+        assert await mailer.run_once() and await mailer.run_once()
+        await mailer.stop()  # never started: closes the kept session all the same
+    finally:
+        await stop_server(server)
+    assert sessions == 1 and handler.quits == 1
+    assert [m[0] for m in handler.messages] == [q.raw for q in queued]
+    assert all(over_tls and auth == LoginPassword(b"gateway", PASSWORD.encode())
+               for _, over_tls, auth in handler.messages)

@@ -239,12 +239,17 @@ async def test_keep_alive_0_is_a_new_session_per_mail(
 
 
 def test_keep_alive_is_checked_by_the_config_loader(tmp_path: Path) -> None:
-    path = write_config(tmp_path, 'keep_alive = "a while"\n')
+    def config_file(outbound: str) -> Path:
+        path = tmp_path / "gw.toml"
+        path.write_text(f'[storage]\ndatabase = "{tmp_path}/gw.db"\n'
+                        f'[outbound]\nmaildir = "{tmp_path}/outbox"\n{outbound}')
+        return path
+
     with pytest.raises(ConfigError) as caught:
-        load_config(path)
+        load_config(config_file('keep_alive = "a while"\n'))
     assert str(caught.value).startswith("outbound.keep_alive: ") and "\n" not in str(caught.value)
-    assert load_config(write_config(tmp_path, 'keep_alive = "0"\n')).outbound.keep_alive == "0"
-    assert load_config(write_config(tmp_path)).outbound.keep_alive == "30s"
+    assert load_config(config_file('keep_alive = "0"\n')).outbound.keep_alive == "0"
+    assert load_config(config_file("")).outbound.keep_alive == "30s"
 
 
 async def test_a_kept_session_gone_silent_does_not_stop_mail_on_the_others(

@@ -9,16 +9,16 @@ from zoneinfo import ZoneInfo
 
 import aiosqlite
 
-from gateway import store
+from gateway import store, texts
+from gateway.compose import reply_subject
 from gateway.model import HeldStatus, Outgoing
-from gateway.pipeline import Context, queue
-from gateway.render import reply_subject
+from gateway.pipeline import Context, queue, template_context
 from gateway.store import Tx
 
 log = logging.getLogger(__name__)
 
 DIGEST_EVERY = timedelta(hours=1)
-DIGEST_KIND = "held_digest"
+DIGEST_KIND = texts.HeldDigest.event
 MAX_LISTED = 50
 
 
@@ -40,12 +40,12 @@ async def send_held_digest(conn: aiosqlite.Connection, ctx: Context) -> int:
         if last and last[0][0] and datetime.fromisoformat(last[0][0]) > now - DIGEST_EVERY:
             return 0
         zone = ZoneInfo(ctx.config.tickets.timezone)
-        held = [{"id": r["id"], "sender": r["sender"], "subject": r["subject"],
-                 "reason": r["reason"], "ticket": f"#{r['ticket']:06d}" if r["ticket"] else "",
-                 "received": datetime.fromisoformat(r["received_at"]).astimezone(zone)
-                 .strftime("%Y-%m-%d %H:%M")} for r in rows[:MAX_LISTED]]
-        body = ctx.renderer.render(DIGEST_KIND, intake=ctx.intake, crm=ctx.crm, held=held,
-                                   phone_numbers=list(ctx.config.tickets.phone_numbers))
+        held = tuple(texts.HeldItem(
+            id=r["id"], sender=r["sender"], subject=r["subject"], reason=r["reason"],
+            ticket=r["ticket"] or None,
+            received=datetime.fromisoformat(r["received_at"]).astimezone(zone)
+            .strftime("%Y-%m-%d %H:%M")) for r in rows[:MAX_LISTED])
+        body = ctx.renderer.render(texts.HeldDigest(template_context(ctx, None), held=held))
         subject = reply_subject(None, ("Wstrzymane wiadomości: " if ctx.language == "pl"
                                        else "Held messages: ") + str(len(rows)),
                                 language=ctx.language)

@@ -34,7 +34,8 @@ from gateway.model import (FIELD_NAMES, TICKET_REF, UNVERIFIED, Attachment, Auth
 from gateway.parser import parse_report
 from gateway.processor import Processed
 from gateway.errors import GatewayError
-from gateway.render import Renderer, clean_header_text, compose_message, reply_subject
+from gateway import texts
+from gateway.compose import clean_header_text, compose_message, reply_subject
 from gateway.sender_auth import verify_sender
 from gateway.staff_mail import parse_staff_mail
 from gateway.router import (AppendToTicket, ClosedTicketGuidance, Decision,
@@ -55,7 +56,7 @@ class Context:
     """What the stages need besides the database; built once by the daemon/CLI."""
 
     config: Config
-    renderer: Renderer
+    renderer: texts.Renderer
     hmac_key: str
     clock: Callable[[], datetime] = store.utcnow
     wake_mailer: Callable[[], None] = lambda: None
@@ -95,13 +96,14 @@ class Context:
                       staff_domains=self.config.addresses.staff_domains)
 
 
-def load_renderer(config: Config) -> Renderer:
+def load_renderer(config: Config) -> texts.Renderer:
     """The templates shipped with the package, in the configured language, under the
     operator's `[tickets] templates` folder (its files win by name)."""
     from importlib import resources
 
     templates = Path(str(resources.files("gateway.templates")))
-    return Renderer(templates, config.tickets.language, override_dir=config.tickets.templates)
+    return texts.Renderer(templates, config.tickets.language,
+                          override_dir=config.tickets.templates)
 
 
 async def make_context(conn: aiosqlite.Connection, config: Config,
@@ -408,7 +410,7 @@ async def append_to_ticket(conn: aiosqlite.Connection, ctx: Context, row: Inboun
         return number  # reprocessing: never append the same message twice
     await record_inbound(conn, number, row, report, saved, now, verdict=situation.verdict)
     await store.update_ticket(conn, number, now, last_customer_at=store.iso(now))
-    kind = "follow_up"
+    kind: texts.CopyKind = "follow_up"
     # reply_policy admits mail into the thread; only the ticket's own people may change
     # its fields or rate it (a From header is easy to forge).
     if situation.is_participant:
@@ -422,8 +424,10 @@ async def append_to_ticket(conn: aiosqlite.Connection, ctx: Context, row: Inboun
                                     to_status=Status.CLOSED, actor="customer",
                                     note=f"rating {report.rating}", now=now)
             closed = await store.get_ticket(conn, number)
-            await notify(conn, ctx, closed, "closed", now, rating=report.rating,
-                         reason="rating", in_reply_to=report)
+            assert closed is not None
+            await notify(conn, ctx, closed,
+                         texts.Closed(template_context(ctx, closed), rating=report.rating,
+                                      reason="rating"), now, in_reply_to=report)
         elif ticket.status == Status.RESOLVED:
             kind = "reply_unrated"
             await ask_for_rating(conn, ctx, row, report, ticket, decision.answer, now)
@@ -624,7 +628,7 @@ def logs_to_attach(attachments: tuple[Attachment, ...]) -> set[str]:
 
 async def copy_to_staff(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
                         report: Report, saved: list[dict[str, Any]], now: datetime, *,
-                        kind: str, verdict: Verdict) -> None:
+                        kind: texts.CopyKind, verdict: Verdict) -> None:
     """Every customer message that enters a ticket goes to the desk: the new text, the
     attachments with sizes (logs attached up to 10 MiB), Reply-To crm@ and a Message-ID
     of ours, so that pressing Reply answers the customer in the thread."""
@@ -634,18 +638,18 @@ async def copy_to_staff(conn: aiosqlite.Connection, ctx: Context, ticket: Ticket
     attach = logs_to_attach(report.attachments)
     files = tuple(OutAttachment(a.filename, a.content_type, a.data)
                   for a in report.attachments if a.sha256 in attach)
-    listing = [{"filename": a.filename, "size": a.size, "is_log": a.is_log,
-                "attached": a.sha256 in attach} for a in report.attachments]
-    context = template_context(ctx, ticket)
-    context.update(
-        fields=ticket_fields(ticket), missing=list(ticket.missing), status=ticket.status,
+    listing = tuple(texts.StaffFile(filename=a.filename, size=a.size, is_log=a.is_log,
+                                    attached=a.sha256 in attach) for a in report.attachments)
+    text = texts.StaffCopy(
+        template_context(ctx, ticket),
+        fields=ticket_fields(ticket), missing=tuple(ticket.missing), status=Status(ticket.status),
         phone_confirmation_required=ticket.phone_confirmation_required and kind == "new",
         reporter=report.sender or ticket.reporter_email, text=report.text, copy_kind=kind,
         verdict=f"{verdict.result}: {verdict.reason}", files=listing,
-        notes=list(report.notes), dispatcher=ticket.dispatcher or "",
+        notes=tuple(report.notes), dispatcher=ticket.dispatcher or "",
         contact=ticket.contact_email or "", assignee=ticket.assignee or "",
         linked=ticket.linked_to if kind == "new" else None)
-    body = ctx.renderer.render("staff_copy", **context)
+    body = ctx.renderer.render(text)
     name = clean_header_text(report.sender_name or ticket.reporter_name or report.sender)
     for address in recipients:
         out = Outgoing(kind="staff_copy", ticket=ticket.number, to=address,
@@ -658,28 +662,33 @@ async def copy_to_staff(conn: aiosqlite.Connection, ctx: Context, ticket: Ticket
 
 # --- outgoing mail ------------------------------------------------------------------------
 
-def template_context(ctx: Context, ticket: TicketRow | None) -> dict[str, Any]:
-    base: dict[str, Any] = {"intake": ctx.intake, "crm": ctx.crm,
-                            "phone_numbers": list(ctx.config.tickets.phone_numbers)}
-    if ticket is not None:
-        base.update(number=ticket.number, subject=ticket.subject)
-    return base
+def template_context(ctx: Context, ticket: TicketRow | None) -> texts.Common:
+    """The shared part of every text: our addresses and numbers, and the ticket."""
+    phones = tuple(ctx.config.tickets.phone_numbers)
+    if ticket is None:
+        return texts.Common(intake=ctx.intake, crm=ctx.crm, phone_numbers=phones)
+    return texts.Common(intake=ctx.intake, crm=ctx.crm, phone_numbers=phones,
+                        number=ticket.number, subject=ticket.subject)
 
 
-def ticket_fields(ticket: TicketRow) -> dict[str, str | None]:
-    return {name: getattr(ticket, name) for name in FIELD_NAMES}
+def ticket_fields(ticket: TicketRow) -> Fields:
+    return Fields(**{name: getattr(ticket, name) for name in FIELD_NAMES})
 
 
-async def report_context(conn: aiosqlite.Connection, ticket: TicketRow) -> dict[str, Any]:
-    """What the acknowledgement and the missing-fields request show: short field
-    values and how many attachments arrived (never their names: free text)."""
+async def report_context(conn: aiosqlite.Connection,
+                         ticket: TicketRow) -> tuple[Fields, int, int | None]:
+    """What the acknowledgement and the missing-fields request show: (the fields, how
+    many attachments arrived, how many of them logs); never their names: free text."""
     attachments = await store.ticket_attachments(conn, ticket.number)
-    return {"fields": ticket_fields(ticket), "attachments": len(attachments),
-            "log_attachments": sum(1 for a in attachments if a.is_log)}
+    return (ticket_fields(ticket), *texts.attachment_counts(attachments))
 
 
 # Events that answer about a ticket and go to its reporter (and the dispatcher in Cc).
 _TICKET_ANSWERS = frozenset({"acknowledgement", "missing_fields", "rating_request"})
+# Answers whose text needs nothing but the shared part.
+_PLAIN_ANSWERS: dict[str, Callable[[texts.Common], texts.Text]] = {
+    cls.event: cls for cls in (texts.RatingRequest, texts.HeldNotice,
+                               texts.UnknownTicketGuidance, texts.ClosedTicketGuidance)}
 
 
 async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, report: Report,
@@ -705,21 +714,30 @@ async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repo
         log.info("%s: %s to %s already sent within a day: not again",
                  report.message_id or "<no-id>", event, to)
         return
-    context = template_context(ctx, ticket)
-    if ticket is not None and event in ("acknowledgement", "missing_fields"):
-        context.update(await report_context(conn, ticket))
-        if event == "missing_fields":
-            context.update(missing=list(ticket.missing), again=again)
-        else:
-            context["phone_confirmation_required"] = ticket.phone_confirmation_required
-    if staff_notice is not None:
-        notice = await store.get_ticket(conn, notice_ticket) if notice_ticket else None
-        context.update(template_context(ctx, notice))
-        context.update(problem=staff_notice[0], detail=staff_notice[1],
-                       status=notice.status if notice else None)
+    common = template_context(ctx, ticket)
     if ticket is None and staff_notice is None and event != "closed_ticket_guidance":
-        context["subject"] = report.subject
-    body = ctx.renderer.render(event, **context)
+        common = dataclasses.replace(common, subject=report.subject)
+    text: texts.Text
+    if ticket is not None and event in ("acknowledgement", "missing_fields"):
+        fields, files, logs = await report_context(conn, ticket)
+        if event == "missing_fields":
+            text = texts.MissingFields(common, fields=fields, attachments=files,
+                                       log_attachments=logs, missing=tuple(ticket.missing),
+                                       again=again)
+        else:
+            text = texts.Acknowledgement(
+                common, fields=fields, attachments=files, log_attachments=logs,
+                phone_confirmation_required=ticket.phone_confirmation_required)
+    elif staff_notice is not None:
+        notice = await store.get_ticket(conn, notice_ticket) if notice_ticket else None
+        common = template_context(ctx, notice)
+        if notice is None and notice_ticket is not None:
+            common = dataclasses.replace(common, number=notice_ticket)
+        text = texts.StaffNotice(common, problem=staff_notice[0], detail=staff_notice[1],
+                                 status=Status(notice.status) if notice else None)
+    else:
+        text = _PLAIN_ANSWERS[event](common)
+    body = ctx.renderer.render(text)
     number = ticket.number if ticket is not None else None
     subject_source = ticket.subject if ticket is not None else ticket_subject(report.subject)
     if staff_notice is not None:
@@ -736,23 +754,22 @@ async def answer(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, repo
                     record_ticket=number if record else None, topic=topic)
 
 
-async def notify(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow | None, event: str,
-                 now: datetime, *, in_reply_to: Report | None = None, auto: bool = True,
-                 files: tuple[Any, ...] = (), kind: str = MessageKind.NOTICE,
-                 author: str | None = None, inbound_id: int | None = None,
-                 from_name: str = "", **extra: Any) -> None:
+async def notify(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow | None,
+                 text: texts.Text, now: datetime, *, in_reply_to: Report | None = None,
+                 auto: bool = True, files: tuple[Any, ...] = (),
+                 kind: str = MessageKind.NOTICE, author: str | None = None,
+                 inbound_id: int | None = None, from_name: str = "") -> None:
     """A notice to the ticket's reporter in the ticket's thread (status changes, staff
-    replies, closing), with a copy to the ticket's dispatcher."""
+    replies, closing), with a copy to the ticket's dispatcher. `text` is built with
+    `template_context(ctx, ticket)` as its shared part."""
     assert ticket is not None
     if in_reply_to is not None:
         parent, refs = in_reply_to.message_id, tuple(in_reply_to.references)
     else:
         parent, refs = await thread_tail(conn, ticket.number)
-    context = template_context(ctx, ticket)
-    context.update(extra)
-    out = Outgoing(kind=event, ticket=ticket.number, to=ticket.reporter_email,
+    out = Outgoing(kind=text.event, ticket=ticket.number, to=ticket.reporter_email,
                    subject=reply_subject(ticket.number, ticket.subject, language=ctx.language),
-                   body=ctx.renderer.render(event, **context), in_reply_to=parent,
+                   body=ctx.renderer.render(text), in_reply_to=parent,
                    references=refs, auto=auto, attachments=files, from_name=from_name)
     await queue_ticket_mail(conn, ctx, ticket, out, now, inbound_id=inbound_id,
                             record_kind=kind, author=author, counted=False)

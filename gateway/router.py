@@ -128,7 +128,7 @@ class StaffRefused:
     note, outcome staff_note). The engineer is told why; nothing is applied."""
 
     number: int
-    problem: str  # render.NOTICE_PROBLEMS
+    problem: str  # texts.NOTICE_PROBLEMS
     reason: str
     detail: str = ""
 

@@ -27,7 +27,8 @@ from gateway.model import (FIELD_NAMES, TRANSITIONS, Attachment, Fields, HeldSta
                            MessageKind, OutAttachment, Report, Status, missing_fields)
 from gateway.names import display_filename
 from gateway.parse_fields import normalize_phone
-from gateway.pipeline import Context, notify, report_context
+from gateway import texts
+from gateway.pipeline import Context, notify, report_context, template_context
 from gateway.staff_mail import engineer_problem
 from gateway.store import AttachmentRow, ContractRow, HeldRow, MessageRow, TicketRow, Tx
 
@@ -104,22 +105,25 @@ async def set_status(conn: aiosqlite.Connection, ctx: Context, number: int, stat
 
 
 async def send_notice(conn: aiosqlite.Connection, ctx: Context, ticket: TicketRow,
-                      status: Status, note: str | None, now: datetime, *, reason: str) -> None:
+                      status: Status, note: str | None, now: datetime, *,
+                      reason: texts.CloseReason) -> None:
     event = NOTICE_FOR[status]
-    extra: dict[str, Any] = {}
+    common = template_context(ctx, ticket)
+    text: texts.Text
     if event == "acknowledgement":
-        extra.update(await report_context(conn, ticket), accepted_by_staff=True,
-                     phone_confirmation_required=ticket.phone_confirmation_required)
-    else:
-        extra["note"] = note
-    if event == "status_changed":
-        extra["status"] = status.value
-    if event == "resolved":
+        fields, files, logs = await report_context(conn, ticket)
+        text = texts.Acknowledgement(
+            common, fields=fields, attachments=files, log_attachments=logs,
+            accepted_by_staff=True, phone_confirmation_required=ticket.phone_confirmation_required)
+    elif event == "status_changed":
+        text = texts.StatusChanged(common, status=status, note=note)
+    elif event == "resolved":
         window = parse_duration(ctx.config.tickets.rating_window)
-        extra["rating_window_days"] = window // 86400 if window >= 86400 else None
-    if event == "closed":
-        extra.update(rating=ticket.rating, reason=reason)
-    await notify(conn, ctx, ticket, event, now, **extra)
+        text = texts.Resolved(common, note=note,
+                              rating_window_days=window // 86400 if window >= 86400 else None)
+    else:
+        text = texts.Closed(common, note=note, rating=ticket.rating, reason=reason)
+    await notify(conn, ctx, ticket, text, now)
 
 
 def check_engineer(ctx: Context, engineer: str) -> str:
@@ -166,8 +170,10 @@ async def queue_staff_reply(conn: aiosqlite.Connection, ctx: Context, ticket: Ti
     if ticket.status == Status.CLOSED:
         raise TransitionError(f"ticket #{ticket.number:06d} is closed: replies go nowhere "
                               "(the customer must report anew at the intake address)")
-    await notify(conn, ctx, ticket, "staff_reply", now, auto=False, files=tuple(files),
-                 in_reply_to=in_reply_to, message=text, status=ticket.status,
+    await notify(conn, ctx, ticket,
+                 texts.StaffReply(template_context(ctx, ticket), message=text,
+                                  status=Status(ticket.status)),
+                 now, auto=False, files=tuple(files), in_reply_to=in_reply_to,
                  kind=MessageKind.STAFF_REPLY, author=author, inbound_id=inbound_id,
                  from_name=from_name)
     await store.update_ticket(conn, ticket.number, now, last_staff_at=store.iso(now))

@@ -37,7 +37,7 @@ from gateway.mailer import (
 )
 from gateway.model import Outgoing
 from gateway.msgid import make_message_id, new_key
-from gateway.render import compose_message
+from gateway.compose import compose_message
 from tests.conftest import CRM, Sink, wait_for
 
 T0 = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""Rendering stage: templates (pl/en), reply subjects, and MIME composition."""
+"""Texts (typed contexts -> pl/en templates), reply subjects, and MIME composition."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import email
 import email.policy
 import re
 import shutil
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -15,19 +16,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.model import REQUIRED_FIELDS, Fields, OutAttachment, Outgoing, Status
-from gateway.render import (
+from gateway.compose import clean_filename, clean_header_text, compose_message, reply_subject
+from gateway.texts import (
     EVENTS,
     MISSING_LABELS,
     STATUS_LABELS,
+    TEXTS,
+    Common,
+    HeldItem,
     Renderer,
     RenderError,
-    clean_filename,
-    clean_header_text,
-    compose_message,
+    StaffFile,
+    Text,
+    attachment_counts,
     customer_value,
     device_id_value,
     format_phone,
-    reply_subject,
     short_text,
 )
 
@@ -35,44 +39,45 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 WHEN = datetime(2025, 3, 14, 9, 26, 53, tzinfo=timezone(timedelta(hours=1)))
 MSGID = "<123456.abcdef0123@crm.s4e.pl>"
 
-FIELDS = {
-    "reporter_name": "Jan Kowalski",
-    "reporter_email": "jan.kowalski@firma.pl",
-    "reporter_phone": "+48124446500",
-    "install_address": "ul. Długa 5, 31-147 Kraków",
-    "description": "Serwer nie startuje po aktualizacji, na ekranie błąd 0x1F.",
-    "serial_number": "SN-4711-XZ",
-    "commcell_id": None,
-}
+FIELDS = Fields(
+    reporter_name="Jan Kowalski",
+    reporter_email="jan.kowalski@firma.pl",
+    reporter_phone="+48124446500",
+    install_address="ul. Długa 5, 31-147 Kraków",
+    description="Serwer nie startuje po aktualizacji, na ekranie błąd 0x1F.",
+    serial_number="SN-4711-XZ",
+    commcell_id=None,
+)
 
-# A representative context per event (the common keys come from `render_all`).
+# A representative context per event: the fields of its class besides `common` (which
+# `make_text` builds: ticket 123456, "Awaria serwera", the default addresses and numbers).
 CONTEXTS: dict[str, dict] = {
     "acknowledgement": {"fields": FIELDS, "attachments": 2, "log_attachments": 1,
                         "phone_confirmation_required": True},
-    "missing_fields": {"fields": {"reporter_name": "Jan Kowalski"},
-                       "missing": ["reporter_phone", "install_address", "device_id"]},
-    "status_changed": {"status": "in_progress", "note": "Wymiana dysku zaplanowana na jutro."},
+    "missing_fields": {"fields": Fields(reporter_name="Jan Kowalski"),
+                       "missing": ("reporter_phone", "install_address", "device_id")},
+    "status_changed": {"status": Status.IN_PROGRESS,
+                       "note": "Wymiana dysku zaplanowana na jutro."},
     "resolved": {"note": None},
     "closed": {"rating": 5, "reason": "rating"},
     "closed_ticket_guidance": {},
     "unknown_ticket_guidance": {},
     "staff_reply": {"message": "Dzień dobry,\nprosimy o przesłanie logów.\n\nAnna Nowak",
-                    "status": "in_progress"},
+                    "status": Status.IN_PROGRESS},
     "held_notice": {},
-    "staff_copy": {"fields": FIELDS, "missing": [], "phone_confirmation_required": True,
+    "staff_copy": {"fields": FIELDS, "missing": (), "phone_confirmation_required": True,
                    "reporter": "jan.kowalski@firma.pl", "copy_kind": "new",
                    "text": "Serwer nie startuje po aktualizacji, na ekranie błąd 0x1F.",
                    "verdict": "pass: dmarc=pass",
-                   "files": [{"filename": "cvlt.log", "size": 2048, "is_log": True,
-                              "attached": True},
-                             {"filename": "zdjęcie.jpg", "size": 3 * 1024 * 1024,
-                              "is_log": False, "attached": False}]},
+                   "files": (StaffFile(filename="cvlt.log", size=2048, is_log=True,
+                                       attached=True),
+                             StaffFile(filename="zdjęcie.jpg", size=3 * 1024 * 1024))},
     "rating_request": {},
     "staff_notice": {"problem": "bad_command", "detail": "Status: zrobione: unknown status",
-                     "status": "in_progress"},
-    "held_digest": {"held": [{"id": 7, "sender": "obcy@example.com", "subject": "Re: [#123456]",
-                              "reason": "sender not authorised for the ticket",
-                              "received": "2026-12-01 10:15", "ticket": "#123456"}]},
+                     "status": Status.IN_PROGRESS},
+    "held_digest": {"held": (HeldItem(id=7, sender="obcy@example.com", subject="Re: [#123456]",
+                                      reason="sender not authorised for the ticket",
+                                      received="2026-12-01 10:15", ticket=123456),)},
 }
 
 # Concrete wording the Polish mails must carry.
@@ -181,9 +186,25 @@ def en() -> Renderer:
     return Renderer(TEMPLATES, "en")
 
 
+COMMON_KEYS = frozenset({"number", "subject", "intake", "crm", "phone_numbers"})
+
+
+def make_text(event: str, **extra) -> Text:
+    """`event`'s representative context with `extra` replacing fields (common ones too)."""
+    common: dict = {"number": 123456, "subject": "Awaria serwera"}
+    values = dict(CONTEXTS[event])
+    for key, value in extra.items():
+        (common if key in COMMON_KEYS else values)[key] = value
+    return TEXTS[event](Common(**common), **values)
+
+
 def render(r: Renderer, event: str, **extra) -> str:
-    context = {"number": "123456", "subject": "Awaria serwera", **CONTEXTS[event], **extra}
-    return r.render(event, **context)
+    return r.render(make_text(event, **extra))
+
+
+def missing(event: str, *names: str) -> dict:
+    """`missing=names` for the event that has it (missing_fields), nothing otherwise."""
+    return {"missing": names} if event == "missing_fields" else {}
 
 
 # --------------------------------------------------------------------------- templates
@@ -228,7 +249,7 @@ def test_polish_status_labels_match_spec() -> None:
 
 def test_every_required_field_has_the_procedures_label(pl: Renderer) -> None:
     assert set(MISSING_LABELS["pl"]) == set(REQUIRED_FIELDS) == set(MISSING_LABELS["en"])
-    body = render(pl, "missing_fields", missing=list(REQUIRED_FIELDS), fields=None)
+    body = render(pl, "missing_fields", missing=REQUIRED_FIELDS, fields=Fields())
     for label in ("Imię i nazwisko osoby zgłaszającej problem",
                   "Dane kontaktowe osoby zgłaszającej (telefon)",
                   "Adres instalacji sprzętu – realizacji naprawy", "Opis problemu",
@@ -239,9 +260,9 @@ def test_every_required_field_has_the_procedures_label(pl: Renderer) -> None:
 
 def test_acknowledgement_never_carries_the_description(renderer: Renderer) -> None:
     secret = "KLIKNIJ http://evil.example/login i podaj hasło " * 50
-    fields = dict(FIELDS, description=secret)
+    fields = replace(FIELDS, description=secret)
     for event in ("acknowledgement", "missing_fields"):
-        body = render(renderer, event, fields=fields, missing=["device_id"])
+        body = render(renderer, event, fields=fields, **missing(event, "device_id"))
         assert "KLIKNIJ" not in body and "evil.example" not in body
 
 
@@ -252,11 +273,12 @@ CUSTOMER_EVENTS = ("acknowledgement", "missing_fields")
 def test_acknowledgement_withholds_a_malicious_field(renderer: Renderer) -> None:
     evil = ("Jan\r\nBcc: x@evil.example\n\nZapłać na konto http://evil.example/pay\u2028"
             + "A" * 5000)
-    fields = dict(FIELDS, reporter_name=evil, install_address=evil, serial_number=evil,
-                  commcell_id=evil, reporter_phone=evil, reporter_email=evil)
+    fields = replace(FIELDS, reporter_name=evil, install_address=evil, serial_number=evil,
+                     commcell_id=evil, reporter_phone=evil, reporter_email=evil)
+    count, logs = attachment_counts([evil] * 3)
     for event in CUSTOMER_EVENTS:
-        body = render(renderer, event, fields=fields, missing=["description"],
-                      attachments=[evil] * 3)
+        body = render(renderer, event, fields=fields, **missing(event, "description"),
+                      attachments=count, log_attachments=logs)
         assert "Bcc" not in body and "\u2028" not in body and "evil" not in body
         assert "Zapłać" not in body and "AAAA" not in body
         assert body.count(WITHHELD[renderer.language]) == 6, body
@@ -285,7 +307,7 @@ def test_customer_value_withholds_links_accounts_and_long_text(renderer: Rendere
     assert customer_value(value, withheld) == withheld
     for name in ("reporter_name", "install_address", "reporter_email", "reporter_phone",
                  "serial_number", "commcell_id"):
-        body = render(renderer, "acknowledgement", fields={name: value})
+        body = render(renderer, "acknowledgement", fields=Fields(**{name: value}))
         assert f": {withheld}\n" in body, (name, body)
         assert value not in body
 
@@ -328,7 +350,7 @@ def test_device_ids_are_printed_only_when_they_look_like_one(value, shown) -> No
 
 def test_serial_and_commcell_in_the_acknowledgement(pl: Renderer) -> None:
     body = render(pl, "acknowledgement",
-                  fields=dict(FIELDS, serial_number="SN 1/2", commcell_id="zadzwoń: 123"))
+                  fields=replace(FIELDS, serial_number="SN 1/2", commcell_id="zadzwoń: 123"))
     assert "- Numer seryjny urządzenia: SN 1/2\n" in body
     assert "- Numer Commcell ID: (podano)\n" in body and "zadzwoń" not in body
 
@@ -350,8 +372,8 @@ def test_phone_filter(raw, shown) -> None:
 
 def test_phone_is_formatted_in_customer_mails(renderer: Renderer) -> None:
     for event in CUSTOMER_EVENTS:
-        body = render(renderer, event, fields={"reporter_phone": "+48601234567"},
-                      missing=["device_id"])
+        body = render(renderer, event, fields=Fields(reporter_phone="+48601234567"),
+                      **missing(event, "device_id"))
         assert "+48 601 234 567\n" in body and "+48601234567" not in body
 
 
@@ -365,7 +387,8 @@ def test_short_filter() -> None:
 
 
 def test_acknowledgement_accepts_model_fields(pl: Renderer) -> None:
-    body = pl.render("acknowledgement", number=123456, fields=Fields(reporter_name="Ewa Nowak"))
+    body = pl.render(TEXTS["acknowledgement"](Common(number=123456),
+                                              fields=Fields(reporter_name="Ewa Nowak")))
     assert "Ewa Nowak" in body and "#123456" in body and "None" not in body
 
 
@@ -376,11 +399,14 @@ def test_attachments_are_counted_never_named(pl: Renderer, event: str) -> None:
     for logs in (None, 0):
         body = render(pl, event, attachments=3, log_attachments=logs)
         assert "Otrzymaliśmy 3 załączniki.\n" in body
-    for nothing in (0, None, []):
-        assert "załącznik" not in render(pl, event, attachments=nothing, log_attachments=None)
-    # A list (the old contract) is counted; its names never reach the customer.
+    count, logs = attachment_counts([])
+    assert "załącznik" not in render(pl, event, attachments=count, log_attachments=logs)
+    assert "załącznik" not in render(pl, event, attachments=0, log_attachments=0)
+    # A list of names is counted; the names never reach the customer (only a count can).
     names = ["Wpłać na PL61109010140000071219812874.log", "www.evil.example.png"]
-    body = render(pl, event, attachments=names, log_attachments=None)
+    count, logs = attachment_counts(names)
+    assert (count, logs) == (2, None)
+    body = render(pl, event, attachments=count, log_attachments=logs)
     assert "Otrzymaliśmy 2 załączniki.\n" in body
     assert "evil" not in body and "PL61" not in body and "Wpłać" not in body
 
@@ -392,24 +418,26 @@ def test_attachment_objects_give_the_log_count(en: Renderer) -> None:
                         sha256="0" * 64, is_log=True),
              Attachment(filename="x.png", content_type="image/png", data=b"x", size=1,
                         sha256="0" * 64, is_log=False)]
-    body = render(en, "acknowledgement", attachments=files, log_attachments=None)
+    count, logs = attachment_counts(files)
+    body = render(en, "acknowledgement", attachments=count, log_attachments=logs)
     assert "We received 2 attachments, including 1 log file.\n" in body and "cvd.log" not in body
     rows = [{"filename": "a.log", "is_log": 1}, {"filename": "b.log", "is_log": 1}]
-    body = render(en, "missing_fields", attachments=rows)
+    count, logs = attachment_counts(rows)
+    body = render(en, "missing_fields", attachments=count, log_attachments=logs)
     assert "We received 2 attachments, including 2 log files.\n" in body and "a.log" not in body
     # an explicit count wins
-    assert "including 1 log file." in render(en, "acknowledgement", attachments=rows,
+    assert "including 1 log file." in render(en, "acknowledgement", attachments=count,
                                              log_attachments=1)
-    copy = render(en, "staff_copy", files=[{**r, "size": 10} for r in rows])
+    copy = render(en, "staff_copy", files=tuple(
+        StaffFile(filename=r["filename"], size=10, is_log=bool(r["is_log"])) for r in rows))
     assert "Attachments (2):\n- a.log, 10 B, log file\n- b.log, 10 B, log file\n" in copy
 
 
 def test_staff_copy_lists_files_with_sizes(pl: Renderer) -> None:
-    files = [{"filename": "../../etc/passwd\u202egol.exe", "size": 5 * 1024 * 1024 + 1,
-              "is_log": False}]
+    files = (StaffFile(filename="../../etc/passwd\u202egol.exe", size=5 * 1024 * 1024 + 1),)
     body = render(pl, "staff_copy", files=files)
     assert "Załączniki (1):\n- _.._etc_passwd gol.exe, 5.0 MB\n" in body
-    assert "Załączniki: brak\n\n" in render(pl, "staff_copy", files=[])
+    assert "Załączniki: brak\n\n" in render(pl, "staff_copy", files=())
 
 
 @pytest.mark.parametrize("kind, heading", [
@@ -424,15 +452,15 @@ def test_staff_copy_says_what_arrived(pl: Renderer, kind: str, heading: str) -> 
 
 def test_phone_confirmation_only_when_required(pl: Renderer) -> None:
     asked = render(pl, "acknowledgement", phone_confirmation_required=True,
-                   phone_numbers=["(0-12) 444-65-00", "801 090 101"])
+                   phone_numbers=("(0-12) 444-65-00", "801 090 101"))
     assert "telefoniczne potwierdzenie" in asked and "801 090 101" in asked
     quiet = render(pl, "acknowledgement", phone_confirmation_required=False)
     assert "telefoniczne" not in quiet and "801 090 101" not in quiet
-    no_numbers = render(pl, "acknowledgement", phone_numbers=[])
+    no_numbers = render(pl, "acknowledgement", phone_numbers=())
     assert "prosimy o jego telefoniczne potwierdzenie. W rozmowie" in no_numbers
-    one = render(pl, "acknowledgement", phone_numbers=["801 090 101"])
+    one = render(pl, "acknowledgement", phone_numbers=("801 090 101",))
     assert "telefoniczne potwierdzenie pod numerem 801 090 101." in one
-    three = render(pl, "acknowledgement", phone_numbers=["1", "2", "3"])
+    three = render(pl, "acknowledgement", phone_numbers=("1", "2", "3"))
     assert "pod jednym z numerów: 1, 2 lub 3." in three
 
 
@@ -495,7 +523,7 @@ def test_resolved_without_rating_window(renderer: Renderer) -> None:
 
 def test_acknowledgement_accepted_by_staff(renderer: Renderer) -> None:
     # Staff accepted an incomplete report by hand: some fields are None.
-    fields = dict(FIELDS, serial_number=None, commcell_id=None, install_address=None)
+    fields = replace(FIELDS, serial_number=None, commcell_id=None, install_address=None)
     body = render(renderer, "acknowledgement", fields=fields, accepted_by_staff=True,
                   phone_confirmation_required=False)
     assert "None" not in body and "\n\n\n" not in body
@@ -512,28 +540,34 @@ def test_acknowledgement_accepted_by_staff(renderer: Renderer) -> None:
 
 
 def test_held_notice_is_content_free(renderer: Renderer) -> None:
-    base = renderer.render("held_notice")
+    held_notice = TEXTS["held_notice"]
+    base = renderer.render(held_notice(Common()))
     variants = [
-        {"number": 123456},
-        {"number": None, "ticket": None, "subject": "Re: [#123456] Awaria"},
-        {"number": "654321", "status": "closed", "fields": FIELDS, "note": "tajne",
-         "message": "tajne", "rating": 5, "reporter": "a@b.pl", "attachments": ["x.log"]},
+        Common(number=123456),
+        Common(number=None, subject="Re: [#123456] Awaria"),
+        Common(number=654321, subject="tajne"),
     ]
-    for context in variants:
-        assert renderer.render("held_notice", **context) == base
+    for common in variants:
+        assert renderer.render(held_notice(common)) == base
+    # It has nothing else to print: anything more is refused where it is built.
+    for key, value in [("status", "closed"), ("fields", FIELDS), ("note", "tajne"),
+                       ("message", "tajne"), ("rating", 5), ("attachments", 1)]:
+        with pytest.raises(TypeError):
+            held_notice(Common(number=654321), **{key: value})
     assert "#" not in base and "123456" not in base
     for label in STATUS_LABELS[renderer.language].values():
         assert label not in base
 
 
 def test_unknown_ticket_guidance_never_names_a_ticket(renderer: Renderer) -> None:
-    body = renderer.render("unknown_ticket_guidance", number=654321, subject="[#654321] x")
+    guidance = TEXTS["unknown_ticket_guidance"]
+    body = renderer.render(guidance(Common(number=654321, subject="[#654321] x")))
     assert "654321" not in body
-    assert body == renderer.render("unknown_ticket_guidance")
+    assert body == renderer.render(guidance(Common()))
 
 
 def test_closed_ticket_guidance_without_a_number(pl: Renderer) -> None:
-    body = pl.render("closed_ticket_guidance", number=None)
+    body = pl.render(TEXTS["closed_ticket_guidance"](Common(number=None)))
     assert "#" not in body and "zostało już zamknięte" in body and "serwis@s4e.pl" in body
 
 
@@ -572,39 +606,64 @@ def test_staff_text_is_rendered_as_is(pl: Renderer) -> None:
 
 
 def test_staff_copy_without_urgency(pl: Renderer) -> None:
-    body = render(pl, "staff_copy", phone_confirmation_required=False, missing=["device_id"])
+    body = render(pl, "staff_copy", phone_confirmation_required=False, missing=("device_id",))
     assert "PILNE" not in body and "Oczekuje na uzupełnienie" in body
     assert "Numer seryjny urządzenia / numer Commcell ID" in body
 
 
-@pytest.mark.parametrize("event, context", [
-    ("nope", {}),
-    ("acknowledgement", {"number": None}),
-    ("acknowledgement", {"number": "12345"}),
-    ("acknowledgement", {"number": 123456, "phone_confirmation_requried": True}),
-    ("acknowledgement", {"number": 123456, "fields": {"password": "x"}}),
-    ("status_changed", {"number": 123456}),
-    ("status_changed", {"number": 123456, "status": "lost"}),
-    ("missing_fields", {"number": 123456, "missing": []}),
-    ("missing_fields", {"number": 123456, "missing": ["shoe_size"]}),
-    ("closed", {"number": 123456, "rating": 6}),
-    ("closed", {"number": 123456, "reason": "bored"}),
-    ("staff_reply", {"number": 123456, "message": "  "}),
-    ("resolved", {"number": 123456, "ticket": "#654321"}),
-    ("resolved", {"number": 123456, "rating_window_days": 0}),
-    ("resolved", {"number": 123456, "rating_window_days": True}),
-    ("resolved", {"number": 123456, "rating_window_days": "14"}),
-    ("acknowledgement", {"number": 123456, "attachments": -1}),
-    ("acknowledgement", {"number": 123456, "attachments": True}),
-    ("acknowledgement", {"number": 123456, "attachments": "a.log"}),
-    ("acknowledgement", {"number": 123456, "attachments": 2, "log_attachments": 3}),
-    ("acknowledgement", {"number": 123456, "attachments": 2, "log_attachments": -1}),
-    ("missing_fields", {"number": 123456, "missing": ["device_id"], "log_attachments": 1}),
-    ("acknowledgement", {"number": 123456, "againn": True}),
+# The fields an event cannot be built without (besides `common`).
+REQUIRED: dict[str, dict] = {"missing_fields": {"missing": ("device_id",)},
+                             "status_changed": {"status": Status.ACCEPTED},
+                             "staff_reply": {"message": "x"}, "staff_copy": {"copy_kind": "new"},
+                             "staff_notice": {"problem": "empty"}}
+LEAVE_OUT = object()
+
+
+@pytest.mark.parametrize("event, context, error", [
+    ("acknowledgement", {"number": None}, RenderError),
+    ("acknowledgement", {"number": "12345"}, RenderError),
+    ("acknowledgement", {"number": "123456"}, RenderError),  # a number, not its text
+    ("acknowledgement", {"number": 1234567}, RenderError),
+    ("acknowledgement", {"phone_confirmation_requried": True}, TypeError),
+    ("acknowledgement", {"fields": {"password": "x"}}, RenderError),
+    ("status_changed", {"status": LEAVE_OUT}, TypeError),
+    ("status_changed", {"status": "lost"}, RenderError),
+    ("missing_fields", {"missing": ()}, RenderError),
+    ("missing_fields", {"missing": ("shoe_size",)}, RenderError),
+    ("missing_fields", {"missing": LEAVE_OUT}, TypeError),
+    ("closed", {"rating": 6}, RenderError),
+    ("closed", {"reason": "bored"}, RenderError),
+    ("staff_reply", {"message": "  "}, RenderError),
+    ("resolved", {"ticket": "#654321"}, TypeError),
+    ("resolved", {"rating_window_days": 0}, RenderError),
+    ("resolved", {"rating_window_days": True}, RenderError),
+    ("resolved", {"rating_window_days": "14"}, RenderError),
+    ("acknowledgement", {"attachments": -1}, RenderError),
+    ("acknowledgement", {"attachments": True}, RenderError),
+    ("acknowledgement", {"attachments": "a.log"}, RenderError),
+    ("acknowledgement", {"attachments": 2, "log_attachments": 3}, RenderError),
+    ("acknowledgement", {"attachments": 2, "log_attachments": -1}, RenderError),
+    ("missing_fields", {"missing": ("device_id",), "log_attachments": 1}, RenderError),
+    ("acknowledgement", {"againn": True}, TypeError),
+    ("held_notice", {"fields": FIELDS}, TypeError),
+    ("staff_copy", {"copy_kind": "later"}, RenderError),
+    ("staff_copy", {"linked": 1234567}, RenderError),
+    ("staff_notice", {"problem": "bored"}, RenderError),
+    ("staff_notice", {"status": "lost"}, RenderError),
 ])
-def test_bad_context_is_refused(pl: Renderer, event, context) -> None:
-    with pytest.raises(RenderError):
-        pl.render(event, **context)
+def test_bad_context_is_refused_where_it_is_built(event, context, error) -> None:
+    common = {"number": 123456, **{k: v for k, v in context.items() if k in COMMON_KEYS}}
+    values = {**REQUIRED.get(event, {}),
+              **{k: v for k, v in context.items() if k not in COMMON_KEYS}}
+    values = {k: v for k, v in values.items() if v is not LEAVE_OUT}
+    with pytest.raises(error):
+        TEXTS[event](Common(**common), **values)
+
+
+def test_render_takes_only_a_text(pl: Renderer) -> None:
+    for wrong in ("acknowledgement", {"number": 123456}, Common(number=123456)):
+        with pytest.raises(RenderError):
+            pl.render(wrong)  # type: ignore[arg-type]
 
 
 def _copy_templates(tmp_path: Path) -> Path:
@@ -1004,8 +1063,10 @@ def test_customer_values_never_carry_links_or_long_text(values) -> None:
         r = RENDERERS[language]
         fields = dict(zip(FIELD_KEYS, values, strict=True))
         for event in CUSTOMER_EVENTS:
-            body = r.render(event, number=123456, fields=fields, missing=["description"],
-                            attachments=values)
+            count, logs = attachment_counts(values)
+            body = r.render(TEXTS[event](Common(number=123456), fields=Fields(**fields),
+                                         **missing(event, "description"), attachments=count,
+                                         log_attachments=logs))
             folded = unicodedata.normalize("NFKC", body).casefold()
             assert "http" not in folded and "://" not in folded and "www." not in folded
             assert not re.search(r"pl61[ .-]?1090[ .-]?1014[ .-]?0000", folded)

@@ -1,7 +1,7 @@
 """The values that flow between the stages. Imports nothing from `gateway`.
 
 intake (smtp_edge) -> Inbound -> store -> parser -> Report -> router -> Decision
--> processor applies it (store) -> render -> Outgoing -> outbox (store) -> mailer
+-> processor applies it (store) -> texts -> Outgoing -> compose -> outbox (store) -> mailer
 """
 
 from __future__ import annotations

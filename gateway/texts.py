@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
@@ -135,6 +135,7 @@ MISSING_LABELS: dict[str, dict[str, str]] = {
 DEFAULT_INTAKE = "serwis@s4e.pl"
 DEFAULT_CRM = "crm@s4e.pl"
 DEFAULT_PHONE_NUMBERS = ("(0-12) 444-65-00", "801 090 101")
+NO_FIELDS = Fields()
 CloseReason = Literal["rating", "staff", "rating_window"]
 CopyKind = Literal["new", "follow_up", "reply_unrated"]
 NoticeProblem = Literal["empty", "closed", "bad_command", "not_sent"]
@@ -333,7 +334,7 @@ class Acknowledgement(Text):
     """The report is registered and accepted (or staff accepted it by hand)."""
 
     event: ClassVar[str] = "acknowledgement"
-    fields: Fields = Fields()  # the description is never shown
+    fields: Fields = NO_FIELDS  # the description is never shown
     attachments: int = 0  # how many files arrived (never their names)
     log_attachments: int | None = None  # how many of them are logs
     phone_confirmation_required: bool = False
@@ -358,7 +359,7 @@ class MissingFields(Text):
 
     event: ClassVar[str] = "missing_fields"
     missing: tuple[str, ...]  # names from model.REQUIRED_FIELDS, at least one
-    fields: Fields = Fields()  # the description is never shown
+    fields: Fields = NO_FIELDS  # the description is never shown
     attachments: int = 0
     log_attachments: int | None = None
     again: bool = False  # a follow-up still lacks something: not "registered" again
@@ -498,7 +499,7 @@ class StaffCopy(Text):
 
     event: ClassVar[str] = "staff_copy"
     copy_kind: CopyKind
-    fields: Fields = Fields()  # in full, with the description
+    fields: Fields = NO_FIELDS  # in full, with the description
     missing: tuple[str, ...] = ()
     phone_confirmation_required: bool = False
     reporter: str = ""  # the sender's address
@@ -673,7 +674,7 @@ def _check_missing(event: str, missing: Iterable[str]) -> None:
             raise RenderError(f"{event}: unknown missing field {name!r}")
 
 
-def _check_status(event: str, status: object) -> None:
+def _check_status(event: str, status: Status | str) -> None:
     try:
         Status(status)
     except ValueError:

@@ -46,7 +46,7 @@ def test_every_template_has_a_context_class_and_vice_versa(language: str) -> Non
         assert cls.event == event and issubclass(cls, Text)
         params = cls.__dataclass_params__  # type: ignore[attr-defined]
         assert params.frozen, f"{cls.__name__} must be frozen"
-        assert [f.name for f in dataclasses.fields(cls)][0] == "common"
+        assert next(f.name for f in dataclasses.fields(cls)) == "common"
 
 
 def test_every_event_has_a_sample() -> None:
@@ -104,9 +104,10 @@ def test_the_polish_word_list_names_every_event() -> None:
     (123, "123 załączniki", "123 pliki z logami"),
 ])
 def test_polish_plural_forms_of_attachments(count: int, files: str, logs: str) -> None:
-    for cls, extra in ((Acknowledgement, {}), (MissingFields, {"missing": ("device_id",)})):
-        body = RENDERERS["pl"].render(
-            cls(COMMON, attachments=count, log_attachments=count, **extra))  # type: ignore[arg-type]
+    for text in (Acknowledgement(COMMON, attachments=count, log_attachments=count),
+                 MissingFields(COMMON, missing=("device_id",), attachments=count,
+                               log_attachments=count)):
+        body = RENDERERS["pl"].render(text)
         assert f"Otrzymaliśmy {files}, w tym {logs}.\n" in body, body
     english = RENDERERS["en"].render(Acknowledgement(COMMON, attachments=count))
     assert f"We received {count} attachment{'' if count == 1 else 's'}." in english

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-from gateway import msgid, store
+from gateway import msgid, store, texts
 from gateway.attachments import cut_attachments, save_attachments, spans_to_json
 from gateway.config import Config
 from gateway.errors import StoreError
@@ -34,7 +34,6 @@ from gateway.model import (FIELD_NAMES, TICKET_REF, UNVERIFIED, Attachment, Auth
 from gateway.parser import parse_report
 from gateway.processor import Processed
 from gateway.errors import GatewayError
-from gateway import texts
 from gateway.compose import clean_header_text, compose_message, reply_subject
 from gateway.sender_auth import verify_sender
 from gateway.staff_mail import parse_staff_mail

@@ -20,14 +20,13 @@ from typing import Any
 
 import aiosqlite
 
-from gateway import store
+from gateway import store, texts
 from gateway.config import parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
 from gateway.model import (FIELD_NAMES, TRANSITIONS, Attachment, Fields, HeldStatus,
                            MessageKind, OutAttachment, Report, Status, missing_fields)
 from gateway.names import display_filename
 from gateway.parse_fields import normalize_phone
-from gateway import texts
 from gateway.pipeline import Context, notify, report_context, template_context
 from gateway.staff_mail import engineer_problem
 from gateway.store import AttachmentRow, ContractRow, HeldRow, MessageRow, TicketRow, Tx

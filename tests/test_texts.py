@@ -157,3 +157,22 @@ def test_a_misspelled_field_fails_where_the_context_is_built() -> None:
         MissingFields(COMMON)  # type: ignore[call-arg]
     with pytest.raises(dataclasses.FrozenInstanceError):
         COMMON.number = 1  # type: ignore[misc]
+
+
+def test_mypy_finds_a_misspelled_or_missing_field(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of typed contexts: the type checker finds the mistake before it runs."""
+    api = pytest.importorskip("mypy.api", reason="mypy is not installed")
+    monkeypatch.setenv("MYPYPATH", str(TEMPLATES.parent))
+    snippet = tmp_path / "call_site.py"
+    snippet.write_text(
+        "from gateway.texts import Acknowledgement, Common, MissingFields\n"
+        "Acknowledgement(Common(number=1), phone_confirmation_requried=True)\n"
+        "MissingFields(Common(number=1))\n"
+        "Acknowledgement(Common(number=1), attachments='2')\n", encoding="utf-8")
+    out, _, status = api.run([str(snippet), "--follow-imports=silent", "--no-incremental",
+                              "--ignore-missing-imports"])
+    assert status == 1, out
+    assert 'Unexpected keyword argument "phone_confirmation_requried"' in out
+    assert 'Missing named argument "missing"' in out
+    assert 'Argument "attachments" to "Acknowledgement" has incompatible type "str"' in out

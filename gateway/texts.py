@@ -317,6 +317,8 @@ class Text:
 
     event: ClassVar[str] = ""
     needs_number: ClassVar[bool] = True
+    # Content-free texts never name a ticket, whatever `common` holds.
+    content_free: ClassVar[bool] = False
     common_keys: ClassVar[tuple[str, ...]] = _COMMON_KEYS
     common: Common
 
@@ -458,6 +460,7 @@ class UnknownTicketGuidance(Text):
 
     event: ClassVar[str] = "unknown_ticket_guidance"
     needs_number: ClassVar[bool] = False
+    content_free: ClassVar[bool] = True
     common_keys: ClassVar[tuple[str, ...]] = _CONTENT_FREE_KEYS
 
 
@@ -467,6 +470,7 @@ class HeldNotice(Text):
 
     event: ClassVar[str] = "held_notice"
     needs_number: ClassVar[bool] = False
+    content_free: ClassVar[bool] = True
     common_keys: ClassVar[tuple[str, ...]] = _CONTENT_FREE_KEYS
 
 
@@ -793,8 +797,8 @@ class Renderer:
         if not isinstance(text, Text) or text.event not in self._templates:
             raise RenderError(f"not a text to render: {text!r}")
         template = self._templates[text.event]
-        variables = {key: value for key, value in _common_variables(text.common).items()
-                     if key in text.common_keys}
+        common = _common_variables(text.common, named=not text.content_free)
+        variables = {key: value for key, value in common.items() if key in text.common_keys}
         variables.update(text.variables(self.language))
         try:
             body = template.render(variables)
@@ -803,8 +807,8 @@ class Renderer:
         return body.rstrip() + "\n"
 
 
-def _common_variables(common: Common) -> dict[str, Any]:
-    number = common.number
+def _common_variables(common: Common, *, named: bool) -> dict[str, Any]:
+    number = common.number if named else None
     return {
         "number": None if number is None else f"{number:06d}",
         "ticket": None if number is None else format_ticket(number),

@@ -176,3 +176,13 @@ def test_mypy_finds_a_misspelled_or_missing_field(tmp_path: Path,
     assert 'Unexpected keyword argument "phone_confirmation_requried"' in out
     assert 'Missing named argument "missing"' in out
     assert 'Argument "attachments" to "Acknowledgement" has incompatible type "str"' in out
+
+
+@pytest.mark.parametrize("event", ["held_notice", "unknown_ticket_guidance"])
+def test_content_free_texts_never_name_the_ticket(tmp_path: Path, event: str) -> None:
+    """Even an operator's template that prints the number gets none to print."""
+    (tmp_path / "pl").mkdir()
+    (tmp_path / "pl" / f"{event}.txt.j2").write_text("[{{ ticket }}|{{ number }}]\n",
+                                                    encoding="utf-8")
+    renderer = Renderer(TEMPLATES, "pl", override_dir=tmp_path)
+    assert renderer.render(TEXTS[event](COMMON)) == "[|]\n"

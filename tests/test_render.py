@@ -1065,9 +1065,9 @@ def test_customer_values_never_carry_links_or_long_text(values) -> None:
         fields = dict(zip(FIELD_KEYS, values, strict=True))
         for event in CUSTOMER_EVENTS:
             count, logs = attachment_counts(values)
-            values = {"fields": Fields(**fields), "attachments": count,
-                      "log_attachments": logs, **missing(event, "description")}
-            body = r.render(TEXTS[event](Common(number=123456), **values))
+            context = {"fields": Fields(**fields), "attachments": count,
+                       "log_attachments": logs, **missing(event, "description")}
+            body = r.render(TEXTS[event](Common(number=123456), **context))
             folded = unicodedata.normalize("NFKC", body).casefold()
             assert "http" not in folded and "://" not in folded and "www." not in folded
             assert not re.search(r"pl61[ .-]?1090[ .-]?1014[ .-]?0000", folded)

@@ -349,7 +349,7 @@ def _attachment_lines(attachments: list[dict[str, Any]]) -> list[str]:
 
 
 async def cmd_inbox_reprocess(config: Config, args: argparse.Namespace) -> int:
-    from gateway.pipeline import reprocess
+    from gateway.staff import reprocess
 
     async with open_db(config) as conn:
         row = await store.get_inbound(conn, args.id)
@@ -362,7 +362,7 @@ async def cmd_inbox_reprocess(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _context(conn: aiosqlite.Connection, config: Config) -> Any:
-    from gateway.pipeline import make_context
+    from gateway.context import make_context
 
     return await make_context(conn, config)
 
@@ -579,7 +579,7 @@ async def cmd_held_show(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_held_release(config: Config, args: argparse.Namespace) -> int:
-    from gateway.pipeline import release_held
+    from gateway.staff import release_held
 
     actor = actor_of(args)
     async with open_db(config) as conn:

@@ -21,7 +21,8 @@ import aiosqlite
 
 from gateway import store
 from gateway.model import TICKET_REF, Inbound, Status
-from gateway.pipeline import Context, ticket_view
+from gateway.context import Context
+from gateway.stages import ticket_view
 from gateway.router import is_authorised
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from gateway.mailer import Mailer, Transport, make_transport
 from gateway.metrics import (HEALTH_BUSY_TIMEOUT_MS, Metrics, MetricsServer, Probe,
                              min_free_bytes)
 from gateway.closed_refusal import closed_ticket_refusal
-from gateway.pipeline import Context, load_renderer, make_context, process_message
+from gateway.context import Context, load_renderer, make_context
+from gateway.stages import process_message
 from gateway.processor import Processed, Processor, Stages
 from gateway.smtp_edge import (REPLY_SHUTTING_DOWN, IntakeHandler, clear_spool, smtp_factory,
                                start_edge_server)

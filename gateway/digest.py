@@ -12,7 +12,8 @@ import aiosqlite
 from gateway import store, texts
 from gateway.compose import reply_subject
 from gateway.model import HeldStatus, Outgoing
-from gateway.pipeline import Context, queue, template_context
+from gateway.context import Context
+from gateway.answers import queue, template_context
 from gateway.store import Tx
 
 log = logging.getLogger(__name__)

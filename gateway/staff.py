@@ -23,13 +23,17 @@ import aiosqlite
 from gateway import store, texts
 from gateway.config import parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
-from gateway.model import (FIELD_NAMES, TRANSITIONS, Attachment, Fields, HeldStatus,
-                           MessageKind, OutAttachment, Report, Status, missing_fields)
+from gateway.model import (FIELD_NAMES, TRANSITIONS, Attachment, Fields, HeldStatus, InboundState,
+                           MessageKind, OutAttachment, Outcome, Report, Status, missing_fields)
 from gateway.names import display_filename
 from gateway.parse_fields import normalize_phone
-from gateway.pipeline import Context, notify, report_context, template_context
+from gateway.answers import notify, report_context, template_context
+from gateway.config import Config
+from gateway.context import Context, make_context
+from gateway.processor import Processed
 from gateway.staff_mail import engineer_problem
-from gateway.store import AttachmentRow, ContractRow, HeldRow, MessageRow, TicketRow, Tx
+from gateway.store import (AttachmentRow, ContractRow, HeldRow, InboundRow, MessageRow,
+                           TicketRow, Tx)
 
 log = logging.getLogger(__name__)
 
@@ -580,3 +584,57 @@ async def retry_mail(conn: aiosqlite.Connection, outbox_id: int, now: datetime) 
     if not await store.retry_outbox(conn, outbox_id, now):
         raise GatewayError(f"outbox message {outbox_id} is {row.status}: only failed or "
                            "bounced mail can be retried")
+
+
+# --- operator commands on stored mail ---------------------------------------------
+
+async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int, *,
+                       new_ticket: bool = False, actor: str = "staff") -> Processed:
+    """`held release ID`: the operator vouches for the sender; the message goes into the
+    ticket it named, as a follow-up, never into a closed one. `new_ticket`: a report
+    sent to crm@ by mistake is processed as a new report to the intake address, never
+    appended to the ticket it names."""
+    from gateway.stages import process_message  # the stages build on this module
+
+    held = await store.get_held(conn, held_id)
+    if held is None:
+        raise NotFoundError(f"held message {held_id} not found")
+    if held.status is not HeldStatus.HELD:
+        raise GatewayError(f"held message {held_id} was already {held.status}")
+    ticket = await store.get_ticket(conn, held.ticket) if held.ticket else None
+    if not new_ticket and (ticket is None or ticket.status == Status.CLOSED):
+        state = "closed" if ticket is not None else "gone" if held.ticket else "not named"
+        raise GatewayError(f"held message {held_id}: its ticket is {state}; release it "
+                           "with --new-ticket to open a ticket from it, or drop it")
+    row = await store.get_inbound(conn, held.inbound_id)
+    assert row is not None
+    result = await process_message(conn, ctx, row, release=True, new_ticket=new_ticket)
+    now = ctx.clock()
+    async with Tx(conn):
+        await store.decide_held(conn, held_id, HeldStatus.RELEASED, now, actor=actor)
+        opened = await store.get_ticket(conn, result.ticket) if result.ticket else None
+        if new_ticket and opened is not None:
+            await store.add_history(conn, ticket=opened.number, from_status=None,
+                                    to_status=opened.status, actor=actor,
+                                    note=f"opened from held message {held_id}", now=now)
+    return result
+
+
+async def reprocess(conn: aiosqlite.Connection, config: Config, row: InboundRow) -> Processed:
+    """`inbox reprocess ID`: run a stored message through the stages again, now."""
+    from gateway.stages import process_message  # the stages build on this module
+
+    if row.state is InboundState.PROCESSING:
+        raise GatewayError(f"inbound message {row.id} is being processed right now")
+    ctx = await make_context(conn, config)
+    claimed = await conn.execute_fetchall(
+        f"UPDATE inbound SET state = '{InboundState.PROCESSING}', attempts = attempts + 1"
+        f" WHERE id = ? AND state != '{InboundState.PROCESSING}' RETURNING id", (row.id,))
+    if not claimed:  # the daemon took it meanwhile
+        raise GatewayError(f"inbound message {row.id} is being processed right now")
+    try:
+        return await process_message(conn, ctx, row)
+    except Exception as err:
+        await store.mark_inbound(conn, row.id, state=InboundState.FAILED, outcome=Outcome.FAILED,
+                                 error=f"{type(err).__name__}: {err}"[:2000])
+        raise

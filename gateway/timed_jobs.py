@@ -17,7 +17,7 @@ from gateway import staff, store
 from gateway.config import Config
 from gateway.digest import send_held_digest
 from gateway.errors import expected_failure
-from gateway.pipeline import Context
+from gateway.context import Context
 
 log = logging.getLogger(__name__)
 

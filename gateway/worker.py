@@ -1,5 +1,5 @@
 """One processing worker: a process of its own that takes committed inbound mail from
-the database and runs it through the stages (`pipeline.process_message`).
+the database and runs it through the stages (`stages.process_message`).
 
 Started and supervised by the daemon (`worker_pool.WorkerPool`), never by hand. The
 SMTP process only accepts, commits and answers; the workers parse, route, open and
@@ -35,7 +35,8 @@ import aiosqlite
 from gateway.config import Config
 from gateway.direct_connection import DirectConnection, connect_direct
 from gateway.mailer import Mailer, make_transport
-from gateway.pipeline import Context, load_renderer, make_context, process_message
+from gateway.context import Context, load_renderer, make_context
+from gateway.stages import process_message
 from gateway.processor import Processed, Processor
 from gateway.timed_jobs import TimedJobs
 

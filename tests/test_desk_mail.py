@@ -285,7 +285,7 @@ async def test_the_rating_window_closes_a_ticket_on_a_running_daemon(
 
 async def test_held_mail_is_announced_to_notify_in_one_digest(tmp_path: Path) -> None:
     from gateway.digest import send_held_digest
-    from gateway.pipeline import make_context
+    from gateway.context import make_context
 
     options = f'[addresses]\nnotify = ["{DESK}"]\n'
     async with running_desk(tmp_path, options) as desk:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gateway.parser import parse_report
-from gateway.pipeline import report_json
+from gateway.stages import report_json
 
 RAW_HEADERS = [
     ("shift_jis", "山田太郎", "サーバー障害のお知らせ"),

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from gateway import staff, store
-from gateway.pipeline import make_context
+from gateway.context import make_context
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail
 
 JAN = "jan.kowalski@example.com"

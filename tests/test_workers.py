@@ -167,7 +167,7 @@ async def test_workers_process_every_report_once_and_the_smtp_process_only_accep
     assert "[worker 0]" in text and "[worker 1]" in text
     assert "Traceback" not in text
     # The SMTP process itself routed nothing.
-    assert not re.search(r"^<\d>INFO gateway\.pipeline", text, re.M)
+    assert not re.search(r"^<\d>INFO gateway\.stages", text, re.M)
     for pid in pids:  # SIGTERM stopped the workers with the daemon
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 

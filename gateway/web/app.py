@@ -1,7 +1,7 @@
 """The engineers' web desk (SPEC §11): a Starlette app over the gateway's database.
 
 Every page needs a session (else 303 to /login); every POST carries the session's CSRF
-token; every action calls the same `staff` / `pipeline` functions as the CLI, so a
+token; every action calls the same `staff` / `stages` functions as the CLI, so a
 reply from the browser is the same mail as one from `tickets reply`. Each request has
 its own SQLite connection: reads are WAL readers and never wait for the daemon; the
 few writes wait at most busy_timeout. The desk wakes no mailer: the daemon's mailer
@@ -35,7 +35,7 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import pipeline, staff, store
+from gateway import context, staff, store
 from gateway.attachments import attachment_path
 from gateway.config import Config, parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
@@ -358,7 +358,7 @@ async def ticket_status(request: Request, desk: Desk, session: Session,
                         conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
     note = text_field(form, "note").strip() or None
-    ctx = await pipeline.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config)
     await staff.set_status(conn, ctx, number, text_field(form, "status"), note,
                            actor=session.user.email)
     return done(number, "status")
@@ -383,7 +383,7 @@ async def ticket_reply(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
     files = await uploaded(form)
-    ctx = await pipeline.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config)
     await staff.reply(conn, ctx, number, text_field(form, "text").replace("\r\n", "\n"), files,
                       actor=session.user.email)
     return done(number, "reply")
@@ -392,7 +392,7 @@ async def ticket_reply(request: Request, desk: Desk, session: Session,
 async def ticket_confirm_phone(request: Request, desk: Desk, session: Session,
                                conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
-    ctx = await pipeline.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config)
     await staff.confirm_phone(conn, ctx, number, actor=session.user.email)
     return done(number, "phone")
 
@@ -400,7 +400,7 @@ async def ticket_confirm_phone(request: Request, desk: Desk, session: Session,
 async def ticket_note(request: Request, desk: Desk, session: Session,
                       conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
-    ctx = await pipeline.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config)
     await staff.add_note(conn, ctx, number, text_field(form, "text").replace("\r\n", "\n"),
                          actor=session.user.email)
     return done(number, "note")
@@ -409,7 +409,7 @@ async def ticket_note(request: Request, desk: Desk, session: Session,
 async def ticket_assign(request: Request, desk: Desk, session: Session,
                         conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
-    ctx = await pipeline.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config)
     await staff.assign(conn, ctx, number, text_field(form, "engineer"), actor=session.user.email)
     return done(number, "assign")
 
@@ -417,7 +417,7 @@ async def ticket_assign(request: Request, desk: Desk, session: Session,
 async def ticket_field(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
-    ctx = await pipeline.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config)
     await staff.set_field(conn, ctx, number, text_field(form, "field"),
                           text_field(form, "value"), actor=session.user.email)
     return done(number, "field")
@@ -493,8 +493,8 @@ async def held_release(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
     held_id = int(request.path_params["id"])
     new_ticket = text_field(form, "new_ticket") == "1"
-    ctx = await pipeline.make_context(conn, desk.config)
-    result = await pipeline.release_held(conn, ctx, held_id, new_ticket=new_ticket,
+    ctx = await context.make_context(conn, desk.config)
+    result = await staff.release_held(conn, ctx, held_id, new_ticket=new_ticket,
                                          actor=session.user.email)
     # Released mail always lands in a ticket: the checks that only store (own mail,
     # automatic) decided before the hold, and a release is never a duplicate.

@@ -1,0 +1,207 @@
+"""One stored message through the stages: parse -> look up -> decide -> apply.
+
+`process_message` is the processor's `Stages`: it reads the raw message, parses it,
+gives it its sender verdict, looks up the ticket a token or the thread names
+(`look_up` -> `Situation`), lets the router decide (pure), and applies the decision
+in ONE transaction with the outbound mail it causes and the inbound row's outcome
+(`APPLY`: one table from decision to what it changes and answers). Reprocessing a
+message is idempotent: a message already routed into a ticket is not applied twice.
+"""
+
+from __future__ import annotations
+
+
+import asyncio
+import dataclasses
+import json
+import logging
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway import msgid, store
+from gateway.attachments import cut_attachments, save_attachments, spans_to_json
+from gateway.errors import StoreError
+from gateway.model import (UNVERIFIED, AuthResult,
+                           InboundState, Outcome, Report, Status, Verdict)
+from gateway.parser import parse_report
+from gateway.processor import Processed
+from gateway.router import (AppendToTicket, ClosedTicketGuidance, Decision,
+                            HoldForOperator, NewTicket, Situation, StaffMail,
+                            StaffRefused, StoreOnly, TicketView, UnknownTicketGuidance, decide,
+                            is_authorised)
+from gateway.store import InboundRow, TicketRow, Tx
+from gateway.context import Context, domain_of
+from gateway.ticket_changes import (Apply, append_to_ticket, apply_staff_mail, guide_closed,
+                                    guide_unknown, hold_for_operator, open_ticket, refuse_staff,
+                                    store_only)
+from gateway.answers import answer_address
+
+log = logging.getLogger(__name__)
+
+
+async def process_message(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, *,
+                          release: bool = False, new_ticket: bool = False) -> Processed:
+    """`release`: an operator vouches for the sender (held release); with `new_ticket`
+    the message is taken as a new report, whatever it names (sent to crm@ by mistake)."""
+    recorded = await store.ticket_of_inbound(conn, row.id)
+    if recorded is not None and row.outcome and not release:
+        # Reprocessing a message already in a ticket changes nothing (idempotent).
+        await store.mark_inbound(conn, row.id, state=InboundState.DONE, outcome=row.outcome,
+                                 ticket=recorded)
+        return Processed(Outcome(row.outcome), recorded)
+    folder = ctx.config.storage.attachments
+    raw = await store.read_raw(conn, row.id, folder)
+    report = await ctx.offload(parse_report, raw)
+    if release:
+        verdict = Verdict(AuthResult.PASS, "released by an operator", domain_of(report.sender))
+    else:
+        # The DNS checks wait on the network: a thread of their own even in a worker.
+        run = asyncio.to_thread if ctx.config.auth.verify == "dns" else ctx.offload
+        verdict = await run(ctx.verdict_for, raw, row.peer, row.mail_from)
+    saved = await ctx.offload(save_attachments, folder, report.attachments)
+    # The files are safe now: the stored raw need not carry the same bytes again.
+    cut_raw, spans = await ctx.offload(cut_attachments, raw, report.attachments)
+    situation = await look_up(conn, ctx, row, report, raw, verdict)
+    if release:
+        situation = dataclasses.replace(situation, authorised=True, duplicate_of=None,
+                                        to_intake=new_ticket, to_crm=not new_ticket,
+                                        auto_replies_last_hour=0)
+        if new_ticket:
+            situation = dataclasses.replace(situation, ticket=None, named_ref=None,
+                                            staff_sender=False)
+    decision = decide(situation)
+    now = ctx.clock()
+    async with Tx(conn):
+        ticket = await apply(conn, ctx, row, report, situation, decision, saved, now)
+        await store.mark_inbound(conn, row.id, state=InboundState.DONE, outcome=decision.outcome,
+                                 ticket=ticket, report=report_json(report),
+                                 auth=verdict.result, auth_reason=verdict.reason)
+        if spans:
+            await store.store_cut_raw(conn, row.id, cut_raw, spans_to_json(spans))
+    log.info("%s inbound %d: outcome=%s ticket=%s (%s)", report.message_id or "<no-id>",
+             row.id, decision.outcome, f"#{ticket:06d}" if ticket else "-",
+             getattr(decision, "reason", ""))
+    ctx.wake_mailer()
+    return Processed(decision.outcome, ticket)
+
+
+async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
+                  report: Report, raw: bytes, verdict: Verdict = UNVERIFIED) -> Situation:
+    cfg = ctx.config
+    rcpts = {r.lower() for r in row.rcpt_tos}
+    sender = report.sender or row.mail_from.lower()
+    named_ref = None
+    ticket: TicketRow | None = None
+    for number in report.ticket_refs:
+        named_ref = named_ref if named_ref is not None else number
+        ticket = await store.get_ticket(conn, number)
+        if ticket is not None:
+            break
+    if ticket is None:
+        threaded = await thread_ticket(conn, ctx, report)
+        if threaded is not None:
+            ticket = await store.get_ticket(conn, threaded)
+    view = ticket_view(ticket) if ticket else None
+    staff_sender = domain_of(sender) in cfg.addresses.staff_domains
+    # Staff domains admit mail only from a verified sender (SPEC §10).
+    authorised = view is not None and is_authorised(
+        sender, view, staff_domains=cfg.addresses.staff_domains if verdict.passed else (),
+        reply_policy=cfg.tickets.reply_policy)
+    participant = view is not None and (sender == view.reporter_email or sender in view.participants)
+    own = is_own_mail(ctx, report)
+    duplicate = await earlier_copy(conn, row, report, raw, ctx.config.storage.attachments)
+    since = ctx.clock() - timedelta(hours=1)
+    # The cap counts answers per sender and per recipient: this From and the e-mail
+    # its report names, each without a +tag.
+    replies = await store.auto_replies_since(
+        conn, {answer_address(report, row), (report.fields.reporter_email or "").lower()}, since)
+    return Situation(report=report, mail_from=row.mail_from, to_intake=ctx.intake in rcpts,
+                     to_crm=ctx.crm in rcpts, named_ref=named_ref, ticket=view,
+                     authorised=authorised, own_mail=own, duplicate_of=duplicate,
+                     auto_replies_last_hour=replies, policy=ctx.policy(),
+                     is_participant=participant, verdict=verdict, staff_sender=staff_sender)
+
+
+async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Report,
+                       raw: bytes, attachments: Path) -> int | None:
+    """An earlier routed message with the same Message-ID and the same content: body,
+    From and Subject (other headers may differ: another path, another forwarder). The
+    same Message-ID on a different body, sender or subject is another message: devices
+    and scripts reuse ids, and one alarm script may report for several customers."""
+    if not report.message_id:
+        return None
+    digest = store.body_digest(raw)
+    for earlier in await store.processed_with_message_id(conn, report.message_id, row.id):
+        try:
+            earlier_raw = await store.read_raw(conn, earlier.id, attachments)
+        except StoreError:  # dropped by keep_raw: nothing to compare, not the same
+            continue
+        if store.body_digest(earlier_raw) != digest:
+            continue
+        seen = await store.inbound_report(conn, earlier.id)
+        if (report.sender if seen.sender is None else seen.sender,
+                report.subject if seen.subject is None else seen.subject) == (
+                report.sender, report.subject):
+            return earlier.id
+    return None
+
+
+async def thread_ticket(conn: aiosqlite.Connection, ctx: Context, report: Report) -> int | None:
+    """The ticket the thread names: a Message-ID of ours verified by its HMAC, else one
+    we received for a ticket. A forged reference to one of ours is not trusted."""
+    ids = [*reversed(report.references), *report.in_reply_to]
+    for message_id in ids:
+        ours, number = msgid.verify_message_id(ctx.hmac_key, message_id)
+        if ours and number is not None:
+            return number
+    candidates = [m for m in ids if not m.lower().endswith(f"@{ctx.domain}>")]
+    return await store.ticket_for_message_ids(conn, candidates)
+
+
+def is_own_mail(ctx: Context, report: Report) -> bool:
+    ours, _ = msgid.verify_message_id(ctx.hmac_key, report.message_id)
+    return ours
+
+
+def ticket_view(ticket: TicketRow) -> TicketView:
+    return TicketView(ticket.number, Status(ticket.status), ticket.reporter_email,
+                      ticket.participants)
+
+
+# One table from the router's decision to what it changes and answers (each entry in
+# ticket_changes): every Decision type has exactly one row (tests/test_stages_table.py).
+APPLY: dict[type, Apply] = {
+    NewTicket: open_ticket,
+    AppendToTicket: append_to_ticket,
+    StaffMail: apply_staff_mail,
+    StaffRefused: refuse_staff,
+    ClosedTicketGuidance: guide_closed,
+    UnknownTicketGuidance: guide_unknown,
+    HoldForOperator: hold_for_operator,
+    StoreOnly: store_only,
+}
+
+
+async def apply(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, report: Report,
+                situation: Situation, decision: Decision, saved: list[dict[str, Any]],
+                now: datetime) -> int | None:
+    """Apply `decision` inside the caller's transaction; the ticket it concerns."""
+    return await APPLY[type(decision)](conn, ctx, row, report, situation, decision, saved, now)
+
+
+def report_json(report: Report) -> str:
+    data = {
+        "message_id": report.message_id, "sender": report.sender,
+        "sender_name": report.sender_name, "subject": report.subject,
+        "fields": report.fields.as_dict(), "missing": list(report.missing),
+        "ticket_refs": list(report.ticket_refs), "auto_reasons": list(report.auto_reasons),
+        "bounced_ids": list(report.bounced_ids), "rating": report.rating,
+        "notes": list(report.notes),
+        "attachments": [{"filename": a.filename, "content_type": a.content_type,
+                         "size": a.size, "sha256": a.sha256, "is_log": a.is_log}
+                        for a in report.attachments],
+    }
+    return json.dumps(data, ensure_ascii=False)

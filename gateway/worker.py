@@ -164,8 +164,8 @@ class Worker:
             log.error("templates not reloaded, keeping the old ones: %s", err)
 
     async def _watch(self, conn: aiosqlite.Connection) -> None:
-        """Wake the processor (and the mailer) when another connection committed;
-        stop when the daemon is gone."""
+        """Wake the processor when another connection committed; stop when the daemon
+        is gone."""
         version = await _data_version(conn)
         while True:
             await asyncio.sleep(WATCH_SECONDS)
@@ -178,7 +178,7 @@ class Worker:
                 version = current
                 if self.processor:
                     self.processor.wake()
-                self._wake_mailer()
+                # (The mailer watches data_version itself, and claims only what is due.)
 
 
 async def _data_version(conn: aiosqlite.Connection) -> int:

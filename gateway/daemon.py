@@ -118,6 +118,9 @@ class Gateway:
         if count and self.stages is None and self.transport is None:
             self.workers = WorkerPool(cfg, count, self._from_worker,
                                       housekeeping_seconds=self.housekeeping_seconds)
+            # Worker 0 checkpoints the write-ahead log: no commit here waits for one.
+            for conn in self._conns:
+                await conn.execute("PRAGMA wal_autocheckpoint = 0")
             await self.workers.start()
         else:
             await self._start_processing(work_conn, mail_conn)

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from gateway.config import Config
-from gateway.direct_connection import DirectConnection, connect_direct
+from gateway.direct_connection import (CHECKPOINT_SECONDS, Checkpointer, DirectConnection,
+                                       connect_direct)
 from gateway.mailer import Mailer, make_transport
 from gateway.context import Context, load_renderer, make_context
 from gateway.stages import process_message
@@ -129,6 +131,7 @@ class Worker:
             jobs = TimedJobs(await self._connect(), context, interval=spec.housekeeping_seconds,
                              on_status=lambda text: self._send("status", text))
             tasks.append(loop.create_task(jobs.run(), name="timed jobs"))
+            tasks.append(loop.create_task(self._checkpoints(), name="checkpoints"))
         self.processor = Processor(work_conn, stages, on_processed=self._processed,
                                    attachments=cfg.storage.attachments, slot=spec.slot)
         await self.processor.start()
@@ -146,6 +149,19 @@ class Worker:
                 await self.mailer.stop()
             for conn in self._conns:
                 await conn.close()
+
+    async def _checkpoints(self) -> None:
+        """Worker 0 only: the write-ahead log into the database, off the message path."""
+        checkpointer = Checkpointer(self.spec.config.storage.database)
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_SECONDS)
+                try:
+                    await asyncio.to_thread(checkpointer.run_once)
+                except sqlite3.Error as err:  # e.g. a full disk: the next round tries again
+                    log.warning("checkpoint failed, next in %.0fs: %s", CHECKPOINT_SECONDS, err)
+        finally:
+            checkpointer.close()
 
     def _processed(self, result: Processed, seconds: float) -> None:
         self._send("processed", str(result.outcome or "received"), seconds)

@@ -283,3 +283,27 @@ async def test_sigterm_with_a_backlog_leaves_nothing_half_done(tmp_path: Path,
         await wait_for(lambda: sum(answers_by_report(smtp_sink).values()) >= 40, timeout=60)
         await asyncio.sleep(0.5)
     assert answers_by_report(smtp_sink) == Counter({m: 1 for m in accepted})
+
+
+def test_the_checkpointer_copies_the_log_and_only_when_something_was_committed(
+        tmp_path: Path) -> None:
+    from gateway.direct_connection import Checkpointer
+
+    db = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA wal_autocheckpoint = 0")  # as the workers and intake run
+    db.execute("CREATE TABLE t (v TEXT)")
+    checkpointer = Checkpointer(tmp_path / "x.db")
+    try:
+        for _ in range(50):
+            db.execute("INSERT INTO t VALUES (?)", ("x" * 4000,))
+        main_file = tmp_path / "x.db"
+        assert main_file.stat().st_size < 50_000  # the rows are only in the log yet
+        assert checkpointer.run_once()
+        assert main_file.stat().st_size > 200_000  # copied into the database
+        assert not checkpointer.run_once()  # no commit since: no work
+        db.execute("INSERT INTO t VALUES ('y')")
+        assert checkpointer.run_once()
+    finally:
+        checkpointer.close()
+        db.close()

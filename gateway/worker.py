@@ -3,8 +3,9 @@ the database and runs it through the stages (`stages.process_message`).
 
 Started and supervised by the daemon (`worker_pool.WorkerPool`), never by hand. The
 SMTP process only accepts, commits and answers; the workers parse, route, open and
-update tickets and queue the answers. Worker 0 also runs the mailer and the timed
-jobs, so each of those runs once.
+update tickets and queue the answers. One more process of the same kind, the mail
+process, runs the mailer, the timed jobs and the write-ahead-log checkpoints (once each,
+and never starved by a burst of processing on the same event loop).
 
 Talking to the daemon: the worker sends small tuples on its channel (`ready`, what it
 processed and sent, for the metrics; systemd STATUS text). New mail is noticed by
@@ -48,12 +49,20 @@ WATCH_SECONDS = 0.02
 T = TypeVar("T")
 
 
+MAIL = "mail"  # the role of the process that runs the mailer, timed jobs and checkpoints
+PROCESSING = "processing"
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     config: Config
-    slot: int
-    runs_mailer: bool  # and the timed jobs
+    slot: int  # processing: the slot it claims as; the mail process: -1
+    role: str  # PROCESSING or MAIL
     housekeeping_seconds: float
+
+    @property
+    def name(self) -> str:
+        return "mailer" if self.role == MAIL else f"worker {self.slot}"
 
 
 def workers_lock_path(database: Path) -> Path:
@@ -72,14 +81,14 @@ def main(spec: WorkerSpec, channel: Any) -> None:
     """The process's entry point (multiprocessing, spawn)."""
     from gateway.cli import setup_logging
 
-    setup_logging(logging.INFO, name=f"worker {spec.slot}")
+    setup_logging(logging.INFO, name=spec.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lock = open(workers_lock_path(spec.config.storage.database), "a+")
     fcntl.flock(lock, fcntl.LOCK_SH)
     try:
         asyncio.run(Worker(spec, channel).run())
     except Exception:
-        log.exception("worker %d stopped by an error", spec.slot)
+        log.exception("%s stopped by an error", spec.name)
         sys.exit(70)
     finally:
         lock.close()
@@ -122,7 +131,7 @@ class Worker:
             return await process_message(conn, context, row)
 
         tasks: list[asyncio.Task[None]] = []
-        if spec.runs_mailer:
+        if spec.role == MAIL:
             # FULL: its commit before each send makes all processing before it durable.
             self.mailer = Mailer(await self._connect(synchronous="FULL"), make_transport(
                 cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
@@ -132,9 +141,10 @@ class Worker:
                              on_status=lambda text: self._send("status", text))
             tasks.append(loop.create_task(jobs.run(), name="timed jobs"))
             tasks.append(loop.create_task(self._checkpoints(), name="checkpoints"))
-        self.processor = Processor(work_conn, stages, on_processed=self._processed,
-                                   attachments=cfg.storage.attachments, slot=spec.slot)
-        await self.processor.start()
+        else:
+            self.processor = Processor(work_conn, stages, on_processed=self._processed,
+                                       attachments=cfg.storage.attachments, slot=spec.slot)
+            await self.processor.start()
         watch = await self._connect()
         tasks.append(loop.create_task(self._watch(watch), name="watch"))
         self._send("ready", spec.slot, os.getpid())
@@ -144,14 +154,16 @@ class Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.processor.stop()
+            if self.processor:
+                await self.processor.stop()
             if self.mailer:
                 await self.mailer.stop()
             for conn in self._conns:
                 await conn.close()
 
     async def _checkpoints(self) -> None:
-        """Worker 0 only: the write-ahead log into the database, off the message path."""
+        """The mail process only: the write-ahead log into the database, off the
+        message path."""
         checkpointer = Checkpointer(self.spec.config.storage.database)
         try:
             while True:

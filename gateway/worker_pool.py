@@ -1,6 +1,6 @@
-"""The daemon's side of the processing workers: start them, restart one that dies,
-stop them on SIGTERM, forward SIGHUP, and pass on what they report (metrics,
-systemd STATUS).
+"""The daemon's side of the processing workers and the mail process: start them,
+restart one that dies, stop them on SIGTERM, forward SIGHUP, and pass on what they
+report (metrics, systemd STATUS).
 
 systemd still sees one service: the workers are the daemon's children, READY is sent
 once every worker said it is ready, and they stop with it. A worker that dies is
@@ -25,7 +25,7 @@ from typing import Any
 
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.worker import WorkerSpec, main, workers_lock_path
+from gateway.worker import MAIL, PROCESSING, WorkerSpec, main, workers_lock_path
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ OnMessage = Callable[[tuple[Any, ...]], None]
 
 @dataclass
 class _Slot:
-    number: int
+    number: int  # -1: the mail process
     process: Any = None
     channel: Connection | None = None
     started: float = 0.0
@@ -69,7 +69,7 @@ class WorkerPool:
         daemon's failure to start: the reason is in the worker's log lines). The
         daemon has waited for the workers of an earlier run and re-queued what they
         left in hand (`wait_for_old_workers`, `store.recover_inbound`)."""
-        self._slots = [_Slot(n) for n in range(self.count)]
+        self._slots = [_Slot(n) for n in range(self.count)] + [_Slot(-1)]
         for slot in self._slots:
             self._spawn(slot)
         try:
@@ -79,16 +79,17 @@ class WorkerPool:
         except BaseException:
             await self.stop(grace=5.0)
             raise
-        log.info("%d processing worker(s) running: pid %s", self.count,
-                 ", ".join(map(str, self.pids)))
+        pids = [s.process.pid for s in self._slots]
+        log.info("%d processing worker(s) running: pid %s; the mail process: pid %d",
+                 self.count, ", ".join(map(str, pids[:-1])), pids[-1])
 
     def _spawn(self, slot: _Slot) -> None:
         loop = asyncio.get_running_loop()
         reader, writer = self._context.Pipe(duplex=False)
-        spec = WorkerSpec(self.config, slot.number, runs_mailer=slot.number == 0,
+        spec = WorkerSpec(self.config, slot.number, role=MAIL if slot.number < 0 else PROCESSING,
                           housekeeping_seconds=self.housekeeping_seconds)
         process = self._context.Process(target=main, args=(spec, writer),
-                                        name=f"s4e-gateway worker {slot.number}")
+                                        name=f"s4e-gateway {spec.name}")
         process.start()
         writer.close()  # the child's end: EOF on ours when the child is gone
         slot.process, slot.channel, slot.started = process, reader, time.monotonic()
@@ -119,14 +120,14 @@ class WorkerPool:
         code = process.exitcode
         if slot.ready is not None and not slot.ready.done():
             slot.ready.set_exception(GatewayError(
-                f"processing worker {slot.number} exited during start (exit code {code})"))
+                f"{_name(slot)} exited during start (exit code {code})"))
         if self._stopping:
             return
         lived = time.monotonic() - slot.started
         slot.failures = 1 if lived >= STABLE_SECONDS else slot.failures + 1
         delay = min(RESTART_FIRST * 2 ** (slot.failures - 1), RESTART_MAX)
-        log.error("processing worker %d (pid %d) exited with %s after %.0fs; starting it "
-                  "again in %.0fs", slot.number, process.pid, _describe_exit(code), lived, delay)
+        log.error("%s (pid %d) exited with %s after %.0fs; starting it again in %.0fs",
+                  _name(slot), process.pid, _describe_exit(code), lived, delay)
         slot.restart = loop.call_later(delay, self._respawn, slot)
 
     def _respawn(self, slot: _Slot) -> None:
@@ -158,8 +159,7 @@ class WorkerPool:
             while process.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             if process.is_alive():
-                log.warning("processing worker %d still busy after %.0fs: killed", slot.number,
-                            grace)
+                log.warning("%s still busy after %.0fs: killed", _name(slot), grace)
                 process.kill()
             await asyncio.to_thread(process.join, 5.0)
             if slot.channel is not None:
@@ -168,6 +168,10 @@ class WorkerPool:
                     asyncio.get_running_loop().remove_reader(slot.channel.fileno())
                     slot.channel.close()
                     slot.channel = None
+
+
+def _name(slot: _Slot) -> str:
+    return "the mail process" if slot.number < 0 else f"processing worker {slot.number}"
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -55,9 +55,9 @@ class DirectConnection:
         self._conn.close()
 
 
-async def connect_direct(path: Path, *, synchronous: str = "NORMAL") -> DirectConnection:
-    """Like `store.connect` (autocommit mode, WAL, foreign keys), by default with
-    synchronous=NORMAL; the mailer's connection asks for FULL (see below)."""
+async def connect_direct(path: Path, *, synchronous: str = "FULL") -> DirectConnection:
+    """Like `store.connect` (autocommit mode, WAL, foreign keys, synchronous=FULL);
+    `synchronous="NORMAL"` for the commits a power cut may lose (see below)."""
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as err:
@@ -66,16 +66,15 @@ async def connect_direct(path: Path, *, synchronous: str = "NORMAL") -> DirectCo
     try:
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL, not FULL: a worker's commit is not fsynced by itself. Nothing a
-        # worker writes is promised to anyone until the mailer sends it, and the
-        # mailer's own commit before each send (FULL) fsyncs the write-ahead log up to
-        # there, the worker's earlier commits with it. A power loss can only lose
-        # processing that no one was told of (the message is processed again); a
-        # crashed process loses nothing (the log is in the page cache).
+        # FULL where a commit is a promise (a report's ticket, its answers, the inbound
+        # outcome: what the customer will be told). NORMAL where losing the last
+        # commits to a power cut only repeats work: a claim (the attempt count survives
+        # a crashed process, the page cache has it) and the mailer's marks (a mail
+        # marked sent may go again, with the same Message-ID: at least once, as ever).
         db.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'FULL' else 'NORMAL'}")
         db.execute("PRAGMA foreign_keys = ON")
-        # No checkpoint inside a worker's commit: worker 0's Checkpointer does them all
-        # off the message path (and so does no SMTP commit before its 250).
+        # No checkpoint inside a worker's commit: the mail process's Checkpointer does
+        # them all off the message path (and no SMTP commit before its 250 does one).
         db.execute("PRAGMA wal_autocheckpoint = 0")
     except sqlite3.Error as err:
         db.close()

@@ -100,11 +100,16 @@ class Processor:
                  on_processed: Callable[[Processed, float], None] | None = None, *,
                  probe: Probe = probe_in_subprocess,
                  retry_first: float = RETRY_FIRST,
-                 attachments: Path | None = None, slot: int | None = None) -> None:
+                 attachments: Path | None = None, slot: int | None = None,
+                 claims: aiosqlite.Connection | None = None) -> None:
         """`attachments`: [storage] attachments, where a raw's attachment bytes are.
         `slot`: the worker process this runs in (None: the SMTP process, the only one
         processing); it claims as that slot and takes back only that slot's rows."""
         self._slot = slot
+        # Claims may go on a connection of their own: a worker claims with
+        # synchronous=NORMAL (the attempt count must survive a crash of the process,
+        # which the page cache does, not a power cut) and commits reports with FULL.
+        self._claims = claims or conn
         self._conn = conn
         self._attachments = attachments
         self._stages = stages
@@ -166,7 +171,7 @@ class Processor:
         """Process one queued message; False when there was none."""
         row, self._in_hand = self._in_hand, None
         if row is None:
-            row = await store.claim_inbound(self._conn, self._slot)
+            row = await store.claim_inbound(self._claims, self._slot)
             if row is None:
                 return False
             if row.attempts > 1 and not await self._survives(row):

@@ -2,7 +2,7 @@
 resolved tickets, the held digest, `[storage] keep_raw`, and systemd's STATUS line.
 
 They run where processing runs: in the SMTP process when `[processing] workers = 0`,
-else in worker 0 (one process only, so each job runs once).
+else in the mail process (one process only, so each job runs once).
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class Worker:
         except OSError:  # the daemon is gone: the watch loop stops this worker
             pass
 
-    async def _connect(self, *, synchronous: str = "NORMAL") -> aiosqlite.Connection:
+    async def _connect(self, *, synchronous: str = "FULL") -> aiosqlite.Connection:
         conn = await connect_direct(self.spec.config.storage.database, synchronous=synchronous)
         self._conns.append(conn)
         # The store's functions are typed for aiosqlite; DirectConnection has the part
@@ -132,8 +132,9 @@ class Worker:
 
         tasks: list[asyncio.Task[None]] = []
         if spec.role == MAIL:
-            # FULL: its commit before each send makes all processing before it durable.
-            self.mailer = Mailer(await self._connect(synchronous="FULL"), make_transport(
+            # NORMAL: a mark lost to a power cut sends a mail again (at least once); the
+            # processing that queued it committed with FULL.
+            self.mailer = Mailer(await self._connect(synchronous="NORMAL"), make_transport(
                 cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
                 on_result=lambda result: self._send("sent", result))
             await self.mailer.start()
@@ -143,7 +144,8 @@ class Worker:
             tasks.append(loop.create_task(self._checkpoints(), name="checkpoints"))
         else:
             self.processor = Processor(work_conn, stages, on_processed=self._processed,
-                                       attachments=cfg.storage.attachments, slot=spec.slot)
+                                       attachments=cfg.storage.attachments, slot=spec.slot,
+                                       claims=await self._connect(synchronous="NORMAL"))
             await self.processor.start()
         watch = await self._connect()
         tasks.append(loop.create_task(self._watch(watch), name="watch"))

@@ -21,6 +21,9 @@ MAX_HTML_CHARS = 1024 * 1024
 MAX_LAYOUT_ELEMENTS = 20_000
 
 _XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>", re.I)
+# What lxml parses but refuses to write back into a tree (drop_tree moves a tail text):
+# C0 controls other than tab/LF/CR, and lone surrogates. No reader sees them anyway.
+_XML_INCOMPATIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _TAG = re.compile(r"<[^<>]*>")
 _CONFIG = ParserConfig(css=CSS_PROFILES["strict"])
 _LOWER = "translate({}, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
@@ -84,7 +87,7 @@ def _mark_history(doc: lxml.html.HtmlElement) -> None:
 def html_to_text(html: str, max_elements: int = MAX_LAYOUT_ELEMENTS) -> tuple[str, int]:
     """The readable text of an HTML body, quoted `<blockquote>` history left out; and how
     many elements it laid out with inscriptis (at most `max_elements`, else none)."""
-    html = _XML_DECLARATION.sub("", html[:MAX_HTML_CHARS])
+    html = _XML_INCOMPATIBLE.sub("", _XML_DECLARATION.sub("", html[:MAX_HTML_CHARS]))
     if not html.strip():
         return "", 0
     try:

@@ -59,6 +59,10 @@ REDUCED = [
     (b"From: a@b.pl\nSubject: =?utf-7?q?+2AA-?=\n\nx\n", "subject", "\ufffd"),  # a lone surrogate
     (b"From: a@b.pl\nContent-Type: text/plain; charset=unicode_escape\n\nOpis: \\ud800\n", "text",
      "Opis: \ufffd"),
+    # a control character in the tail text of a dropped <style>: lxml refused to move it
+    # (ValueError) and the whole HTML body was lost
+    (b"From: a@b.pl\nContent-Type: text/html\n\n<p>x</p><style>p{}</style>\x01Opis: dysk\n",
+     "text", "x\n\nOpis: dysk"),
 ]
 
 

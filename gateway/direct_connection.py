@@ -30,22 +30,11 @@ class DirectConnection:
     def in_transaction(self) -> bool:
         return self._conn.in_transaction
 
-    @property
-    def row_factory(self) -> Any:
-        return self._conn.row_factory
-
-    @row_factory.setter
-    def row_factory(self, factory: Any) -> None:
-        self._conn.row_factory = factory
-
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> sqlite3.Cursor:
         return self._conn.execute(sql, tuple(parameters))
 
     async def execute_fetchall(self, sql: str, parameters: Iterable[Any] = ()) -> list[Any]:
         return self._conn.execute(sql, tuple(parameters)).fetchall()
-
-    async def executemany(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> sqlite3.Cursor:
-        return self._conn.executemany(sql, rows)
 
     async def _execute(self, fn: Callable[..., T], *args: Any) -> T:
         """What aiosqlite's own methods go through (the intake writer calls it)."""

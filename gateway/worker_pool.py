@@ -58,11 +58,8 @@ class WorkerPool:
     housekeeping_seconds: float = 30.0
     _slots: list[_Slot] = field(default_factory=list)
     _stopping: bool = False
+    _reaping: set[asyncio.Task[None]] = field(default_factory=set)
     _context: Any = field(default_factory=lambda: multiprocessing.get_context("spawn"))
-
-    @property
-    def pids(self) -> list[int]:
-        return [s.process.pid for s in self._slots if s.process is not None and s.process.is_alive()]
 
     async def start(self) -> None:
         """Start every worker and wait until each is ready (a failure to start is the
@@ -115,8 +112,17 @@ class WorkerPool:
         loop.remove_reader(slot.channel.fileno())
         slot.channel.close()
         slot.channel = None
+        if self._stopping:
+            return  # stop() joins it
+        # Joined on a thread: the SMTP sessions on this loop must not wait for it.
+        task = loop.create_task(self._reap(slot), name=f"reap {_name(slot)}")
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def _reap(self, slot: _Slot) -> None:
+        """Collect the exit status; start the worker again after its backoff."""
         process = slot.process
-        process.join(timeout=5.0)
+        await asyncio.to_thread(process.join, 5.0)
         code = process.exitcode
         if slot.ready is not None and not slot.ready.done():
             slot.ready.set_exception(GatewayError(
@@ -128,7 +134,7 @@ class WorkerPool:
         delay = min(RESTART_FIRST * 2 ** (slot.failures - 1), RESTART_MAX)
         log.error("%s (pid %d) exited with %s after %.0fs; starting it again in %.0fs",
                   _name(slot), process.pid, _describe_exit(code), lived, delay)
-        slot.restart = loop.call_later(delay, self._respawn, slot)
+        slot.restart = asyncio.get_running_loop().call_later(delay, self._respawn, slot)
 
     def _respawn(self, slot: _Slot) -> None:
         slot.restart = None

@@ -165,7 +165,7 @@ def read_text_file(name: str, what: str) -> str:
 @asynccontextmanager
 async def open_db(config: Config, *, migrate: bool = False) -> AsyncIterator[aiosqlite.Connection]:
     path = config.storage.database
-    if not migrate and not path.exists():
+    if not migrate and isinstance(path, Path) and not path.exists():
         raise StoreError(f"{path}: no database yet: run `s4e-gateway migrate` or start the gateway")
     conn = await store.connect(path)
     try:
@@ -212,7 +212,10 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
 
     conn = await store.connect(config.storage.database)
     try:
-        applied, copy = await migrate_with_copy(conn, config.storage.database)
+        if config.storage.postgres:
+            applied, copy = await store.migrate(conn), None  # pg_dump is the operator's
+        else:
+            applied, copy = await migrate_with_copy(conn, config.storage.sqlite_path)
         version = await store.schema_version(conn)
     finally:
         await conn.close()
@@ -230,9 +233,12 @@ async def cmd_backup(config: Config, args: argparse.Namespace) -> int:
     database only; otherwise a folder: DEST/gateway.db and DEST/attachments/."""
     from gateway.backup import copy_attachments, copy_database
 
+    if config.storage.postgres:
+        raise GatewayError("backup: the database is PostgreSQL: back it up with pg_dump "
+                           "(or the server's own backups); attachments are inside it")
     dest = Path(args.dest)
     to_file = dest.suffix == ".db"
-    db_copy = await asyncio.to_thread(copy_database, config.storage.database,
+    db_copy = await asyncio.to_thread(copy_database, config.storage.sqlite_path,
                                       dest if to_file else dest / "gateway.db")
     print(f"database: {db_copy.path} (schema version {db_copy.schema_version}, "
           f"{db_copy.tickets} tickets, {db_copy.size / 1e6:.1f} MB)")

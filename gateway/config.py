@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -92,13 +93,28 @@ class AddressesConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    database: Path = Path("var/gateway.db")
+    # A path: the embedded SQLite database. A "postgresql://..." URL: PostgreSQL,
+    # which several gateways (each an MX host) may share (README "PostgreSQL").
+    database: Path | str = Path("var/gateway.db")
     attachments: Path = Path("var/attachments")
     keep_raw: str = ""  # "" = keep the raw mail for ever; else a duration (closed tickets)
 
     @property
     def keep_raw_seconds(self) -> int | None:
         return parse_duration(self.keep_raw) if self.keep_raw else None
+
+    @property
+    def postgres(self) -> str | None:
+        """The PostgreSQL URL, or None for SQLite."""
+        return self.database if isinstance(self.database, str) else None
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file; with PostgreSQL, where this node keeps its local files
+        (the lock files, named as for a database file in the attachments' folder)."""
+        if isinstance(self.database, Path):
+            return self.database
+        return self.attachments.parent / "gateway.pg"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +135,26 @@ class OutboundConfig:
     @property
     def effective_transport(self) -> str:
         return self.transport or ("smtp" if self.relay else "maildir")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Several gateways on one PostgreSQL database (README "PostgreSQL")."""
+
+    # This gateway's name among those sharing the database: its claims carry it. ""
+    # = the host name. Two running gateways with the same name are refused.
+    node: str = ""
+    # A message or a mail claimed by a node that stopped answering goes to another
+    # node after this long (a live node renews its claims long before).
+    lease: str = "60s"
+
+    @property
+    def node_name(self) -> str:
+        return self.node or socket.gethostname()
+
+    @property
+    def lease_seconds(self) -> int:
+        return parse_duration(self.lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +226,7 @@ class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     processing: ProcessingConfig = field(default_factory=ProcessingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     web: WebConfig = field(default_factory=WebConfig)
@@ -203,6 +240,7 @@ _SECTIONS: dict[str, type] = {
     "outbound": OutboundConfig,
     "metrics": MetricsConfig,
     "processing": ProcessingConfig,
+    "cluster": ClusterConfig,
     "tickets": TicketsConfig,
     "auth": AuthConfig,
     "web": WebConfig,
@@ -224,7 +262,8 @@ _CHOICES = {
     ("auth", "verify"): ("off", "dns"),
 }
 _DURATIONS = {"timeout", "data_timeout", "retry_first", "retry_max", "give_up_after",
-              "rating_window", "session_lifetime", "login_window", "keep_raw", "keep_alive"}
+              "rating_window", "session_lifetime", "login_window", "keep_raw", "keep_alive",
+              "lease"}
 _HOSTPORTS = {("smtp", "listen"), ("outbound", "relay"), ("metrics", "listen"),
               ("auth", "resolver"), ("web", "listen")}
 _EMAILS = {("addresses", "intake"), ("addresses", "crm")}
@@ -269,6 +308,9 @@ def _convert(section: str, key: str, value: Any, base: Path) -> Any:
         return items
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {type(value).__name__}")
+    if (section, key) == ("storage", "database") and value.startswith(
+            ("postgresql://", "postgres://")):
+        return value  # PostgreSQL; checked when connecting
     if key in _PATHS:
         if not value:
             return None if key not in ("database", "attachments", "maildir") else _fail("must not be empty")
@@ -328,7 +370,7 @@ def _resolve_defaults(config: Config, base: Path) -> Config:
     """Make the default relative paths relative to `base` too."""
     storage = config.storage
     outbound = config.outbound
-    if not storage.database.is_absolute():
+    if isinstance(storage.database, Path) and not storage.database.is_absolute():
         storage = replace(storage, database=base / storage.database)
     if not storage.attachments.is_absolute():
         storage = replace(storage, attachments=base / storage.attachments)
@@ -422,7 +464,7 @@ def check_files(config: Config) -> None:
     if (smtp.lmtp_socket and not smtp.lmtp_socket.parent.is_dir()
             and not systemd_creates(smtp.lmtp_socket.parent)):
         raise ConfigError(f"smtp.lmtp_socket: folder {smtp.lmtp_socket.parent} does not exist")
-    for key, path in (("storage.database", config.storage.database.parent),
+    for key, path in (("storage.database", config.storage.sqlite_path.parent),
                       ("storage.attachments", config.storage.attachments),
                       ("outbound.maildir", outbound.maildir)):
         existing = next((p for p in (path, *path.parents) if p.exists()), None)

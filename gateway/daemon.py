@@ -23,6 +23,7 @@ from typing import Any
 
 from gateway import staff, store
 from gateway.backup import migrate_with_copy
+from gateway.cluster import cluster_of, hold_node_name
 from gateway.config import Config, check_files, parse_hostport
 from gateway.errors import ConfigError
 from gateway.mailer import Mailer, Transport, make_transport
@@ -95,9 +96,15 @@ class Gateway:
     async def start(self, *, port: int | None = None) -> None:
         cfg = self.config
         check_files(cfg)
-        self._lock = _single_instance(cfg.storage.database)
+        self._lock = _single_instance(cfg.storage.sqlite_path)
         intake_conn = await self._connect()
-        await migrate_with_copy(intake_conn, cfg.storage.database)
+        cluster = cluster_of(cfg)
+        if cluster:
+            # One gateway per node name on the database (it holds this while it runs).
+            await hold_node_name(intake_conn, cluster.node)
+            await store.migrate(intake_conn)
+        else:
+            await migrate_with_copy(intake_conn, cfg.storage.sqlite_path)
         work_conn, mail_conn, check_conn, house_conn = [await self._connect() for _ in range(4)]
         self._house_conn = house_conn
         # This process's writers take SQLite's write lock in turn, intake first.
@@ -111,15 +118,17 @@ class Gateway:
         # Workers of a daemon that was killed finish their message before anything
         # left in hand goes back to the queue.
         await wait_for_old_workers(cfg)
-        recovered = await store.recover_inbound(intake_conn)
+        recovered = await store.recover_inbound(
+            intake_conn, node=cluster.node if cluster else None)
         if recovered:
             log.warning("re-claiming %d message(s) left mid-way by an earlier stop", recovered)
         count = cfg.processing.worker_count
         if count and self.stages is None and self.transport is None:
             self.workers = WorkerPool(cfg, count, self._from_worker,
                                       housekeeping_seconds=self.housekeeping_seconds)
-            # Worker 0 checkpoints the write-ahead log: no commit here waits for one.
-            for conn in self._conns:
+            # The mail process checkpoints SQLite's write-ahead log: no commit here
+            # waits for one.
+            for conn in self._conns if not cluster else ():
                 await conn.execute("PRAGMA wal_autocheckpoint = 0")
             await self.workers.start()
         else:
@@ -161,10 +170,13 @@ class Gateway:
             log.info("LMTP on %s", cfg.smtp.lmtp_socket)
         if cfg.metrics.listen:
             probe_conn = await self._connect()
-            await probe_conn.execute(f"PRAGMA busy_timeout = {HEALTH_BUSY_TIMEOUT_MS}")
+            if cluster:
+                await probe_conn.execute(f"SET lock_timeout = {HEALTH_BUSY_TIMEOUT_MS}")
+            else:
+                await probe_conn.execute(f"PRAGMA busy_timeout = {HEALTH_BUSY_TIMEOUT_MS}")
             # Its test write takes its turn behind intake like this process's others.
             probe_conn.write_gate = intake_conn.write_gate
-            probe = Probe(probe_conn, cfg.storage.database,
+            probe = Probe(probe_conn, cfg.storage.sqlite_path,
                           min_free_bytes(cfg.smtp.max_message_size))
             self._metrics_server = MetricsServer(self.metrics, probe)
             host, mport = parse_hostport(cfg.metrics.listen)
@@ -194,11 +206,13 @@ class Gateway:
 
         self.mailer = Mailer(mail_conn, self.transport or make_transport(
             cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
-            on_result=self._count_send)
+            on_result=self._count_send, cluster=cluster_of(cfg))
         await self.mailer.start()
         self.processor = Processor(work_conn, self.stages or pipeline,
                                    on_processed=self._count_processed,
-                                   attachments=cfg.storage.attachments)
+                                   attachments=cfg.storage.attachments,
+                                   cluster=cluster_of(cfg),
+                                   claims=await self._connect() if cfg.storage.postgres else None)
 
     def _from_worker(self, message: tuple[Any, ...]) -> None:
         """What a worker process reports: the metrics it moves, systemd STATUS."""

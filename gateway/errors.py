@@ -18,6 +18,10 @@ class SchemaTooNewError(StoreError):
     pass
 
 
+class ClaimLost(StoreError):
+    """PostgreSQL: a message's claim passed to another node while this one worked."""
+
+
 class NotFoundError(GatewayError):
     pass
 

@@ -31,6 +31,10 @@ import aiosmtplib
 import aiosqlite
 
 from gateway import store
+from gateway.cluster import Cluster
+from gateway.store.dialect import is_postgres
+from gateway.store.notify import CommitWatch
+from gateway.store.postgres import OUTBOX_CHANNEL
 from gateway.config import OutboundConfig, parse_duration, parse_hostport
 from gateway.errors import ConfigError, GatewayError
 from gateway.processor import is_environmental
@@ -496,8 +500,14 @@ class Mailer:
     def __init__(self, conn: aiosqlite.Connection, transport: Transport,
                  config: OutboundConfig, clock: Callable[[], datetime] = store.utcnow,
                  on_result: Callable[[str], None] | None = None, *,
-                 poll_interval: float = IDLE_POLL_SECONDS) -> None:
+                 poll_interval: float = IDLE_POLL_SECONDS,
+                 cluster: Cluster | None = None) -> None:
+        """`cluster` (PostgreSQL): claims name this node and carry a lease; mails of a
+        node whose lease ran out are taken back; commits are noticed by LISTEN."""
         self._conn = conn
+        self._cluster = cluster
+        self._commits = CommitWatch(conn, (OUTBOX_CHANNEL,)) if is_postgres(conn) else None
+        self._next_expiry_check = 0.0
         self._poll_interval = poll_interval
         self._transport = transport
         self._config = config
@@ -526,7 +536,10 @@ class Mailer:
     async def start(self) -> None:
         if self._tasks:
             raise RuntimeError("mailer already started")
-        recovered = await store.recover_outbox(self._conn)
+        recovered = await store.recover_outbox(
+            self._conn, self._cluster.node if self._cluster else None)
+        if self._commits:
+            self._commits.start()
         if recovered:
             log.warning("outbox: %d mail(s) left mid-send by an earlier stop go again "
                         "(same Message-ID)", recovered)
@@ -546,6 +559,8 @@ class Mailer:
         tasks, self._tasks = self._tasks, []
         if tasks:
             await self._finish(tasks, grace)
+        if self._commits:
+            await self._commits.stop()
         if isinstance(self._transport, ClosingTransport):
             try:
                 await self._transport.aclose()  # QUIT the kept relay sessions
@@ -626,8 +641,11 @@ class Mailer:
             deadline = min(deadline, loop.time() + self._idle_delay(due_in))
 
     async def _data_version(self) -> int | None:
-        """SQLite's count of commits by other connections (None when it cannot be read:
-        then only wake(), the next retry and the slow poll wake us)."""
+        """SQLite's count of commits by other connections, or PostgreSQL's count of
+        NOTIFYs (None when it cannot be read: then only wake(), the next retry and the
+        slow poll wake us)."""
+        if self._commits:
+            return await self._commits.version()
         try:
             rows = list(await self._conn.execute_fetchall("PRAGMA data_version"))
         except Exception as err:  # noqa: BLE001
@@ -665,10 +683,18 @@ class Mailer:
 
     async def run_once(self) -> bool:
         """Claim one due row and send it; False when nothing was due."""
-        row = await store.claim_due_outbox(self._conn, self._clock())
+        now = self._clock()
+        cluster = self._cluster
+        if cluster is None:
+            row = await store.claim_due_outbox(self._conn, now)
+        else:
+            await self._release_expired(now)
+            row = await store.claim_due_outbox(self._conn, now, node=cluster.node,
+                                               lease_until=cluster.lease_from(now))
         if row is None:
             return False
         self._wake_helpers()  # there may be more: the other sessions look too
+        renewing = self._keep_lease(row)
         try:
             raw = await store.read_outbox_raw(self._conn, row.id)
             await self._transport.send(row.mail_from, row.rcpt_to, raw, row.message_id)
@@ -686,7 +712,41 @@ class Mailer:
             log.info("%s outbox %d sent to %s", one_line(row.message_id), row.id,
                      _describe(row))
             self._report(RESULT_SENT)
+        finally:
+            if renewing is not None:
+                renewing.cancel()
         return True
+
+    def _keep_lease(self, row: OutboxRow) -> asyncio.Task[None] | None:
+        """PostgreSQL: renew the claim while a (slow) relay session sends the mail, so
+        no other node sends it too."""
+        cluster = self._cluster
+        if cluster is None:
+            return None
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(cluster.renew_seconds)
+                try:
+                    await store.renew_outbox_lease(self._conn, row.id, cluster.node,
+                                                   cluster.lease_from(self._clock()))
+                except Exception as err:  # noqa: BLE001 - the send goes on
+                    log.warning("outbox %d: renewing the claim failed: %s", row.id, one_line(err))
+
+        return asyncio.get_running_loop().create_task(renew(), name=f"outbox lease {row.id}")
+
+    async def _release_expired(self, now: datetime) -> None:
+        """PostgreSQL: mails a dead node had in hand are due again once its lease ends
+        (at most once per renewal interval; the lease is longer than a send may take)."""
+        assert self._cluster is not None
+        moment = asyncio.get_running_loop().time()
+        if moment < self._next_expiry_check:
+            return
+        self._next_expiry_check = moment + self._cluster.renew_seconds
+        released = await store.release_expired_outbox(self._conn, now)
+        if released:
+            log.warning("outbox: %d mail(s) of a node whose lease ran out are due again "
+                        "(same Message-ID)", released)
 
     async def _retry(self, row: OutboxRow, error: str) -> None:
         now = self._clock()

@@ -30,6 +30,8 @@ from pathlib import Path
 import aiosqlite
 
 from gateway import store
+from gateway.cluster import Cluster
+from gateway.errors import ClaimLost
 from gateway.model import InboundState, Outcome
 from gateway.store import InboundRow
 
@@ -101,11 +103,16 @@ class Processor:
                  probe: Probe = probe_in_subprocess,
                  retry_first: float = RETRY_FIRST,
                  attachments: Path | None = None, slot: int | None = None,
-                 claims: aiosqlite.Connection | None = None) -> None:
+                 claims: aiosqlite.Connection | None = None,
+                 cluster: Cluster | None = None) -> None:
         """`attachments`: [storage] attachments, where a raw's attachment bytes are.
         `slot`: the worker process this runs in (None: the SMTP process, the only one
-        processing); it claims as that slot and takes back only that slot's rows."""
+        processing); it claims as that slot and takes back only that slot's rows.
+        `cluster` (PostgreSQL): claims name this node and carry a lease, renewed while
+        the message is in hand; other nodes' expired claims are taken back."""
         self._slot = slot
+        self._cluster = cluster
+        self._next_expiry_check = 0.0
         # Claims may go on a connection of their own: a worker claims with
         # synchronous=NORMAL (the attempt count must survive a crash of the process,
         # which the page cache does, not a power cut) and commits reports with FULL.
@@ -126,7 +133,8 @@ class Processor:
         self._wake.set()
 
     async def start(self) -> None:
-        recovered = await store.recover_inbound(self._conn, self._slot)
+        recovered = await store.recover_inbound(
+            self._conn, self._slot, node=self._cluster.node if self._cluster else None)
         if recovered:
             log.warning("re-claiming %d message(s) left mid-way by an earlier stop", recovered)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="processor")
@@ -144,7 +152,8 @@ class Processor:
             try:
                 await self._conn.execute(
                     f"UPDATE inbound SET state = '{InboundState.QUEUED}',"
-                    " attempts = max(attempts - 1, 0)"
+                    " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,"
+                    " claimed_by = NULL, claimed_node = NULL, lease_until = NULL"
                     f" WHERE id = ? AND state = '{InboundState.PROCESSING}'", (row.id,))
             except sqlite3.Error as err:
                 log.warning("%s inbound %d: left for the next start: %s",
@@ -171,14 +180,20 @@ class Processor:
         """Process one queued message; False when there was none."""
         row, self._in_hand = self._in_hand, None
         if row is None:
-            row = await store.claim_inbound(self._claims, self._slot)
+            await self._release_expired()
+            row = await self._claim()
             if row is None:
                 return False
             if row.attempts > 1 and not await self._survives(row):
                 return True
         started = asyncio.get_running_loop().time()
+        renewing = self._keep_lease(row)
         try:
             result = await self._stages(self._conn, row)
+        except ClaimLost as err:
+            await self._rollback()
+            log.warning("%s inbound %d: %s", row.message_id or "<no-id>", row.id, err)
+            return True
         except Exception as err:  # noqa: BLE001 - one bad message must not stop the loop
             await self._rollback()
             if is_environmental(err):
@@ -186,10 +201,50 @@ class Processor:
                 return True
             await self._fail(row, err)
             result = Processed(Outcome.FAILED)
+        finally:
+            if renewing is not None:
+                renewing.cancel()
         self._env_failures = 0
         if self._on_processed:
             self._on_processed(result, asyncio.get_running_loop().time() - started)
         return True
+
+    async def _claim(self) -> InboundRow | None:
+        if self._cluster is None:
+            return await store.claim_inbound(self._claims, self._slot)
+        return await store.claim_inbound(self._claims, self._slot, node=self._cluster.node,
+                                         lease_until=self._cluster.lease_from(store.utcnow()))
+
+    async def _release_expired(self) -> None:
+        """PostgreSQL: messages of a node that stopped renewing its claims go back to
+        the queue (looked at every renewal interval, not on every claim)."""
+        if self._cluster is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + self._cluster.renew_seconds
+        released = await store.release_expired_inbound(self._claims, store.utcnow())
+        if released:
+            log.warning("taking over %d message(s) whose node's lease ran out: inbound %s",
+                        len(released), ", ".join(map(str, released[:20])))
+
+    def _keep_lease(self, row: InboundRow) -> asyncio.Task[None] | None:
+        """PostgreSQL: renew the claim on `row` while the stages work on it."""
+        cluster = self._cluster
+        if cluster is None:
+            return None
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(cluster.renew_seconds)
+                try:
+                    await store.renew_inbound_lease(self._claims, row.id, cluster.node,
+                                                    cluster.lease_from(store.utcnow()))
+                except sqlite3.Error as err:
+                    log.warning("inbound %d: renewing the claim failed: %s", row.id, _one_line(err))
+
+        return asyncio.get_running_loop().create_task(renew(), name=f"lease {row.id}")
 
     async def _survives(self, row: InboundRow) -> bool:
         """A message an earlier process left unfinished: was that crash its own?"""

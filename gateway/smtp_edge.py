@@ -315,7 +315,7 @@ class IntakeHandler:
 def spool_dir_for(config: Config) -> Path:
     """Spool files live beside the database: the same disk, so a message that fits
     the spool also fits the commit, and a full disk is one condition, not two."""
-    return config.storage.database.parent / "spool"
+    return config.storage.sqlite_path.parent / "spool"
 
 
 class ConnectionLimits:

@@ -75,6 +75,7 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
     decision = decide(situation)
     now = ctx.clock()
     async with Tx(conn):
+        await store.confirm_claim(conn, row)
         ticket = await apply(conn, ctx, row, report, situation, decision, saved, now)
         await store.mark_inbound(conn, row.id, state=InboundState.DONE, outcome=decision.outcome,
                                  ticket=ticket, report=report_json(report),

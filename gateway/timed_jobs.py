@@ -2,7 +2,8 @@
 resolved tickets, the held digest, `[storage] keep_raw`, and systemd's STATUS line.
 
 They run where processing runs: in the SMTP process when `[processing] workers = 0`,
-else in the mail process (one process only, so each job runs once).
+else in the mail process (one process only, so each job runs once). With several
+gateways on one PostgreSQL database, on one of them at a time (an advisory lock).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from datetime import timedelta
 from typing import Any
 
 from gateway import staff, store
+from gateway.cluster import may_run_timed_jobs
 from gateway.config import Config
+from gateway.store.dialect import is_postgres
 from gateway.digest import send_held_digest
 from gateway.errors import expected_failure
 from gateway.context import Context
@@ -56,13 +59,23 @@ class TimedJobs:
         # Shared with whatever else uses `conn` (the SIGHUP reload): two coroutines must
         # never interleave transactions on one connection.
         self.lock = lock or asyncio.Lock()
+        # PostgreSQL: one node at a time holds the timed-jobs lock (cluster.py).
+        self._runs_here = False
 
-    async def run_once(self) -> None:
+    async def run_once(self) -> bool:
+        """One round; False when another node runs the jobs (PostgreSQL)."""
         async with self.lock:
-            await staff.close_expired_ratings(self.conn, self._context)
-            await send_held_digest(self.conn, self._context)
-            await drop_old_raw(self.conn, self._context.config)
+            if not self._runs_here:
+                self._runs_here = await may_run_timed_jobs(self.conn)
+                if self._runs_here and is_postgres(self.conn):
+                    log.info("this node runs the timed jobs (rating window, held digest, "
+                             "keep_raw) while it is up")
+            if self._runs_here:
+                await staff.close_expired_ratings(self.conn, self._context)
+                await send_held_digest(self.conn, self._context)
+                await drop_old_raw(self.conn, self._context.config)
             self._on_status(await queue_status(self.conn))
+            return self._runs_here
 
     async def run(self) -> None:
         while True:

@@ -35,9 +35,11 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from gateway.config import Config
-from gateway.direct_connection import (CHECKPOINT_SECONDS, Checkpointer, DirectConnection,
-                                       connect_direct)
+from gateway.direct_connection import CHECKPOINT_SECONDS, Checkpointer, connect_direct
 from gateway.mailer import Mailer, make_transport
+from gateway.cluster import cluster_of
+from gateway.store.notify import CommitWatch
+from gateway.store.postgres import INBOUND_CHANNEL, connect_postgres
 from gateway.context import Context, load_renderer, make_context
 from gateway.stages import process_message
 from gateway.processor import Processed, Processor
@@ -83,7 +85,7 @@ def main(spec: WorkerSpec, channel: Any) -> None:
 
     setup_logging(logging.INFO, name=spec.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    lock = open(workers_lock_path(spec.config.storage.database), "a+")
+    lock = open(workers_lock_path(spec.config.storage.sqlite_path), "a+")
     fcntl.flock(lock, fcntl.LOCK_SH)
     try:
         asyncio.run(Worker(spec, channel).run())
@@ -99,7 +101,7 @@ class Worker:
         self.spec = spec
         self._channel = channel
         self._stop = asyncio.Event()
-        self._conns: list[DirectConnection] = []
+        self._conns: list[Any] = []
         self._parent = os.getppid()
         self.context: Context | None = None
         self.processor: Processor | None = None
@@ -112,7 +114,13 @@ class Worker:
             pass
 
     async def _connect(self, *, synchronous: str = "FULL") -> aiosqlite.Connection:
-        conn = await connect_direct(self.spec.config.storage.database, synchronous=synchronous)
+        storage = self.spec.config.storage
+        conn: Any
+        if storage.postgres:
+            conn = await connect_postgres(storage.postgres, application_name=(
+                f"s4e-gateway {self.spec.name}"), synchronous="on" if synchronous == "FULL" else "off")
+        else:
+            conn = await connect_direct(storage.sqlite_path, synchronous=synchronous)
         self._conns.append(conn)
         # The store's functions are typed for aiosqlite; DirectConnection has the part
         # of its interface they use.
@@ -136,16 +144,18 @@ class Worker:
             # processing that queued it committed with FULL.
             self.mailer = Mailer(await self._connect(synchronous="NORMAL"), make_transport(
                 cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
-                on_result=lambda result: self._send("sent", result))
+                on_result=lambda result: self._send("sent", result), cluster=cluster_of(cfg))
             await self.mailer.start()
             jobs = TimedJobs(await self._connect(), context, interval=spec.housekeeping_seconds,
                              on_status=lambda text: self._send("status", text))
             tasks.append(loop.create_task(jobs.run(), name="timed jobs"))
-            tasks.append(loop.create_task(self._checkpoints(), name="checkpoints"))
+            if not cfg.storage.postgres:  # PostgreSQL checkpoints on its own
+                tasks.append(loop.create_task(self._checkpoints(), name="checkpoints"))
         else:
             self.processor = Processor(work_conn, stages, on_processed=self._processed,
                                        attachments=cfg.storage.attachments, slot=spec.slot,
-                                       claims=await self._connect(synchronous="NORMAL"))
+                                       claims=await self._connect(synchronous="NORMAL"),
+                                       cluster=cluster_of(cfg))
             await self.processor.start()
         watch = await self._connect()
         tasks.append(loop.create_task(self._watch(watch), name="watch"))
@@ -166,7 +176,7 @@ class Worker:
     async def _checkpoints(self) -> None:
         """The mail process only: the write-ahead log into the database, off the
         message path."""
-        checkpointer = Checkpointer(self.spec.config.storage.database)
+        checkpointer = Checkpointer(self.spec.config.storage.sqlite_path)
         try:
             while True:
                 await asyncio.sleep(CHECKPOINT_SECONDS)
@@ -196,22 +206,22 @@ class Worker:
     async def _watch(self, conn: aiosqlite.Connection) -> None:
         """Wake the processor when another connection committed; stop when the daemon
         is gone."""
-        version = await _data_version(conn)
-        while True:
-            await asyncio.sleep(WATCH_SECONDS)
-            if os.getppid() != self._parent:
-                log.warning("the daemon is gone: finishing the message in hand and stopping")
-                self._stop.set()
-                return
-            current = await _data_version(conn)
-            if current != version:
-                version = current
-                if self.processor:
-                    self.processor.wake()
-                # (The mailer watches data_version itself, and claims only what is due.)
-
-
-async def _data_version(conn: aiosqlite.Connection) -> int:
-    rows = list(await conn.execute_fetchall("PRAGMA data_version"))
-    return int(rows[0][0])
+        commits = CommitWatch(conn, (INBOUND_CHANNEL,))
+        commits.start()
+        try:
+            version = await commits.version()
+            while True:
+                await asyncio.sleep(WATCH_SECONDS)
+                if os.getppid() != self._parent:
+                    log.warning("the daemon is gone: finishing the message in hand and stopping")
+                    self._stop.set()
+                    return
+                current = await commits.version()
+                if current != version:
+                    version = current
+                    if self.processor:
+                        self.processor.wake()
+                    # (The mailer watches commits itself, and claims only what is due.)
+        finally:
+            await commits.stop()
 

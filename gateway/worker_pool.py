@@ -203,7 +203,7 @@ def _describe_exit(code: int | None) -> str:
 async def wait_for_old_workers(config: Config) -> None:
     """Workers of a daemon that was killed finish the message in hand and exit; a
     new daemon waits for them before it re-queues what was left in hand."""
-    path = workers_lock_path(config.storage.database)
+    path = workers_lock_path(config.storage.sqlite_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         deadline = time.monotonic() + OLD_WORKERS_TIMEOUT

@@ -59,6 +59,7 @@ from gateway.store.inbound import (
     InboundRow,
     StoredReport,
     claim_inbound,
+    confirm_claim,
     count_inbound_by_state,
     get_inbound,
     inbound_details,
@@ -69,6 +70,8 @@ from gateway.store.inbound import (
     processed_with_message_id,
     read_raw,
     recover_inbound,
+    release_expired_inbound,
+    renew_inbound_lease,
     requeue_inbound,
     store_cut_raw,
 )
@@ -105,6 +108,8 @@ from gateway.store.outbox import (
     outbox_sizes_since,
     read_outbox_raw,
     recover_outbox,
+    release_expired_outbox,
+    renew_outbox_lease,
     retry_outbox,
     sent_since,
 )
@@ -152,6 +157,11 @@ from gateway.store.tickets import (
 )
 
 __all__ = [
+    "renew_outbox_lease",
+    "release_expired_outbox",
+    "renew_inbound_lease",
+    "release_expired_inbound",
+    "confirm_claim",
     "BUSY_TIMEOUT_MS",
     "RAW_CHUNK",
     "TICKET_MAX",

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import aiosqlite
 
@@ -39,8 +39,15 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
 
 
-async def connect(path: Path) -> aiosqlite.Connection:
-    """A connection in autocommit mode: transactions are explicit BEGIN/COMMIT."""
+async def connect(path: Path | str) -> aiosqlite.Connection:
+    """A connection in autocommit mode: transactions are explicit BEGIN/COMMIT.
+
+    `path` is the SQLite file, or a "postgresql://" URL: then a `PgConnection`, which
+    offers the part of aiosqlite's interface the store uses (store/postgres.py)."""
+    if isinstance(path, str):
+        from gateway.store.postgres import connect_postgres
+
+        return cast(aiosqlite.Connection, await connect_postgres(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         conn = await aiosqlite.connect(path, isolation_level=None)

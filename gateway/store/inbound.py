@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from gateway.errors import StoreError
+from gateway.errors import ClaimLost, StoreError
 from gateway.model import InboundState, Outcome
 from gateway.store.connection import gated, iso, utcnow
+from gateway.store.dialect import is_postgres
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +34,14 @@ class InboundRow:
     peer: str = ""
     auth: str | None = None  # the sender verdict, once processed
     auth_reason: str | None = None
+    claimed_node: str | None = None  # PostgreSQL: the node whose claim it is in
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> InboundRow:
         return cls(row["id"], row["message_id"], row["mail_from"],
                    tuple(json.loads(row["rcpt_tos"])), row["received_at"], row["size"],
                    InboundState(row["state"]), row["attempts"], row["outcome"], row["ticket"], row["error"],
-                   row["peer"], row["auth"], row["auth_reason"])
+                   row["peer"], row["auth"], row["auth_reason"], row["claimed_node"])
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "message_id": self.message_id, "mail_from": self.mail_from,
@@ -48,35 +51,81 @@ class InboundRow:
 
 
 _INBOUND_COLUMNS = ("id, message_id, mail_from, rcpt_tos, received_at, size, state,"
-                    " attempts, outcome, ticket, error, peer, auth, auth_reason")
+                    " attempts, outcome, ticket, error, peer, auth, auth_reason, claimed_node")
 
 
-async def recover_inbound(conn: aiosqlite.Connection, slot: int | None = None) -> int:
+async def recover_inbound(conn: aiosqlite.Connection, slot: int | None = None, *,
+                          node: str | None = None) -> int:
     """Rows a crash left mid-way go back to the queue: all of them (no worker is
-    running), or those of one worker slot (that worker died and is starting again)."""
-    if slot is None:
-        cursor = await conn.execute(
-            f"UPDATE inbound SET state = '{InboundState.QUEUED}', claimed_by = NULL"
-            f" WHERE state = '{InboundState.PROCESSING}'")
-    else:
-        cursor = await conn.execute(
-            f"UPDATE inbound SET state = '{InboundState.QUEUED}', claimed_by = NULL"
-            f" WHERE state = '{InboundState.PROCESSING}' AND claimed_by = ?", (slot,))
+    running), or those of one worker slot (that worker died and is starting again).
+    With PostgreSQL only this `node`'s: another node's claims are its own (or end
+    with their lease, `release_expired_inbound`)."""
+    where = f"state = '{InboundState.PROCESSING}'"
+    params: list[Any] = []
+    if node is not None and is_postgres(conn):
+        where += " AND claimed_node = ?"
+        params.append(node)
+    if slot is not None:
+        where += " AND claimed_by = ?"
+        params.append(slot)
+    cursor = await conn.execute(
+        f"UPDATE inbound SET state = '{InboundState.QUEUED}', claimed_by = NULL,"
+        f" claimed_node = NULL, lease_until = NULL WHERE {where}", params)
     return cursor.rowcount
 
 
-async def claim_inbound(conn: aiosqlite.Connection,
-                        slot: int | None = None) -> InboundRow | None:
+async def claim_inbound(conn: aiosqlite.Connection, slot: int | None = None, *,
+                        node: str | None = None,
+                        lease_until: datetime | None = None) -> InboundRow | None:
     """Take the oldest queued message (in arrival order) for processing, for worker
-    `slot` (None: this process)."""
+    `slot` (None: this process). With PostgreSQL the claim names `node` and lasts
+    until `lease_until`; rows another node's transaction is claiming are skipped,
+    never waited for and never claimed twice."""
+    skip = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
     async with gated(conn):
         rows = list(await conn.execute_fetchall(
             f"UPDATE inbound SET state = '{InboundState.PROCESSING}', attempts = attempts + 1,"
-            " claimed_by = ?"
+            " claimed_by = ?, claimed_node = ?, lease_until = ?"
             f" WHERE id = (SELECT id FROM inbound WHERE state = '{InboundState.QUEUED}'"
-            " ORDER BY id LIMIT 1)"
-            f" AND state = '{InboundState.QUEUED}' RETURNING {_INBOUND_COLUMNS}", (slot,)))
+            f" ORDER BY id LIMIT 1{skip})"
+            f" AND state = '{InboundState.QUEUED}' RETURNING {_INBOUND_COLUMNS}",
+            (slot, node, iso(lease_until) if lease_until else None)))
     return InboundRow.from_row(rows[0]) if rows else None
+
+
+async def renew_inbound_lease(conn: aiosqlite.Connection, inbound_id: int, node: str,
+                              lease_until: datetime) -> bool:
+    """Keep this node's claim on a message it is still working on; False if lost."""
+    cursor = await conn.execute(
+        "UPDATE inbound SET lease_until = ? WHERE id = ? AND claimed_node = ?"
+        f" AND state = '{InboundState.PROCESSING}'", (iso(lease_until), inbound_id, node))
+    return cursor.rowcount == 1
+
+
+async def release_expired_inbound(conn: aiosqlite.Connection, now: datetime) -> list[int]:
+    """Messages whose node stopped renewing its claim go back to the queue (their
+    attempt count stays: a message that kills every node is quarantined as usual)."""
+    rows = await conn.execute_fetchall(
+        f"UPDATE inbound SET state = '{InboundState.QUEUED}', claimed_by = NULL,"
+        " claimed_node = NULL, lease_until = NULL"
+        f" WHERE state = '{InboundState.PROCESSING}' AND lease_until < ? RETURNING id",
+        (iso(now),))
+    return [r[0] for r in rows]
+
+
+async def confirm_claim(conn: aiosqlite.Connection, row: InboundRow) -> None:
+    """Inside the transaction that records a message's outcome: the claim must still
+    be this node's (PostgreSQL: a node that stalled past its lease lost the message
+    to another; its work is rolled back, never recorded twice). Locks the row until
+    the commit."""
+    if not is_postgres(conn) or row.state != InboundState.PROCESSING or not row.claimed_node:
+        return
+    rows = list(await conn.execute_fetchall(
+        "SELECT 1 FROM inbound WHERE id = ? AND claimed_node = ?"
+        f" AND state = '{InboundState.PROCESSING}' FOR UPDATE", (row.id, row.claimed_node)))
+    if not rows:
+        raise ClaimLost(f"inbound {row.id}: the claim passed to another node "
+                        "(this node's lease ran out); its work here is dropped")
 
 
 async def read_raw(conn: aiosqlite.Connection, inbound_id: int,

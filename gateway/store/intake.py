@@ -26,6 +26,7 @@ import aiosqlite
 from gateway.errors import StoreError
 from gateway.model import Inbound, InboundState
 from gateway.store.connection import gated, iso, run_on_thread
+from gateway.store.dialect import is_postgres
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,8 @@ class IntakeWriter:
         """
         batch = list(items)
         conn = self._conn
+        if is_postgres(conn):
+            return await _write_batch_postgres(conn, batch)
         async with gated(conn, intake=True):
             return await run_on_thread(conn, lambda db: _write_batch(db, batch))
 
@@ -290,22 +293,9 @@ def _write_batch(db: sqlite3.Connection, items: list[Pending]) -> list[Stored]:
 
 def _insert_inbound(db: sqlite3.Connection, inbound: Inbound, outcome: str | None,
                     spool: Spool | None = None) -> Stored:
-    message_id = extract_message_id(inbound.raw)
-    if spool is None:
-        key = dedup_key(inbound.raw, message_id)
-        sha, size = hashlib.sha256(inbound.raw).hexdigest(), len(inbound.raw)
-    else:
-        with open(spool.path, "rb") as fh:
-            key = dedup_key_of(fh, message_id)
-            fh.seek(0)
-            sha = sha256_of(fh)
-            size = fh.tell()
-    rows = db.execute(
-        "INSERT INTO inbound (message_id, dedup_key, sha256, size, peer, mail_from,"
-        " rcpt_tos, received_at, state, outcome, processed_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-        (message_id, key, sha, size, inbound.peer, inbound.mail_from, json.dumps(list(inbound.rcpt_tos)),
+    d = _digests(Pending(inbound, outcome, spool))
+    message_id, key, sha, size = d.message_id, d.key, d.sha256, d.size
+    rows = db.execute(_INSERT_INBOUND, (message_id, key, sha, size, inbound.peer, inbound.mail_from, json.dumps(list(inbound.rcpt_tos)),
          iso(inbound.received_at), InboundState.DONE if outcome else InboundState.QUEUED, outcome,
          iso(inbound.received_at) if outcome else None)).fetchall()
     if rows:
@@ -335,3 +325,90 @@ def _copy_spool(db: sqlite3.Connection, row_id: int, path: Path, size: int) -> N
             blob.write(chunk)
         if blob.tell() != size:
             raise StoreError(f"spool file {path} changed while it was stored")
+
+
+# --- PostgreSQL ---------------------------------------------------------------------
+
+_INSERT_INBOUND = (
+    "INSERT INTO inbound (message_id, dedup_key, sha256, size, peer, mail_from,"
+    " rcpt_tos, received_at, state, outcome, processed_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (dedup_key) DO NOTHING RETURNING id")
+
+
+async def _write_batch_postgres(conn: aiosqlite.Connection, items: list[Pending]) -> list[Stored]:
+    """The batch in one transaction, committed (synchronous_commit) before any 250.
+
+    The same message arriving at two nodes at once (two MX hosts, a resend) meets the
+    unique dedup key: one insert wins, the other finds the winner's row (a plain
+    `ON CONFLICT DO NOTHING` waits for the other transaction, so the row is there).
+    No write lock: intake never waits for a ticket change. The workers are woken by
+    the schema's NOTIFY trigger, with the commit."""
+    prepared = [_digests(item) if item.spool is None and len(item.inbound.raw) < INLINE_DIGEST
+                else await asyncio.to_thread(_digests, item) for item in items]
+    await conn.execute("BEGIN")
+    try:
+        results = [await _insert_postgres(conn, item, digests)
+                   for item, digests in zip(items, prepared, strict=True)]
+        await conn.execute("COMMIT")
+    except BaseException:
+        try:
+            await conn.execute("ROLLBACK")
+        except sqlite3.Error:  # the original error matters more
+            pass
+        raise
+    return results
+
+
+INLINE_DIGEST = 256 * 1024  # larger messages are hashed on a thread, off the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class _Digests:
+    message_id: str
+    key: str
+    sha256: str
+    size: int
+
+
+def _digests(item: Pending) -> _Digests:
+    """What identifies the message (off the event loop: hashing a large one)."""
+    inbound, spool = item.inbound, item.spool
+    message_id = extract_message_id(inbound.raw)
+    if spool is None:
+        return _Digests(message_id, dedup_key(inbound.raw, message_id),
+                        hashlib.sha256(inbound.raw).hexdigest(), len(inbound.raw))
+    with open(spool.path, "rb") as fh:
+        key = dedup_key_of(fh, message_id)
+        fh.seek(0)
+        sha = sha256_of(fh)
+        return _Digests(message_id, key, sha, fh.tell())
+
+
+async def _insert_postgres(conn: aiosqlite.Connection, item: Pending, d: _Digests) -> Stored:
+    inbound, outcome = item.inbound, item.outcome
+    rows = list(await conn.execute_fetchall(_INSERT_INBOUND, (
+        d.message_id, d.key, d.sha256, d.size, inbound.peer, inbound.mail_from,
+        json.dumps(list(inbound.rcpt_tos)), iso(inbound.received_at),
+        InboundState.DONE if outcome else InboundState.QUEUED, outcome,
+        iso(inbound.received_at) if outcome else None)))
+    if rows:
+        row_id = rows[0][0]
+        if item.spool is None:
+            raw = inbound.raw
+        else:
+            # PostgreSQL has no incremental blob writes: the bytes go in one value
+            # (max_message_size bounds it).
+            raw = await asyncio.to_thread(item.spool.path.read_bytes)
+            if len(raw) != d.size:
+                raise StoreError(f"spool file {item.spool.path} changed while it was stored")
+        await conn.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", (row_id, raw))
+        return Stored(row_id, duplicate=False, message_id=d.message_id)
+    existing = list(await conn.execute_fetchall(
+        "SELECT id, rcpt_tos, state FROM inbound WHERE dedup_key = ? FOR UPDATE", (d.key,)))[0]
+    known = json.loads(existing["rcpt_tos"])
+    merged = known + [r for r in inbound.rcpt_tos if r not in known]
+    if merged != known and existing["state"] == InboundState.QUEUED:
+        await conn.execute("UPDATE inbound SET rcpt_tos = ? WHERE id = ?",
+                           (json.dumps(merged), existing["id"]))
+    return Stored(existing["id"], duplicate=True, message_id=d.message_id)

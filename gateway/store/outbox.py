@@ -15,6 +15,7 @@ import aiosqlite
 from gateway.errors import StoreError
 from gateway.model import OutboxStatus
 from gateway.store.connection import gated, iso
+from gateway.store.dialect import is_postgres
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,27 +73,58 @@ async def enqueue_outbox(conn: aiosqlite.Connection, *, ticket: int | None,
     return outbox_id
 
 
-async def recover_outbox(conn: aiosqlite.Connection) -> int:
+async def recover_outbox(conn: aiosqlite.Connection, node: str | None = None) -> int:
     """Rows a crash left "sending" go back to due. The relay may have taken the mail
-    already: it goes again with the same Message-ID, the same mail, never another."""
+    already: it goes again with the same Message-ID, the same mail, never another.
+    With PostgreSQL only this `node`'s (another node's end with their lease)."""
+    where, params = f"status = '{OutboxStatus.SENDING}'", []
+    if node is not None and is_postgres(conn):
+        where += " AND claimed_node = ?"
+        params.append(node)
     cursor = await conn.execute(
-        f"UPDATE outbox SET status = '{OutboxStatus.PENDING}'"
-        f" WHERE status = '{OutboxStatus.SENDING}'")
+        f"UPDATE outbox SET status = '{OutboxStatus.PENDING}', claimed_node = NULL,"
+        f" lease_until = NULL WHERE {where}", params)
     return cursor.rowcount
 
 
-async def claim_due_outbox(conn: aiosqlite.Connection, now: datetime) -> OutboxRow | None:
+async def release_expired_outbox(conn: aiosqlite.Connection, now: datetime) -> int:
+    """Mails a node stopped sending (it died mid-send) are due again, for any node."""
+    cursor = await conn.execute(
+        f"UPDATE outbox SET status = '{OutboxStatus.PENDING}', claimed_node = NULL,"
+        f" lease_until = NULL WHERE status = '{OutboxStatus.SENDING}' AND lease_until < ?",
+        (iso(now),))
+    return cursor.rowcount
+
+
+async def renew_outbox_lease(conn: aiosqlite.Connection, outbox_id: int, node: str,
+                             lease_until: datetime) -> bool:
+    """Keep this node's claim on a mail it is still sending (a slow relay)."""
+    cursor = await conn.execute(
+        "UPDATE outbox SET lease_until = ? WHERE id = ? AND claimed_node = ?"
+        f" AND status = '{OutboxStatus.SENDING}'", (iso(lease_until), outbox_id, node))
+    return cursor.rowcount == 1
+
+
+async def claim_due_outbox(conn: aiosqlite.Connection, now: datetime, *,
+                           node: str | None = None,
+                           lease_until: datetime | None = None) -> OutboxRow | None:
+    """The next due mail, marked sending. With PostgreSQL the claim names `node`
+    until `lease_until` and skips rows another node is claiming (each mail is sent by
+    one node; a node that died leaves it to the others when the lease ends)."""
+    skip = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
     async with gated(conn):
         rows = list(await conn.execute_fetchall(
-            f"UPDATE outbox SET status = '{OutboxStatus.SENDING}', attempts = attempts + 1"
+            f"UPDATE outbox SET status = '{OutboxStatus.SENDING}', attempts = attempts + 1,"
+            " claimed_node = ?, lease_until = ?"
             f" WHERE id = (SELECT id FROM outbox WHERE status = '{OutboxStatus.PENDING}'"
             " AND next_attempt_at <= ?"
             # Parallel sessions keep one ticket's mails in order: none while another
             # of that ticket is being sent.
             "             AND (ticket IS NULL OR ticket NOT IN (SELECT ticket FROM outbox"
             f"                  WHERE status = '{OutboxStatus.SENDING}' AND ticket IS NOT NULL))"
-            "             ORDER BY next_attempt_at, id LIMIT 1)"
-            f" AND status = '{OutboxStatus.PENDING}' RETURNING {_OUTBOX_COLUMNS}", (iso(now),)))
+            f"             ORDER BY next_attempt_at, id LIMIT 1{skip})"
+            f" AND status = '{OutboxStatus.PENDING}' RETURNING {_OUTBOX_COLUMNS}",
+            (node, iso(lease_until) if lease_until else None, iso(now))))
     return OutboxRow.from_row(rows[0]) if rows else None
 
 

@@ -13,6 +13,7 @@ import aiosqlite
 
 from gateway.errors import SchemaTooNewError, StoreError
 from gateway.store.connection import iso, utcnow
+from gateway.store.dialect import POSTGRESQL, SQLITE, dialect_of, is_postgres
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,14 @@ class Migration:
     sql: str
 
 
-def load_migrations() -> tuple[Migration, ...]:
-    """The numbered .sql files shipped with the package, in order."""
+def load_migrations(dialect: str = SQLITE) -> tuple[Migration, ...]:
+    """The numbered .sql files shipped with the package, in order: `migrations/` for
+    SQLite, `migrations/postgresql/` (the same numbers and names) for PostgreSQL."""
     found = []
-    for entry in resources.files("gateway.migrations").iterdir():
+    folder = resources.files("gateway.migrations")
+    if dialect == POSTGRESQL:
+        folder = folder / "postgresql"
+    for entry in folder.iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
@@ -56,10 +61,15 @@ def split_statements(sql: str) -> list[str]:
 
 
 async def schema_version(conn: aiosqlite.Connection) -> int:
-    rows = await conn.execute_fetchall(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
-    if not rows:
-        return 0
+    if is_postgres(conn):
+        rows = list(await conn.execute_fetchall("SELECT to_regclass('schema_version')"))
+        if rows[0][0] is None:
+            return 0
+    else:
+        rows = list(await conn.execute_fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"))
+        if not rows:
+            return 0
     rows = list(await conn.execute_fetchall("SELECT max(version) FROM schema_version"))
     return rows[0][0] or 0
 
@@ -70,12 +80,19 @@ async def migrate(conn: aiosqlite.Connection) -> list[str]:
     Refuses a database newer than the code. Safe against a concurrent migrate: the
     version is read again under the write lock.
     """
-    migrations = load_migrations()
+    migrations = load_migrations(dialect_of(conn))
     latest = migrations[-1].version if migrations else 0
     applied: list[str] = []
-    await conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version ("
-        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+    # Under the write lock: two PostgreSQL nodes starting at once would race on it.
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+        await conn.execute("COMMIT")
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
     for migration in migrations:
         await conn.execute("BEGIN IMMEDIATE")
         try:
@@ -87,8 +104,11 @@ async def migrate(conn: aiosqlite.Connection) -> list[str]:
             if migration.version <= current:
                 await conn.execute("ROLLBACK")
                 continue
-            for statement in split_statements(migration.sql):
-                await conn.execute(statement)
+            if is_postgres(conn):
+                await conn.executescript(migration.sql)  # type: ignore[attr-defined]
+            else:
+                for statement in split_statements(migration.sql):
+                    await conn.execute(statement)
             await conn.execute(
                 "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, iso(utcnow())))
@@ -108,7 +128,7 @@ async def migrate(conn: aiosqlite.Connection) -> list[str]:
 
 async def check_schema(conn: aiosqlite.Connection) -> None:
     """For commands that must not migrate: the schema must be exactly current."""
-    migrations = load_migrations()
+    migrations = load_migrations(dialect_of(conn))
     latest = migrations[-1].version if migrations else 0
     current = await schema_version(conn)
     if current > latest:

@@ -9,7 +9,7 @@ import aiosqlite
 
 async def setting(conn: aiosqlite.Connection, key: str, create: Callable[[], str]) -> str:
     """A value kept with the data, made by `create()` the first time it is asked for."""
-    await conn.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)",
+    await conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
                        (key, create()))
     rows = list(await conn.execute_fetchall("SELECT value FROM settings WHERE key = ?", (key,)))
     return rows[0][0]

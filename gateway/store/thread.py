@@ -13,6 +13,7 @@ from typing import Any
 import aiosqlite
 
 from gateway.store.connection import iso
+from gateway.store.dialect import insertion_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +139,8 @@ async def replace_attachments(conn: aiosqlite.Connection, *, inbound_id: int,
 
 async def ticket_attachments(conn: aiosqlite.Connection, ticket: int) -> list[AttachmentRow]:
     return [AttachmentRow.from_row(r) for r in await conn.execute_fetchall(
-        "SELECT * FROM attachments WHERE ticket = ? ORDER BY rowid", (ticket,))]
+        f"SELECT * FROM attachments WHERE ticket = ? ORDER BY {insertion_order(conn)}",
+        (ticket,))]
 
 
 async def ticket_of_inbound(conn: aiosqlite.Connection, inbound_id: int) -> int | None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import aiosqlite
 
 from gateway.store import AttachmentRow, ListedTicket, TicketRow
+from gateway.store.dialect import insertion_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ async def ticket_attachment(conn: aiosqlite.Connection, number: int,
                             sha256: str) -> AttachmentRow | None:
     """One attachment of this ticket (never another ticket's, whatever the hash)."""
     rows = list(await conn.execute_fetchall(
-        "SELECT * FROM attachments WHERE ticket = ? AND sha256 = ? ORDER BY rowid LIMIT 1",
+        "SELECT * FROM attachments WHERE ticket = ? AND sha256 = ?"
+        f" ORDER BY {insertion_order(conn)} LIMIT 1",
         (number, sha256)))
     return AttachmentRow.from_row(rows[0]) if rows else None

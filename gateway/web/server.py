@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
+from pathlib import Path
+
 from gateway import store
 from gateway.config import Config, parse_hostport
 from gateway.errors import ConfigError, StoreError
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 async def check_database(config: Config) -> None:
     """The desk never migrates: the daemon (or `migrate`) owns the schema."""
     path = config.storage.database
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         raise StoreError(f"{path}: no database yet: run `s4e-gateway migrate` or start the gateway")
     conn = await store.connect(path)
     try:

@@ -1,0 +1,76 @@
+"""Several gateways on one PostgreSQL database, each an MX host (README "PostgreSQL").
+
+What one node must know about the others, in one place:
+
+- its name (`[cluster] node`) and the lease on what it claims (`[cluster] lease`):
+  inbound messages and outgoing mail are claimed with `FOR UPDATE SKIP LOCKED`, the
+  claim names the node and lasts until the lease ends; a live node renews it; a dead
+  node's claims go back to the queue when it ends (`release_expired`);
+- a node name is held by one running gateway at a time (a session advisory lock):
+  a second gateway under the same name would take back the first one's claims;
+- the timed jobs (rating window, held digest, keep_raw) run on one node at a time
+  (another session advisory lock, taken by whichever node's jobs ask first and held
+  while it lives).
+
+With SQLite there is one node and none of this applies: `cluster_of` is None.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from gateway.config import Config
+from gateway.errors import ConfigError
+from gateway.store.dialect import is_postgres
+from gateway.store.postgres import TIMED_JOBS_LOCK_KEY
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    node: str
+    lease_seconds: int
+
+    def lease_from(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.lease_seconds)
+
+    @property
+    def renew_seconds(self) -> float:
+        """How often a claim in hand is renewed: well inside its lease."""
+        return max(self.lease_seconds / 4, 0.5)
+
+
+def cluster_of(config: Config) -> Cluster | None:
+    if not config.storage.postgres:
+        return None
+    return Cluster(config.cluster.node_name, config.cluster.lease_seconds)
+
+
+def _node_key(node: str) -> int:
+    """A signed 64-bit advisory-lock key for a node name."""
+    return int.from_bytes(hashlib.sha256(b"s4e-node\0" + node.encode()).digest()[:8],
+                          "big", signed=True)
+
+
+async def hold_node_name(conn: Any, node: str) -> None:
+    """Take the node's name for as long as `conn` lives; refuse a second gateway
+    running under the same name (it would re-queue this one's claims)."""
+    rows = list(await conn.execute_fetchall("SELECT pg_try_advisory_lock(?)", (_node_key(node),)))
+    if not rows[0][0]:
+        raise ConfigError(f"cluster.node: another running gateway uses the node name {node!r} "
+                          "on this database; give each gateway its own name")
+
+
+async def may_run_timed_jobs(conn: Any) -> bool:
+    """Whether this node runs the timed jobs: SQLite always (one node); PostgreSQL
+    when this connection holds the timed-jobs lock (kept once taken; freed when the
+    node's connection ends, for another node's next round)."""
+    if not is_postgres(conn):
+        return True
+    rows = list(await conn.execute_fetchall("SELECT pg_try_advisory_lock(?)", (TIMED_JOBS_LOCK_KEY,)))
+    return bool(rows[0][0])

@@ -1,0 +1,239 @@
+"""PostgreSQL under the store's SQLite-shaped interface.
+
+The store's functions are written against the part of aiosqlite's interface listed in
+`PgConnection`; this module offers the same over an asyncio psycopg 3 connection, so one
+store serves both databases (`[storage] database = "postgresql://..."`). What differs:
+
+- Placeholders: the store writes `?`; they become `%s` here (and a literal `%` becomes
+  `%%`), outside quoted strings and identifiers. Translations are cached.
+- `BEGIN IMMEDIATE` (SQLite: take the one write lock now) becomes `BEGIN` plus a
+  transaction-scoped advisory lock: a ticket change on one node never interleaves with
+  one on another, as with SQLite's single writer. Intake and claims do not take it (they
+  are safe on their own: a unique key, `FOR UPDATE SKIP LOCKED`).
+- Errors come as sqlite3's exception classes (`OperationalError` for a lost server, a
+  full disk or a lock timeout; `IntegrityError` for a constraint), so the one error
+  vocabulary the gateway handles (`except sqlite3.Error`, `errors.expected_failure`)
+  holds for both. The message names PostgreSQL.
+- Rows answer `row["name"]`, `row[0]` and `keys()`, as `sqlite3.Row` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.adapt import Dumper
+from psycopg.pq import TransactionStatus
+from psycopg.rows import RowMaker
+
+from gateway.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# pg_advisory_xact_lock key of the cluster-wide "write lock" (ticket changes).
+WRITE_LOCK_KEY = 0x5345_0001
+# pg_try_advisory_lock key of the timed jobs (one node at a time).
+TIMED_JOBS_LOCK_KEY = 0x5345_0002
+# The channels NOTIFY wakes: new inbound mail, new or due outgoing mail.
+INBOUND_CHANNEL = "s4e_inbound"
+OUTBOX_CHANNEL = "s4e_outbox"
+
+_TOKENS = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|\?|%)""")
+
+
+@functools.lru_cache(maxsize=2048)
+def translate(sql: str) -> str:
+    """SQLite's `?` placeholders as psycopg's `%s`, `%` as `%%`, outside quotes."""
+    def one(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token == "?":
+            return "%s"
+        if token == "%":
+            return "%%"
+        return token  # a quoted string, an identifier or a comment: as written
+    text = _TOKENS.sub(one, sql)
+    stripped = text.strip().rstrip(";").upper()
+    if stripped in ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE"):
+        return _BEGIN_WRITE
+    if stripped == "BEGIN DEFERRED":
+        return "BEGIN"
+    return text
+
+
+_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
+
+
+class PgRow(tuple[Any, ...]):
+    """A row by position or by column name, like sqlite3.Row."""
+
+    __slots__ = ()
+    _index: dict[str, int] = {}
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            try:
+                return tuple.__getitem__(self, self._index[key])
+            except KeyError:
+                raise IndexError(f"no such column: {key}") from None
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=512)
+def _row_class(names: tuple[str, ...]) -> type[PgRow]:
+    return type("PgRow", (PgRow,), {"__slots__": (), "_index": {n: i for i, n in enumerate(names)}})
+
+
+def pg_row(cursor: Any) -> RowMaker[PgRow]:
+    description = cursor.description
+    if description is None:
+        return lambda values: PgRow(values)
+    cls = _row_class(tuple(column.name for column in description))
+    return lambda values: cls(values)
+
+
+class _BoolAsInt(Dumper):
+    """Python booleans go in as 0/1: the schema keeps SQLite's INTEGER flags."""
+
+    oid = psycopg.adapters.types["int4"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"1" if obj else b"0"
+
+
+def _as_sqlite_error(err: psycopg.Error) -> sqlite3.Error:
+    text = f"postgresql: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+    if isinstance(err, psycopg.errors.IntegrityError):
+        return sqlite3.IntegrityError(text)
+    if isinstance(err, (psycopg.OperationalError, psycopg.errors.DiskFull,
+                        psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled,
+                        psycopg.errors.AdminShutdown, psycopg.errors.InsufficientResources)):
+        return sqlite3.OperationalError(text)
+    return sqlite3.DatabaseError(text)
+
+
+class PgCursor:
+    """What the store reads back from one statement (rows fetched at once)."""
+
+    def __init__(self, rows: list[PgRow], rowcount: int) -> None:
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+        self.lastrowid = None  # use RETURNING id
+
+    async def fetchone(self) -> PgRow | None:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    async def fetchall(self) -> list[PgRow]:
+        rows, self._next = self._rows[self._next:], len(self._rows)
+        return rows
+
+    async def close(self) -> None:
+        pass
+
+
+class PgConnection:
+    """The subset of `aiosqlite.Connection` the store uses, over psycopg (async)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, conn: psycopg.AsyncConnection[PgRow], url: str) -> None:
+        self._conn = conn
+        self.url = url
+
+    @property
+    def raw(self) -> psycopg.AsyncConnection[PgRow]:
+        """The psycopg connection (LISTEN, COPY: what has no SQLite twin)."""
+        return self._conn
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.info.transaction_status != TransactionStatus.IDLE
+
+    async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> PgCursor:
+        params = tuple(parameters)
+        text = translate(sql)
+        try:
+            async with self._conn.cursor() as cur:
+                if text is _BEGIN_WRITE:
+                    await cur.execute("BEGIN")
+                    await cur.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+                    return PgCursor([], -1)
+                await cur.execute(text, params or None, prepare=None)
+                rows = await cur.fetchall() if cur.description is not None else []
+                return PgCursor(rows, cur.rowcount)
+        except psycopg.Error as err:
+            raise _as_sqlite_error(err) from err
+
+    async def execute_fetchall(self, sql: str, parameters: Iterable[Any] = ()) -> list[PgRow]:
+        cursor = await self.execute(sql, parameters)
+        return await cursor.fetchall()
+
+    async def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
+        try:
+            async with self._conn.cursor() as cur:
+                await cur.executemany(translate(sql), list(seq))
+        except psycopg.Error as err:
+            raise _as_sqlite_error(err) from err
+
+    async def executescript(self, script: str) -> None:
+        """A migration: several statements, no parameters, in one round trip."""
+        try:
+            await self._conn.execute(pgsql.SQL(script))  # type: ignore[arg-type]
+        except psycopg.Error as err:
+            raise _as_sqlite_error(err) from err
+
+    async def notify(self, channel: str) -> None:
+        """Wake the listeners of `channel` (delivered when this transaction commits)."""
+        await self.execute(f"NOTIFY {channel}")
+
+    async def _execute(self, fn: Callable[..., T], *args: Any) -> T:
+        raise StoreError("PostgreSQL: no sqlite3 connection to run a function on")
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+def is_url(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+async def connect_postgres(url: str, *, application_name: str = "s4e-gateway",
+                           synchronous: str = "on") -> PgConnection:
+    """An autocommit connection (transactions are explicit BEGIN/COMMIT, as with
+    SQLite) whose commits wait for the WAL flush (`synchronous_commit`), unless
+    `synchronous="off"` for commits whose loss only repeats work (claims, marks)."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            url, autocommit=True, row_factory=pg_row, application_name=application_name,
+            connect_timeout=10)
+    except psycopg.Error as err:
+        raise StoreError(f"{redact(url)}: cannot connect to PostgreSQL: "
+                         f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}") from None
+    conn.adapters.register_dumper(bool, _BoolAsInt)
+    try:
+        await conn.execute(f"SET synchronous_commit = {'on' if synchronous == 'on' else 'off'}")
+        # A lock wait as long as SQLite's busy_timeout, then an error, never for ever.
+        await conn.execute("SET lock_timeout = '10s'")
+    except psycopg.Error as err:
+        await conn.close()
+        raise StoreError(f"{redact(url)}: cannot use PostgreSQL: {err}") from None
+    return PgConnection(conn, url)

@@ -47,7 +47,8 @@ PROBE_TIMEOUT = 120.0
 _ENV_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE,
                          errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY})
 _ENV_SQLITE = ("locked", "busy", "disk", "full", "i/o", "readonly", "unable to open",
-               "out of memory")
+               "out of memory",
+               "postgresql: unavailable")  # store/postgres.py: the server gone, lock timeout
 
 
 def is_environmental(err: BaseException) -> bool:

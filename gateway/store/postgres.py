@@ -112,14 +112,22 @@ class _BoolAsInt(Dumper):
 
 
 def _as_sqlite_error(err: psycopg.Error) -> sqlite3.Error:
-    text = f"postgresql: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+    """The sqlite3 class for `err`. The environment's failures (the server gone or
+    restarting, a full disk, a lock wait over lock_timeout) are OperationalErrors whose
+    text says "unavailable", which `processor.is_environmental` knows: the message
+    stays queued and is tried again, never marked failed."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, psycopg.errors.IntegrityError):
-        return sqlite3.IntegrityError(text)
-    if isinstance(err, (psycopg.OperationalError, psycopg.errors.DiskFull,
-                        psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled,
-                        psycopg.errors.AdminShutdown, psycopg.errors.InsufficientResources)):
-        return sqlite3.OperationalError(text)
-    return sqlite3.DatabaseError(text)
+        return sqlite3.IntegrityError(f"postgresql: {first}")
+    if isinstance(err, psycopg.errors.DiskFull):
+        return sqlite3.OperationalError(f"postgresql: database or disk is full: {first}")
+    if isinstance(err, (psycopg.OperationalError, psycopg.errors.LockNotAvailable,
+                        psycopg.errors.QueryCanceled, psycopg.errors.AdminShutdown,
+                        psycopg.errors.CannotConnectNow, psycopg.errors.InsufficientResources,
+                        psycopg.errors.SerializationFailure,
+                        psycopg.errors.DeadlockDetected)):
+        return sqlite3.OperationalError(f"postgresql: unavailable: {first}")
+    return sqlite3.DatabaseError(f"postgresql: {first}")
 
 
 class PgCursor:
@@ -150,9 +158,13 @@ class PgConnection:
 
     dialect = "postgresql"
 
-    def __init__(self, conn: psycopg.AsyncConnection[PgRow], url: str) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection[PgRow], url: str, *,
+                 application_name: str = "s4e-gateway", synchronous: str = "on") -> None:
         self._conn = conn
         self.url = url
+        self._application_name = application_name
+        self._synchronous = synchronous
+        self._closing = False
 
     @property
     def raw(self) -> psycopg.AsyncConnection[PgRow]:
@@ -166,6 +178,8 @@ class PgConnection:
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> PgCursor:
         params = tuple(parameters)
         text = translate(sql)
+        if self._conn.broken or self._conn.closed:
+            await self._reconnect(text)
         try:
             async with self._conn.cursor() as cur:
                 if text is _BEGIN_WRITE:
@@ -177,6 +191,24 @@ class PgConnection:
                 return PgCursor(rows, cur.rowcount)
         except psycopg.Error as err:
             raise _as_sqlite_error(err) from err
+
+    async def _reconnect(self, text: str) -> None:
+        """The server went away (a restart, a fail-over): a new connection, so that
+        the gateway recovers by itself. A transaction in progress is lost with the old
+        connection; its caller already saw the error (and rolls back: a ROLLBACK
+        here is a no-op)."""
+        if self._closing:
+            raise sqlite3.OperationalError("postgresql: unavailable: connection closed")
+        try:
+            fresh = await connect_postgres(self.url, application_name=self._application_name,
+                                           synchronous=self._synchronous)
+        except StoreError as err:
+            raise sqlite3.OperationalError(f"postgresql: unavailable: {err}") from None
+        self._conn = fresh._conn
+        log.warning("PostgreSQL connection re-established (%s)", redact(self.url))
+        if text.strip().upper() in ("ROLLBACK", "COMMIT"):
+            raise sqlite3.OperationalError("postgresql: unavailable: the connection was lost"
+                                           " during the transaction")
 
     async def execute_fetchall(self, sql: str, parameters: Iterable[Any] = ()) -> list[PgRow]:
         cursor = await self.execute(sql, parameters)
@@ -204,6 +236,7 @@ class PgConnection:
         raise StoreError("PostgreSQL: no sqlite3 connection to run a function on")
 
     async def close(self) -> None:
+        self._closing = True
         await self._conn.close()
 
 
@@ -236,4 +269,4 @@ async def connect_postgres(url: str, *, application_name: str = "s4e-gateway",
     except psycopg.Error as err:
         await conn.close()
         raise StoreError(f"{redact(url)}: cannot use PostgreSQL: {err}") from None
-    return PgConnection(conn, url)
+    return PgConnection(conn, url, application_name=application_name, synchronous=synchronous)

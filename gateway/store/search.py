@@ -1,5 +1,5 @@
-"""Finding tickets: by status, assignee, full text (FTS5) and who waits for an
-answer."""
+"""Finding tickets: by status, assignee, full text (FTS5 in SQLite, tsvector in
+PostgreSQL) and who waits for an answer."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import aiosqlite
 from gateway.store.tickets import TicketRow
 
 _SEARCH_TERM = re.compile(r'"([^"]*)"|(\S+)')
+# One term of an expression `search_expression` made: a quoted string, " *" for a prefix.
+_EXPRESSION_TERM = re.compile(r'"((?:[^"]|"")*)"( \*)?')
 
 
 def search_expression(text: str) -> str:
@@ -26,6 +28,40 @@ def search_expression(text: str) -> str:
         quoted = '"' + term.replace('"', '""') + '"'
         terms.append(quoted if phrase else quoted + " *")
     return " AND ".join(terms)
+
+
+def expression_terms(expression: str) -> list[tuple[str, bool]]:
+    """The terms of an expression from `search_expression`, each with whether it
+    matches as a prefix (a word) or not (a "quoted phrase")."""
+    terms, position = [], 0
+    while True:
+        match = _EXPRESSION_TERM.match(expression, position)
+        if match is None:
+            raise ValueError(f"not a search expression: {expression!r}")
+        terms.append((match.group(1).replace('""', '"'), bool(match.group(2))))
+        position = match.end()
+        if position == len(expression):
+            return terms
+        if not expression.startswith(" AND ", position):
+            raise ValueError(f"not a search expression: {expression!r}")
+        position += len(" AND ")
+
+
+def _search_condition(conn: aiosqlite.Connection, expression: str) -> tuple[str, list[Any]]:
+    """WHERE condition and parameters: the ticket's own fields or one of its thread
+    entries hold every term (migrations/0005_search.sql and its PostgreSQL twin)."""
+    if getattr(conn, "dialect", "sqlite") != "postgresql":
+        return ("t.number IN (SELECT rowid FROM ticket_search WHERE ticket_search MATCH ?"
+                " UNION SELECT ticket FROM message_search WHERE message_search MATCH ?)",
+                [expression, expression])
+    # search_term folds each term as the index was folded; a term that folds to
+    # nothing is NULL, and so is the AND of all: no match, as in FTS5.
+    terms = expression_terms(expression)
+    query = "(" + " && ".join("search_term(?, ?)" for _ in terms) + ")"
+    values: list[Any] = [value for term in terms for value in term]
+    return (f"t.number IN (SELECT ticket FROM ticket_search WHERE document @@ {query}"
+            f" UNION SELECT ticket FROM message_search WHERE document @@ {query})",
+            values + values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +97,9 @@ async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
         where.append("lower(t.assignee) = lower(?)")
         params.append(assignee)
     if search is not None:
-        where.append("t.number IN (SELECT rowid FROM ticket_search WHERE ticket_search MATCH ?"
-                     " UNION SELECT ticket FROM message_search WHERE message_search MATCH ?)")
-        params += [search, search]
+        condition, values = _search_condition(conn, search)
+        where.append(condition)
+        params += values
     if waiting:
         where.append("t.status != 'closed'")
     sql = (f"SELECT t.*, {_WAITING_SINCE} AS waiting_since FROM tickets t"

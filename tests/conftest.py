@@ -4,8 +4,9 @@ tmp_path, and a real aiosmtpd sink standing in for the relay."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import smtplib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from email import message_from_bytes, policy
@@ -21,6 +22,8 @@ from gateway.config import (AddressesConfig, Config, OutboundConfig, ProcessingC
                             SmtpConfig,
                             StorageConfig, TicketsConfig)
 from gateway.daemon import Gateway
+from tests.pg_server import PgServer, migrate_directly, running_server
+from tests.pg_server import skip_reason as pg_skip_reason
 
 INTAKE = "serwis@s4e.pl"
 CRM = "crm@s4e.pl"
@@ -307,3 +310,46 @@ async def conn(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
         yield connection
     finally:
         await connection.close()
+
+
+# --- PostgreSQL (tests/pg_server.py) ------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One throwaway PostgreSQL cluster for the whole session, stopped at its end."""
+    reason = pg_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: PgServer) -> str:
+    """A database migrated once per session; each test gets a copy (CREATE DATABASE
+    ... TEMPLATE copies files, far faster than migrating again)."""
+    import psycopg
+
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        admin.execute("CREATE DATABASE tmpl")
+    migrate_directly(pg_server.url("tmpl"))
+    return "tmpl"
+
+
+_pg_databases = itertools.count(1)
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database of this test's own: a postgresql:// URL."""
+    import psycopg
+
+    name = f"t_{next(_pg_databases)}"
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
+    try:
+        yield pg_server.url(name)
+    finally:
+        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+            # FORCE: a daemon the test left running must not keep the database.
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")

@@ -22,7 +22,7 @@ from gateway.config import (AddressesConfig, Config, OutboundConfig, ProcessingC
                             SmtpConfig,
                             StorageConfig, TicketsConfig)
 from gateway.daemon import Gateway
-from tests.pg_server import PgServer, migrate_directly, running_server
+from tests.pg_server import PgServer, migrate, running_server
 from tests.pg_server import skip_reason as pg_skip_reason
 
 INTAKE = "serwis@s4e.pl"
@@ -332,7 +332,7 @@ def pg_template(pg_server: PgServer) -> str:
 
     with psycopg.connect(pg_server.url(), autocommit=True) as admin:
         admin.execute("CREATE DATABASE tmpl")
-    migrate_directly(pg_server.url("tmpl"))
+    migrate(pg_server.url("tmpl"))
     return "tmpl"
 
 

@@ -48,13 +48,16 @@ SETTINGS = {
 }
 
 
-def find_bindir() -> Path | None:
-    """The folder with initdb and pg_ctl: on PATH, else the newest of Debian's
-    /usr/lib/postgresql/*/bin (not on PATH on a fresh Debian box)."""
-    initdb = shutil.which("initdb")
-    if initdb and shutil.which("pg_ctl"):
+DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"
+
+
+def find_bindir(path: str | None = None, pattern: str = DEBIAN_BINDIRS) -> Path | None:
+    """The folder with initdb and pg_ctl: on PATH (or `path`), else the newest of
+    Debian's /usr/lib/postgresql/*/bin (not on PATH on a fresh Debian box)."""
+    initdb = shutil.which("initdb", path=path)
+    if initdb and shutil.which("pg_ctl", path=path):
         return Path(os.path.realpath(initdb)).parent
-    candidates = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")
+    candidates = [Path(p) for p in glob.glob(pattern)
                   if (Path(p) / "initdb").exists() and (Path(p) / "pg_ctl").exists()]
     candidates.sort(key=lambda p: _version_key(p.parent.name))
     return candidates[-1] if candidates else None
@@ -64,9 +67,9 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(part) for part in name.split(".") if part.isdigit())
 
 
-def skip_reason() -> str | None:
+def skip_reason(path: str | None = None, pattern: str = DEBIAN_BINDIRS) -> str | None:
     """Why a throwaway cluster cannot run here, or None."""
-    if find_bindir() is None:
+    if find_bindir(path, pattern) is None:
         return "PostgreSQL not installed (initdb/pg_ctl not found)"
     if os.geteuid() == 0:
         try:
@@ -193,37 +196,25 @@ def running_server() -> Iterator[PgServer]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+
 def pg_migrations() -> list[tuple[int, str, str]]:
     """(version, file name, SQL) of migrations/postgresql/, in order."""
-    from importlib import resources
+    from gateway.store import load_migrations
 
-    folder = resources.files("gateway.migrations") / "postgresql"
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), name, entry.read_text("utf-8")))
-    return sorted(found)
+    return [(m.version, m.name, m.sql) for m in load_migrations("postgresql")]
 
 
-def migrate_directly(url: str) -> list[str]:
-    """Apply migrations/postgresql/ to the database at `url` the way the runner does
-    (each file whole, in a transaction of its own, recorded in schema_version), for
-    as long as store.migrate does not speak PostgreSQL. Returns the files applied."""
-    import psycopg
+def migrate(url: str) -> list[str]:
+    """`store.migrate` on the database at `url` (as the daemon and `migrate` do):
+    the files applied."""
+    import asyncio
 
-    applied = []
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                     " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
-        for version, name, sql in pg_migrations():
-            with conn.transaction():
-                conn.execute("LOCK TABLE schema_version IN EXCLUSIVE MODE")
-                row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-                if version <= (row[0] or 0):
-                    continue
-                conn.execute(sql)
-                conn.execute("INSERT INTO schema_version VALUES (%s, %s, now()::text)",
-                             (version, name))
-            applied.append(name)
-    return applied
+    from gateway import store
+
+    async def run() -> list[str]:
+        conn = await store.connect(url)
+        try:
+            return await store.migrate(conn)
+        finally:
+            await conn.close()
+    return asyncio.run(run())

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.store.dialect import is_postgres
 from gateway.store.tickets import TicketRow
 
 _SEARCH_TERM = re.compile(r'"([^"]*)"|(\S+)')
@@ -50,15 +51,16 @@ def expression_terms(expression: str) -> list[tuple[str, bool]]:
 def _search_condition(conn: aiosqlite.Connection, expression: str) -> tuple[str, list[Any]]:
     """WHERE condition and parameters: the ticket's own fields or one of its thread
     entries hold every term (migrations/0005_search.sql and its PostgreSQL twin)."""
-    if getattr(conn, "dialect", "sqlite") != "postgresql":
+    if not is_postgres(conn):
         return ("t.number IN (SELECT rowid FROM ticket_search WHERE ticket_search MATCH ?"
                 " UNION SELECT ticket FROM message_search WHERE message_search MATCH ?)",
                 [expression, expression])
     # search_term folds each term as the index was folded; a term that folds to
     # nothing is NULL, and so is the AND of all: no match, as in FTS5.
     terms = expression_terms(expression)
-    query = "(" + " && ".join("search_term(?, ?)" for _ in terms) + ")"
-    values: list[Any] = [value for term in terms for value in term]
+    query = "(" + " && ".join(f"search_term(?, {'true' if prefix else 'false'})"
+                              for _, prefix in terms) + ")"
+    values: list[Any] = [term for term, _ in terms]
     return (f"t.number IN (SELECT ticket FROM ticket_search WHERE document @@ {query}"
             f" UNION SELECT ticket FROM message_search WHERE document @@ {query})",
             values + values)

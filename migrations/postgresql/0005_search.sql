@@ -75,11 +75,6 @@ CREATE TABLE message_search (
 );
 CREATE INDEX message_search_document ON message_search USING gin (document);
 
--- Written so that a script splitter that knows only SQLite syntax (store.split_statements)
--- still sees whole statements: the trigger functions are quoted with plain quotes, not
--- dollar quotes, and hold no quote themselves; and the triggers are made with CREATE OR
--- REPLACE TRIGGER (none exists yet), since for SQLite a CREATE TRIGGER statement runs
--- until BEGIN ... END.
 CREATE FUNCTION ticket_search_refresh() RETURNS TRIGGER LANGUAGE plpgsql AS '
 BEGIN
     INSERT INTO ticket_search (ticket, document)
@@ -102,11 +97,11 @@ BEGIN
     RETURN NULL;
 END';
 
-CREATE OR REPLACE TRIGGER ticket_search_insert AFTER INSERT ON tickets
+CREATE TRIGGER ticket_search_insert AFTER INSERT ON tickets
     FOR EACH ROW EXECUTE FUNCTION ticket_search_refresh();
 
 -- Only when a searched field really changed (a status change rewrites no index).
-CREATE OR REPLACE TRIGGER ticket_search_update AFTER UPDATE OF subject, reporter_name, reporter_email,
+CREATE TRIGGER ticket_search_update AFTER UPDATE OF subject, reporter_name, reporter_email,
         reporter_phone, install_address, description, serial_number, commcell_id ON tickets
     FOR EACH ROW WHEN ((OLD.subject, OLD.reporter_name, OLD.reporter_email, OLD.reporter_phone,
                         OLD.install_address, OLD.description, OLD.serial_number, OLD.commcell_id)
@@ -115,16 +110,16 @@ CREATE OR REPLACE TRIGGER ticket_search_update AFTER UPDATE OF subject, reporter
                         NEW.install_address, NEW.description, NEW.serial_number, NEW.commcell_id))
     EXECUTE FUNCTION ticket_search_refresh();
 
-CREATE OR REPLACE TRIGGER message_search_insert AFTER INSERT ON ticket_messages
+CREATE TRIGGER message_search_insert AFTER INSERT ON ticket_messages
     FOR EACH ROW WHEN (NEW.kind <> 'notice') EXECUTE FUNCTION message_search_refresh();
 
-CREATE OR REPLACE TRIGGER message_search_update AFTER UPDATE OF subject, body, kind ON ticket_messages
+CREATE TRIGGER message_search_update AFTER UPDATE OF subject, body, kind ON ticket_messages
     FOR EACH ROW WHEN (NEW.kind <> 'notice' AND (OLD.subject, OLD.body, OLD.kind)
                        IS DISTINCT FROM (NEW.subject, NEW.body, NEW.kind))
     EXECUTE FUNCTION message_search_refresh();
 
 -- A message that became a notice leaves the index.
-CREATE OR REPLACE TRIGGER message_search_update_notice AFTER UPDATE OF kind ON ticket_messages
+CREATE TRIGGER message_search_update_notice AFTER UPDATE OF kind ON ticket_messages
     FOR EACH ROW WHEN (NEW.kind = 'notice' AND OLD.kind <> 'notice')
     EXECUTE FUNCTION message_search_forget();
 

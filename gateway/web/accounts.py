@@ -112,7 +112,8 @@ async def password_hash_of(conn: aiosqlite.Connection, name: str) -> str | None:
 async def remove_user(conn: aiosqlite.Connection, name: str) -> int:
     """Remove a user and sign out every browser of theirs; returns how many sessions."""
     async with Tx(conn):
-        cursor = await conn.execute("DELETE FROM web_sessions WHERE user = ?", (name,))
+        # "user" quoted: a reserved word in PostgreSQL (a bare user is CURRENT_USER)
+        cursor = await conn.execute('DELETE FROM web_sessions WHERE "user" = ?', (name,))
         ended = cursor.rowcount
         cursor = await conn.execute("DELETE FROM users WHERE name = ?", (name,))
         if cursor.rowcount != 1:
@@ -133,7 +134,7 @@ async def start_session(conn: aiosqlite.Connection, user: User, lifetime: int,
     async with Tx(conn):
         await conn.execute("DELETE FROM web_sessions WHERE expires_at <= ?", (store.iso(now),))
         await conn.execute(
-            "INSERT INTO web_sessions (token_hash, user, csrf, created_at, expires_at)"
+            'INSERT INTO web_sessions (token_hash, "user", csrf, created_at, expires_at)'
             " VALUES (?, ?, ?, ?, ?)",
             (_digest(token), user.name, secrets.token_urlsafe(32), store.iso(now),
              store.iso(now + timedelta(seconds=lifetime))))

@@ -5,6 +5,7 @@ finds in PostgreSQL what it finds in SQLite."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -407,3 +408,24 @@ def test_throwaway_cluster_leaves_nothing_behind() -> None:
     assert not folder.exists()
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(f"postgresql://s4e@127.0.0.1:{port}/postgres", connect_timeout=2)
+
+
+async def test_cli_search_on_postgresql(pg: Any, pg_url: str, tmp_path: Path) -> None:
+    """What an engineer types: `tickets list --search` with [storage] database a URL."""
+    import json
+
+    from tests.conftest import run_cli_sync
+
+    await fill(pg)
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[storage]\ndatabase = "{pg_url}"\nattachments = "{tmp_path}/att"\n'
+                      f'[outbound]\nmaildir = "{tmp_path}/outbox"\n')
+    for text, expected in (("halasuje", ["100001"]), ("Kraków", ["100001", "100002"]),
+                           ('"macierz lukasz"', [])):
+        code, out, err = await asyncio.to_thread(
+            run_cli_sync, "tickets", "list", "--search", text, "--json", "--config", str(config))
+        assert code == 0, err
+        assert [t["number"] for t in json.loads(out)] == expected, text
+    code, out, err = await asyncio.to_thread(
+        run_cli_sync, "tickets", "list", "--search", " -- ", "--config", str(config))
+    assert (code, out) == (1, "") and "nothing to search for" in err and len(err.splitlines()) == 1

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from gateway import store
@@ -22,8 +23,6 @@ from gateway.store.contracts import contract_hours, list_contracts
 from gateway.store.search import expression_terms, find_tickets, search_expression
 from tests.pg_server import (PgServer, find_bindir, migrate, pg_migrations, running_server,
                              skip_reason)
-
-psycopg = pytest.importorskip("psycopg")
 
 _databases = itertools.count(1)
 

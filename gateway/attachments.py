@@ -1,13 +1,16 @@
-"""Attachment bytes, stored once.
+"""Attachment bytes, stored once: the files, and the raw without them.
 
-Each attachment is a file named by its SHA-256 (never by the sender's file name),
-written atomically and fsync'd, stored once however often it arrives. The raw mail
-kept in the database for `inbox show --raw` and reprocessing then no longer carries
-those bytes a second time: once the files are safe, the exact encoded body of each
-attachment (base64 as the sender's mailer wrapped it, or the plain bytes) is cut out
-of the stored raw and the place is remembered as a `Span`. Reading the raw puts the
-same bytes back, re-encoded from the file: byte for byte the message as received
-(only bytes checked to be exactly that re-encoding are ever cut).
+Where the bytes live is an `AttachmentStore` (gateway/attachment_store.py): these
+files on one host (the SQLite default), or a table of the database that every node
+reads (PostgreSQL). As files, each attachment is a file named by its SHA-256 (never
+by the sender's file name), written atomically and fsync'd, stored once however often
+it arrives. The raw mail kept in the database for `inbox show --raw` and reprocessing
+then no longer carries those bytes a second time: once the bytes are safe, the exact
+encoded body of each attachment (base64 as the sender's mailer wrapped it, or the
+plain bytes) is cut out of the stored raw and the place is remembered as a `Span`.
+Reading the raw puts the same bytes back, re-encoded from the stored bytes: byte for
+byte the message as received (only bytes checked to be exactly that re-encoding are
+ever cut).
 """
 
 from __future__ import annotations
@@ -33,11 +36,19 @@ _EOLS = (b"\r\n", b"\n")
 MAX_CANDIDATES = 64  # starts looked at per encoding variant and attachment (_find_base64)
 
 
-def save_attachments(folder: Path, attachments: Iterable[Attachment]) -> list[dict[str, Any]]:
+def attachment_rows(attachments: Iterable[Attachment]) -> list[dict[str, Any]]:
+    """What the attachments table records of each attachment (store.replace_attachments):
+    a generated id and the metadata, never the bytes (those are in the AttachmentStore)."""
+    return [{"id": uuid.uuid4().hex, "filename": attachment.filename,
+             "content_type": attachment.content_type, "size": attachment.size,
+             "sha256": attachment.sha256, "is_log": attachment.is_log}
+            for attachment in attachments]
+
+
+def write_attachment_files(folder: Path, attachments: Iterable[Attachment]) -> None:
     """Write attachment bytes under generated names (content hashes), never the
     sender's file name. Idempotent: the same bytes land in the same file. Each new
     file is fsync'd (and its folder), so the raw may then be stored without them."""
-    saved = []
     for attachment in attachments:
         path = attachment_path(folder, attachment.sha256)
         if not path.exists():
@@ -49,10 +60,6 @@ def save_attachments(folder: Path, attachments: Iterable[Attachment]) -> list[di
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
             fsync_path(path.parent)
-        saved.append({"id": uuid.uuid4().hex, "filename": attachment.filename,
-                      "content_type": attachment.content_type, "size": attachment.size,
-                      "sha256": attachment.sha256, "is_log": attachment.is_log})
-    return saved
 
 
 def attachment_path(folder: Path, sha256: str) -> Path:
@@ -76,7 +83,7 @@ def read_attachment(folder: Path, sha256: str) -> bytes:
 
 
 class AttachmentMissing(Exception):
-    """An attachment file the stored raw needs is missing or damaged."""
+    """Attachment bytes (a file or a row of attachment_blobs) missing or damaged."""
 
 
 # --- the raw without the attachment bytes -----------------------------------------------
@@ -161,7 +168,7 @@ def _find_plain(raw: bytes, attachment: Attachment) -> Iterator[tuple[int, int, 
 
 def cut_attachments(raw: bytes, attachments: Iterable[Attachment],
                     min_size: int = MIN_CUT_SIZE) -> tuple[bytes, tuple[Span, ...]]:
-    """The raw without the encoded bytes of its attachments (those stored as files),
+    """The raw without the encoded bytes of its attachments (those in the store),
     and where they were; (raw, ()) when nothing is worth cutting. Every cut is of bytes
     that are exactly `encode(data, span)`, so restore_raw gives the original back."""
     data = {a.sha256: a for a in attachments if a.size >= min_size}

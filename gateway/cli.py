@@ -230,7 +230,9 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
 
 async def cmd_backup(config: Config, args: argparse.Namespace) -> int:
     """A consistent copy while the daemon runs. DEST ending in .db: that file, the
-    database only; otherwise a folder: DEST/gateway.db and DEST/attachments/."""
+    database only; otherwise a folder: DEST/gateway.db and DEST/attachments/ (when the
+    attachments are files: in the database they are in the copy already)."""
+    from gateway.attachment_store import attachment_store
     from gateway.backup import copy_attachments, copy_database
 
     if config.storage.postgres:
@@ -242,6 +244,9 @@ async def cmd_backup(config: Config, args: argparse.Namespace) -> int:
                                       dest if to_file else dest / "gateway.db")
     print(f"database: {db_copy.path} (schema version {db_copy.schema_version}, "
           f"{db_copy.tickets} tickets, {db_copy.size / 1e6:.1f} MB)")
+    if attachment_store(config).where == "database":
+        print("attachments: in the database, copied with it")
+        return 0
     if to_file or args.no_attachments:
         print(f"attachments not copied: copy {config.storage.attachments} as well "
               "(files never change: rsync -a is enough)")
@@ -278,28 +283,71 @@ async def cmd_inbox_list(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_inbox_show(config: Config, args: argparse.Namespace) -> int:
+    from gateway.attachment_store import attachment_store
     from gateway.staff import inbound_json
 
     async with open_db(config) as conn:
         if args.raw:
             if await store.get_inbound(conn, args.id) is None:
                 raise NotFoundError(f"inbound message {args.id} not found")
-            raw = await store.read_raw(conn, args.id, config.storage.attachments)
+            raw = await store.read_raw(conn, args.id, attachment_store(config))
         else:
-            data = await inbound_json(conn, args.id, config.storage.attachments)
+            data = await inbound_json(conn, args.id, attachment_store(config))
     if args.raw:
-        out = getattr(sys.stdout, "buffer", None)
-        if out is None:
-            raise GatewayError("--raw needs a binary standard output")
-        sys.stdout.flush()
-        out.write(raw)
-        out.flush()
+        _write_binary(raw, None, "--raw")
         return 0
     if args.json:
         _print_json(data)
     else:
         say(render_inbound(config, data))
     return 0
+
+
+async def cmd_tickets_attachment(config: Config, args: argparse.Namespace) -> int:
+    """One attachment's bytes, from wherever the attachment store keeps them."""
+    from gateway.attachment_store import attachment_store
+    from gateway.attachments import AttachmentMissing
+    from gateway.staff import parse_number, require_ticket
+
+    number, wanted = parse_number(args.number), args.sha256.lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", wanted):
+        raise GatewayError(f"not a SHA-256 (or 8+ of its hex digits): {args.sha256!r}")
+    async with open_db(config) as conn:
+        await require_ticket(conn, number)
+        found = sorted({a.sha256 for a in await store.ticket_attachments(conn, number)
+                        if a.sha256.startswith(wanted)})
+        if not found:
+            raise NotFoundError(f"ticket #{number:06d} has no attachment {wanted}")
+        if len(found) > 1:
+            raise GatewayError(f"ticket #{number:06d}: {wanted} names {len(found)} "
+                               "attachments; give more digits")
+        try:
+            data = await attachment_store(config).load(conn, found[0])
+        except AttachmentMissing as err:
+            raise StoreError(f"ticket #{number:06d}: {err}") from None
+    _write_binary(data, args.output, "tickets attachment")
+    if args.output:
+        print(f"{args.output}: {len(data)} B", file=sys.stderr)
+    return 0
+
+
+def _write_binary(data: bytes, output: str | None, what: str) -> None:
+    """Bytes to standard output, or to a new file `output` (never over an existing one)."""
+    if output:
+        try:
+            with open(output, "xb") as fh:
+                fh.write(data)
+        except FileExistsError:
+            raise GatewayError(f"{output}: exists already; not overwritten") from None
+        except OSError as err:
+            raise GatewayError(f"{output}: cannot write: {err.strerror}") from None
+        return
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:
+        raise GatewayError(f"{what} needs a binary standard output")
+    sys.stdout.flush()
+    out.write(data)
+    out.flush()
 
 
 def _indented(label: str, value: object, width: int = 16) -> list[str]:
@@ -564,12 +612,13 @@ async def cmd_held_list(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_held_show(config: Config, args: argparse.Namespace) -> int:
+    from gateway.attachment_store import attachment_store
     from gateway.staff import held_json, inbound_json, require_held
 
     async with open_db(config) as conn:
         held = held_json(await require_held(conn, args.id))
         held["message"] = await inbound_json(conn, held["inbound_id"],
-                                             config.storage.attachments)
+                                             attachment_store(config))
     if args.json:
         _print_json(held)
         return 0
@@ -735,6 +784,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(ticket_cmds, "show", cmd_tickets_show, "show one ticket and its thread")
     sub.add_argument("number", help="six-digit ticket number")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    sub = command(ticket_cmds, "attachment", cmd_tickets_attachment,
+                  "write one attachment's bytes to standard output or a file")
+    sub.add_argument("number", help="six-digit ticket number")
+    sub.add_argument("sha256", help="the attachment's SHA-256 (tickets show --json), "
+                     "or its first 8 or more hex digits")
+    sub.add_argument("--output", "-o", metavar="F", help="write to F instead of standard output")
     sub = by(command(ticket_cmds, "set-status", cmd_tickets_set_status,
                      "change a ticket's status and notify the reporter"))
     sub.add_argument("number", help="six-digit ticket number")

@@ -16,6 +16,8 @@ from typing import Any
 import aiosqlite
 
 from gateway import msgid, store, texts
+from gateway.attachment_store import AttachmentStore
+from gateway.attachment_store import attachment_store as configured_store
 from gateway.config import Config
 from gateway.model import (Verdict)
 from gateway.sender_auth import verify_sender
@@ -45,6 +47,13 @@ class Context:
     # process, so a 25 MB message never stalls a session; inline in a worker process,
     # which has no sessions to protect.
     offload: Callable[..., Awaitable[Any]] = asyncio.to_thread
+    # Where attachment bytes are kept and read (files, or the database); None: what the
+    # configuration says (`attachments`).
+    attachment_store: AttachmentStore | None = None
+
+    @property
+    def attachments(self) -> AttachmentStore:
+        return self.attachment_store or configured_store(self.config)
 
     def verdict_for(self, raw: bytes, peer: str, mail_from: str) -> Verdict:
         if self.verify is not None:
@@ -83,9 +92,12 @@ def load_renderer(config: Config) -> texts.Renderer:
 
 
 async def make_context(conn: aiosqlite.Connection, config: Config,
-                       wake_mailer: Callable[[], None] = lambda: None) -> Context:
+                       wake_mailer: Callable[[], None] = lambda: None, *,
+                       attachments: AttachmentStore | None = None) -> Context:
+    """`attachments`: another attachment store than the configuration's (tests)."""
     key = await store.setting(conn, HMAC_SETTING, msgid.new_key)
-    return Context(config, load_renderer(config), key, wake_mailer=wake_mailer)
+    return Context(config, load_renderer(config), key, wake_mailer=wake_mailer,
+                   attachment_store=attachments or configured_store(config))
 
 
 def check_sender(config: Config, raw: bytes, peer: str, mail_from: str) -> Verdict:

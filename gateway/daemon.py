@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import staff, store
+from gateway.attachment_store import AttachmentStore
 from gateway.backup import migrate_with_copy
 from gateway.cluster import cluster_of, hold_node_name
 from gateway.config import Config, check_files, parse_hostport
@@ -56,6 +57,7 @@ class Gateway:
     config: Config
     stages: Stages | None = None  # None: the production pipeline
     transport: Transport | None = None  # None: from [outbound]
+    attachments: AttachmentStore | None = None  # None: from the configuration
     notifier: Notifier = field(default_factory=lambda: Notifier(""))
     handler: IntakeHandler | None = None
     context: Context | None = None
@@ -109,7 +111,8 @@ class Gateway:
         self._house_conn = house_conn
         # This process's writers take SQLite's write lock in turn, intake first.
         store.share_write_gate(intake_conn, work_conn, mail_conn)
-        self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer)
+        self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer,
+                                                    attachments=self.attachments)
         await self._load_contracts(house_conn)
 
         async def reject_check(inbound: Any, utf8: bool) -> str | None:
@@ -210,7 +213,7 @@ class Gateway:
         await self.mailer.start()
         self.processor = Processor(work_conn, self.stages or pipeline,
                                    on_processed=self._count_processed,
-                                   attachments=cfg.storage.attachments,
+                                   attachments=context.attachments,
                                    cluster=cluster_of(cfg),
                                    claims=await self._connect() if cfg.storage.postgres else None)
 

@@ -25,11 +25,11 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiosqlite
 
 from gateway import store
+from gateway.attachment_store import AttachmentStore
 from gateway.cluster import Cluster
 from gateway.errors import ClaimLost
 from gateway.model import InboundState, Outcome
@@ -103,10 +103,10 @@ class Processor:
                  on_processed: Callable[[Processed, float], None] | None = None, *,
                  probe: Probe = probe_in_subprocess,
                  retry_first: float = RETRY_FIRST,
-                 attachments: Path | None = None, slot: int | None = None,
+                 attachments: AttachmentStore | None = None, slot: int | None = None,
                  claims: aiosqlite.Connection | None = None,
                  cluster: Cluster | None = None) -> None:
-        """`attachments`: [storage] attachments, where a raw's attachment bytes are.
+        """`attachments`: the attachment store, where a raw's attachment bytes are.
         `slot`: the worker process this runs in (None: the SMTP process, the only one
         processing); it claims as that slot and takes back only that slot's rows.
         `cluster` (PostgreSQL): claims name this node and carry a lease, renewed while

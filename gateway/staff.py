@@ -28,6 +28,7 @@ from gateway.model import (FIELD_NAMES, TRANSITIONS, Attachment, Fields, HeldSta
 from gateway.names import display_filename
 from gateway.parse_fields import normalize_phone
 from gateway.answers import notify, report_context, template_context
+from gateway.attachment_store import AttachmentStore
 from gateway.config import Config
 from gateway.context import Context, make_context
 from gateway.processor import Processed
@@ -526,9 +527,9 @@ def header_lines(raw: bytes) -> list[tuple[str, str]]:
 
 
 async def inbound_json(conn: aiosqlite.Connection, inbound_id: int,
-                       attachments: Path | None = None) -> dict[str, Any]:
+                       attachments: AttachmentStore | None = None) -> dict[str, Any]:
     """`inbox show`: what arrived, what the gateway made of it and what it answered.
-    `attachments`: [storage] attachments, where the raw's attachment bytes are."""
+    `attachments`: the attachment store, where the raw's attachment bytes are."""
     row = await store.inbound_details(conn, inbound_id)
     if row is None:
         raise NotFoundError(f"inbound message {inbound_id} not found")
@@ -620,13 +621,15 @@ async def release_held(conn: aiosqlite.Connection, ctx: Context, held_id: int, *
     return result
 
 
-async def reprocess(conn: aiosqlite.Connection, config: Config, row: InboundRow) -> Processed:
-    """`inbox reprocess ID`: run a stored message through the stages again, now."""
+async def reprocess(conn: aiosqlite.Connection, config: Config, row: InboundRow, *,
+                    attachments: AttachmentStore | None = None) -> Processed:
+    """`inbox reprocess ID`: run a stored message through the stages again, now.
+    `attachments`: another attachment store than the configuration's (tests)."""
     from gateway.stages import process_message  # the stages build on this module
 
     if row.state is InboundState.PROCESSING:
         raise GatewayError(f"inbound message {row.id} is being processed right now")
-    ctx = await make_context(conn, config)
+    ctx = await make_context(conn, config, attachments=attachments)
     claimed = await conn.execute_fetchall(
         f"UPDATE inbound SET state = '{InboundState.PROCESSING}', attempts = attempts + 1"
         f" WHERE id = ? AND state != '{InboundState.PROCESSING}' RETURNING id", (row.id,))

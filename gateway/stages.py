@@ -16,13 +16,13 @@ import dataclasses
 import json
 import logging
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from gateway import msgid, store
-from gateway.attachments import cut_attachments, save_attachments, spans_to_json
+from gateway.attachments import attachment_rows, cut_attachments, spans_to_json
+from gateway.attachment_store import AttachmentStore
 from gateway.errors import StoreError
 from gateway.model import (UNVERIFIED, AuthResult,
                            InboundState, Outcome, Report, Status, Verdict)
@@ -52,8 +52,7 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
         await store.mark_inbound(conn, row.id, state=InboundState.DONE, outcome=row.outcome,
                                  ticket=recorded)
         return Processed(Outcome(row.outcome), recorded)
-    folder = ctx.config.storage.attachments
-    raw = await store.read_raw(conn, row.id, folder)
+    raw = await store.read_raw(conn, row.id, ctx.attachments)
     report = await ctx.offload(parse_report, raw)
     if release:
         verdict = Verdict(AuthResult.PASS, "released by an operator", domain_of(report.sender))
@@ -61,8 +60,9 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
         # The DNS checks wait on the network: a thread of their own even in a worker.
         run = asyncio.to_thread if ctx.config.auth.verify == "dns" else ctx.offload
         verdict = await run(ctx.verdict_for, raw, row.peer, row.mail_from)
-    saved = await ctx.offload(save_attachments, folder, report.attachments)
-    # The files are safe now: the stored raw need not carry the same bytes again.
+    await ctx.attachments.save(conn, report.attachments)
+    saved = attachment_rows(report.attachments)
+    # The bytes are safe now: the stored raw need not carry them again.
     cut_raw, spans = await ctx.offload(cut_attachments, raw, report.attachments)
     situation = await look_up(conn, ctx, row, report, raw, verdict)
     if release:
@@ -113,7 +113,7 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
         reply_policy=cfg.tickets.reply_policy)
     participant = view is not None and (sender == view.reporter_email or sender in view.participants)
     own = is_own_mail(ctx, report)
-    duplicate = await earlier_copy(conn, row, report, raw, ctx.config.storage.attachments)
+    duplicate = await earlier_copy(conn, row, report, raw, ctx.attachments)
     since = ctx.clock() - timedelta(hours=1)
     # The cap counts answers per sender and per recipient: this From and the e-mail
     # its report names, each without a +tag.
@@ -127,7 +127,7 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
 
 
 async def earlier_copy(conn: aiosqlite.Connection, row: InboundRow, report: Report,
-                       raw: bytes, attachments: Path) -> int | None:
+                       raw: bytes, attachments: AttachmentStore) -> int | None:
     """An earlier routed message with the same Message-ID and the same content: body,
     From and Subject (other headers may differ: another path, another forwarder). The
     same Message-ID on a different body, sender or subject is another message: devices

@@ -153,7 +153,7 @@ class Worker:
                 tasks.append(loop.create_task(self._checkpoints(), name="checkpoints"))
         else:
             self.processor = Processor(work_conn, stages, on_processed=self._processed,
-                                       attachments=cfg.storage.attachments, slot=spec.slot,
+                                       attachments=context.attachments, slot=spec.slot,
                                        claims=await self._connect(synchronous="NORMAL"),
                                        cluster=cluster_of(cfg))
             await self.processor.start()

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.attachment_store import FileAttachments
 from gateway.cli import _EscapingFormatter
 from gateway.config import load_config
 from gateway.daemon import Gateway
@@ -792,9 +793,9 @@ async def test_an_attachment_is_stored_once_and_the_raw_comes_back_exactly(tmp_p
         assert [p.read_bytes() == data for p in files] == [True]
         conn = await store.connect(desk.db)
         try:
-            raw = await store.read_raw(conn, row["id"], desk.gw.config.storage.attachments)
+            raw = await store.read_raw(conn, row["id"], FileAttachments(desk.gw.config.storage.attachments))
             assert hashlib.sha256(raw).hexdigest() == sha  # exactly as received
-            with pytest.raises(store.StoreError, match="needs the attachments folder"):
+            with pytest.raises(store.StoreError, match="needs the attachment store"):
                 await store.read_raw(conn, row["id"])
         finally:
             await conn.close()
@@ -813,7 +814,7 @@ async def test_an_attachment_is_stored_once_and_the_raw_comes_back_exactly(tmp_p
         conn = await store.connect(desk.db)
         try:
             with pytest.raises(store.StoreError, match=r"^inbound message \d+: attachment .* is missing"):
-                await store.read_raw(conn, row["id"], desk.gw.config.storage.attachments)
+                await store.read_raw(conn, row["id"], FileAttachments(desk.gw.config.storage.attachments))
         finally:
             await conn.close()
 
@@ -855,8 +856,8 @@ async def test_keep_raw_drops_raw_mail_of_old_closed_tickets_only(tmp_path: Path
         conn = await store.connect(desk.db)
         try:
             with pytest.raises(store.StoreError, match=r"raw mail dropped on .* \(storage.keep_raw\)"):
-                await store.read_raw(conn, old["id"], desk.gw.config.storage.attachments)
-            assert await store.read_raw(conn, recent["id"], desk.gw.config.storage.attachments)
+                await store.read_raw(conn, old["id"], FileAttachments(desk.gw.config.storage.attachments))
+            assert await store.read_raw(conn, recent["id"], FileAttachments(desk.gw.config.storage.attachments))
         finally:
             await conn.close()
         assert await desk.gw._drop_old_raw(desk.gw._house_conn) == 0  # nothing more to do

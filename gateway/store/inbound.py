@@ -7,8 +7,7 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
@@ -16,6 +15,9 @@ from gateway.errors import ClaimLost, StoreError
 from gateway.model import InboundState, Outcome
 from gateway.store.connection import gated, iso, utcnow
 from gateway.store.dialect import is_postgres
+
+if TYPE_CHECKING:
+    from gateway.attachment_store import AttachmentStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +131,10 @@ async def confirm_claim(conn: aiosqlite.Connection, row: InboundRow) -> None:
 
 
 async def read_raw(conn: aiosqlite.Connection, inbound_id: int,
-                   attachments: Path | None = None) -> bytes:
-    """The message exactly as received. Its attachment bytes live in the files under
-    `attachments` ([storage] attachments) and are put back (SPEC §12: stored once)."""
+                   attachments: AttachmentStore | None = None) -> bytes:
+    """The message exactly as received. Its attachment bytes live in `attachments`
+    (files or the database: gateway/attachment_store.py) and are put back (SPEC §12:
+    stored once)."""
     rows = list(await conn.execute_fetchall(
         "SELECT r.raw, r.spans, i.raw_dropped_at FROM inbound i"
         " LEFT JOIN inbound_raw r ON r.id = i.id WHERE i.id = ?", (inbound_id,)))
@@ -143,21 +146,22 @@ async def read_raw(conn: aiosqlite.Connection, inbound_id: int,
     raw, spans = bytes(rows[0][0]), rows[0][1]
     if not spans:
         return raw
-    from gateway import attachments as files
+    from gateway import attachments as cut
 
     if attachments is None:
-        raise StoreError(f"inbound message {inbound_id}: its attachments are stored as files;"
-                         " read_raw needs the attachments folder")
+        raise StoreError(f"inbound message {inbound_id}: its attachments are stored apart;"
+                         " read_raw needs the attachment store")
+    cuts = cut.spans_from_json(spans)
     try:
-        return files.restore_raw(raw, files.spans_from_json(spans),
-                                 lambda sha: files.read_attachment(attachments, sha))
-    except files.AttachmentMissing as err:
+        data = {sha: await attachments.load(conn, sha) for sha in {s.sha256 for s in cuts}}
+    except cut.AttachmentMissing as err:
         raise StoreError(f"inbound message {inbound_id}: {err}") from None
+    return cut.restore_raw(raw, cuts, data.__getitem__)
 
 
 async def store_cut_raw(conn: aiosqlite.Connection, inbound_id: int, raw: bytes,
                         spans: str) -> None:
-    """Keep the raw without its attachment bytes (already safe in their files)."""
+    """Keep the raw without its attachment bytes (already safe in the attachment store)."""
     await conn.execute("UPDATE inbound_raw SET raw = ?, spans = ? WHERE id = ?",
                        (raw, spans, inbound_id))
 

@@ -36,7 +36,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import context, staff, store
-from gateway.attachments import attachment_path
+from gateway.attachment_store import AttachmentStore, attachment_store
+from gateway.attachments import AttachmentMissing
 from gateway.config import Config, parse_duration
 from gateway.errors import GatewayError, NotFoundError, TransitionError
 from gateway.model import FIELD_NAMES, TRANSITIONS, HeldStatus, OutAttachment, OutboxStatus, Status
@@ -111,9 +112,11 @@ Handler = Callable[[Request, "Desk", Session, aiosqlite.Connection, FormData | N
 class Desk:
     """The app's state: config, templates, language, clock."""
 
-    def __init__(self, config: Config, clock: Callable[[], datetime] = store.utcnow) -> None:
+    def __init__(self, config: Config, clock: Callable[[], datetime] = store.utcnow,
+                 attachments: AttachmentStore | None = None) -> None:
         self.config = config
         self.clock = clock
+        self.attachments = attachments or attachment_store(config)
         self.lang = Language(config.tickets.language, config.tickets.timezone)
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(templates_folder()), autoescape=True,
@@ -358,7 +361,7 @@ async def ticket_status(request: Request, desk: Desk, session: Session,
                         conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
     note = text_field(form, "note").strip() or None
-    ctx = await context.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config, attachments=desk.attachments)
     await staff.set_status(conn, ctx, number, text_field(form, "status"), note,
                            actor=session.user.email)
     return done(number, "status")
@@ -383,7 +386,7 @@ async def ticket_reply(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
     files = await uploaded(form)
-    ctx = await context.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config, attachments=desk.attachments)
     await staff.reply(conn, ctx, number, text_field(form, "text").replace("\r\n", "\n"), files,
                       actor=session.user.email)
     return done(number, "reply")
@@ -392,7 +395,7 @@ async def ticket_reply(request: Request, desk: Desk, session: Session,
 async def ticket_confirm_phone(request: Request, desk: Desk, session: Session,
                                conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
-    ctx = await context.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config, attachments=desk.attachments)
     await staff.confirm_phone(conn, ctx, number, actor=session.user.email)
     return done(number, "phone")
 
@@ -400,7 +403,7 @@ async def ticket_confirm_phone(request: Request, desk: Desk, session: Session,
 async def ticket_note(request: Request, desk: Desk, session: Session,
                       conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
-    ctx = await context.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config, attachments=desk.attachments)
     await staff.add_note(conn, ctx, number, text_field(form, "text").replace("\r\n", "\n"),
                          actor=session.user.email)
     return done(number, "note")
@@ -409,7 +412,7 @@ async def ticket_note(request: Request, desk: Desk, session: Session,
 async def ticket_assign(request: Request, desk: Desk, session: Session,
                         conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
-    ctx = await context.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config, attachments=desk.attachments)
     await staff.assign(conn, ctx, number, text_field(form, "engineer"), actor=session.user.email)
     return done(number, "assign")
 
@@ -417,7 +420,7 @@ async def ticket_assign(request: Request, desk: Desk, session: Session,
 async def ticket_field(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
     number = number_of(request)
-    ctx = await context.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config, attachments=desk.attachments)
     await staff.set_field(conn, ctx, number, text_field(form, "field"),
                           text_field(form, "value"), actor=session.user.email)
     return done(number, "field")
@@ -443,23 +446,25 @@ async def attachment(request: Request, desk: Desk, session: Session,
     number = number_of(request)
     sha256 = request.path_params["sha256"].lower()
     row = await queries.ticket_attachment(conn, number, sha256) if _SHA256.match(sha256) else None
-    path = attachment_path(desk.config.storage.attachments, sha256) if row else None
-    if row is None or path is None or not path.is_file():
+    if row is None:
         raise NotFoundError(f"ticket #{number:06d} has no attachment {sha256[:64]}")
+    try:
+        data = await desk.attachments.load(conn, sha256)
+    except AttachmentMissing as err:
+        log.error("ticket #%06d: %s", number, err)
+        raise NotFoundError(f"ticket #{number:06d}: {err}") from None
     if request.query_params.get("view") == "text" and viewable(row):
-        with path.open("rb") as fh:
-            data = fh.read(TEXT_VIEW_LIMIT + 1)
         return desk.page("text.html.j2", session, number=number, attachment=row,
                          text=data[:TEXT_VIEW_LIMIT].decode("utf-8", "replace"),
                          truncated=len(data) > TEXT_VIEW_LIMIT)
-    return FileResponse(path, media_type="application/octet-stream",
-                        headers=download_headers(row.filename))
+    return Response(data, media_type="application/octet-stream",
+                    headers=download_headers(row.filename))
 
 
 async def inbound_page(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
     message = await staff.inbound_json(conn, int(request.path_params["id"]),
-                                       desk.config.storage.attachments)
+                                       desk.attachments)
     return desk.page("inbound.html.j2", session, message=message)
 
 
@@ -468,7 +473,7 @@ async def inbound_raw(request: Request, desk: Desk, session: Session,
     inbound_id = int(request.path_params["id"])
     if await store.get_inbound(conn, inbound_id) is None:
         raise NotFoundError(f"inbound message {inbound_id} not found")
-    raw = await store.read_raw(conn, inbound_id, desk.config.storage.attachments)
+    raw = await store.read_raw(conn, inbound_id, desk.attachments)
     return Response(raw, media_type="application/octet-stream",
                     headers=download_headers(f"inbound-{inbound_id}.eml"))
 
@@ -485,7 +490,7 @@ async def held_page(request: Request, desk: Desk, session: Session,
                     conn: aiosqlite.Connection, form: FormData | None) -> Response:
     held = await staff.require_held(conn, int(request.path_params["id"]))
     message = await staff.inbound_json(conn, held.inbound_id,
-                                       desk.config.storage.attachments)
+                                       desk.attachments)
     return desk.page("held_one.html.j2", session, held=held, message=message)
 
 
@@ -493,7 +498,7 @@ async def held_release(request: Request, desk: Desk, session: Session,
                        conn: aiosqlite.Connection, form: FormData | None) -> Response:
     held_id = int(request.path_params["id"])
     new_ticket = text_field(form, "new_ticket") == "1"
-    ctx = await context.make_context(conn, desk.config)
+    ctx = await context.make_context(conn, desk.config, attachments=desk.attachments)
     result = await staff.release_held(conn, ctx, held_id, new_ticket=new_ticket,
                                          actor=session.user.email)
     # Released mail always lands in a ticket: the checks that only store (own mail,
@@ -538,8 +543,10 @@ async def not_found(request: Request, exc: Exception) -> Response:
                        message=desk.lang.t("not_found"), reason="")
 
 
-def create_app(config: Config, *, clock: Callable[[], datetime] = store.utcnow) -> ASGIApp:
-    desk = Desk(config, clock)
+def create_app(config: Config, *, clock: Callable[[], datetime] = store.utcnow,
+               attachments: AttachmentStore | None = None) -> ASGIApp:
+    """`attachments`: another attachment store than the configuration's (tests)."""
+    desk = Desk(config, clock, attachments)
     g = desk.guarded
     routes: Sequence[Route] = [
         Route("/login", login_page, methods=["GET"]),

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from gateway import store
+from gateway.attachment_store import AttachmentStore
 from gateway.config import Config, WebConfig, load_config
 from gateway.web.app import create_app
 from gateway.web.server import make_server
@@ -86,13 +87,15 @@ async def form_token(client: httpx.AsyncClient, path: str = "/") -> str:
 
 @asynccontextmanager
 async def running_web(desk: Desk, web_config: WebConfig | None = None,
-                      clock: Clock | None = None) -> AsyncIterator[Web]:
-    """`s4e-gateway web` in this event loop, on an ephemeral loopback port."""
+                      clock: Clock | None = None,
+                      attachments: AttachmentStore | None = None) -> AsyncIterator[Web]:
+    """`s4e-gateway web` in this event loop, on an ephemeral loopback port
+    (`attachments`: another attachment store than the configuration's)."""
     config = load_config(desk.config_file)
     if web_config is not None:
         config = replace(config, web=web_config)
     clock = clock or Clock()
-    server = make_server(config, create_app(config, clock=clock))
+    server = make_server(config, create_app(config, clock=clock, attachments=attachments))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)

@@ -202,9 +202,27 @@ async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     check_files(config)
     for warning in risky_settings(config):
         print(f"warning: {warning}", file=sys.stderr)
+    numbers = await number_space_warning(config)
+    if numbers:
+        print(f"warning: {numbers}", file=sys.stderr)
     source = config.source or "built-in defaults (no config file)"
     print(f"config ok: {source}")
     return 0
+
+
+async def number_space_warning(config: Config) -> str | None:
+    """check-config's word on the ticket numbers (80 % used or more), when there is a
+    database to ask; a warning, so the exit status stays 0."""
+    from gateway.errors import expected_failure
+    from gateway.number_space import read_space, warning
+
+    if not config.storage.database.exists():
+        return None  # a new installation: nothing used yet
+    try:
+        async with open_db(config) as conn:
+            return warning(await read_space(conn, store.utcnow()))
+    except Exception as err:  # noqa: BLE001 - the configuration itself is still checked
+        return f"ticket numbers not checked: {expected_failure(err) or err}"
 
 
 async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:

@@ -92,6 +92,11 @@ class Metrics:
                                     " --outcome failed)", registry=registry)
         self.held = Gauge("s4e_gateway_held", "Messages held for operators (held list)",
                           registry=registry)
+        self.ticket_numbers_left = Gauge(
+            "s4e_gateway_ticket_numbers_left",
+            f"Six-digit ticket numbers not used yet, of {store.TICKET_NUMBERS} (never reused)",
+            registry=registry)
+        self.ticket_numbers_left.set(store.TICKET_NUMBERS)
         self.build_info = Gauge("s4e_gateway_build_info", "The running gateway's version",
                                 ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
@@ -102,7 +107,10 @@ class Metrics:
         for result in known_send_results() if send_results is None else send_results:
             self.sends.labels(result=result)
 
-    def update(self, counts: store.QueueCounts, now: datetime) -> None:
+    def update(self, counts: store.QueueCounts, now: datetime,
+               numbers: store.NumberSpace | None = None) -> None:
+        if numbers is not None:
+            self.ticket_numbers_left.set(numbers.left)
         self.queued.set(counts.inbound_queued)
         self.inbound_failed.set(counts.inbound_failed)
         self.held.set(counts.held)
@@ -140,7 +148,8 @@ class Probe:
 
     async def refresh(self, metrics: Metrics) -> None:
         async with self._lock:
-            metrics.update(await store.queue_counts(self._conn), self._clock())
+            metrics.update(await store.queue_counts(self._conn), self._clock(),
+                           await store.number_space(self._conn))
 
     async def health(self) -> Health:
         async with self._lock:

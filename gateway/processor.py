@@ -31,7 +31,7 @@ import aiosqlite
 from gateway import store
 from gateway.attachment_store import AttachmentStore
 from gateway.cluster import Cluster
-from gateway.errors import ClaimLost
+from gateway.errors import ClaimLost, StoreError
 from gateway.model import InboundState, Outcome
 from gateway.store import InboundRow
 
@@ -298,8 +298,12 @@ class Processor:
                 pass
 
     async def _fail(self, row: InboundRow, err: Exception) -> None:
-        log.exception("%s inbound %d: outcome=failed: %s: %s", row.message_id or "<no-id>",
-                      row.id, type(err).__name__, err)
+        if isinstance(err, StoreError):  # e.g. no ticket number left: one line, no traceback
+            log.error("%s inbound %d: outcome=failed: %s", row.message_id or "<no-id>",
+                      row.id, err)
+        else:
+            log.exception("%s inbound %d: outcome=failed: %s: %s",
+                          row.message_id or "<no-id>", row.id, type(err).__name__, err)
         await store.mark_inbound(self._conn, row.id, state=InboundState.FAILED,
                                  outcome=Outcome.FAILED,
                                  error=f"{type(err).__name__}: {err}"[:2000])

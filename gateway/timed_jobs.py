@@ -1,5 +1,6 @@
 """The jobs that run on a clock rather than on a message: the rating window closing
-resolved tickets, the held digest, `[storage] keep_raw`, and systemd's STATUS line.
+resolved tickets, the held digest, `[storage] keep_raw`, the ticket numbers' warning
+(gateway/number_space.py) and systemd's STATUS line.
 
 They run where processing runs: in the SMTP process when `[processing] workers = 0`,
 else in the mail process (one process only, so each job runs once). With several
@@ -21,6 +22,7 @@ from gateway.store.dialect import is_postgres
 from gateway.digest import send_held_digest
 from gateway.errors import expected_failure
 from gateway.context import Context
+from gateway.number_space import NumberSpaceWatch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class TimedJobs:
         self.lock = lock or asyncio.Lock()
         # PostgreSQL: one node at a time holds the timed-jobs lock (cluster.py).
         self._runs_here = False
+        self.numbers = NumberSpaceWatch()  # its first round is at start
 
     async def run_once(self) -> bool:
         """One round; False when another node runs the jobs (PostgreSQL)."""
@@ -74,6 +77,7 @@ class TimedJobs:
                 await staff.close_expired_ratings(self.conn, self._context)
                 await send_held_digest(self.conn, self._context)
                 await drop_old_raw(self.conn, self._context.config)
+                await self.numbers.check(self.conn, self._context.clock())
             self._on_status(await queue_status(self.conn))
             return self._runs_here
 

@@ -53,6 +53,7 @@ from gateway import store  # noqa: E402
 from gateway.attachment_store import AttachmentStore, DatabaseAttachments  # noqa: E402
 from gateway.config import Config, load_config  # noqa: E402
 from gateway.daemon import Gateway  # noqa: E402
+from gateway.errors import expected_failure  # noqa: E402
 
 INTAKE = "serwis@s4e.pl"
 SENDER = "jan.kowalski@example.com"  # also the address the report's body gives
@@ -113,7 +114,7 @@ def files_size(folder: Path) -> int:
 def sqlite_sizes(config: Config) -> Sizes:
     """After a WAL checkpoint. Pages freed when a raw is cut (or dropped) are reused by
     the next mail: the file's size is the high-water mark."""
-    path = config.storage.database
+    path = config.storage.sqlite_path
     db = sqlite3.connect(path)
     try:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -293,9 +294,8 @@ async def run_sqlite(args: argparse.Namespace, workdir: Path,
 def postgres_problem(url: str, workdir: Path) -> str | None:
     """Why the PostgreSQL run cannot go ahead; None when it can."""
     config = write_config(workdir, url)
-    if getattr(config.storage, "postgres", None) is None:
-        return ("this gateway has no PostgreSQL backend yet ([storage] database is read as"
-                " a file path; #17's adapter brings it)")
+    if config.storage.postgres is None:
+        return f"{url}: not read as a PostgreSQL URL by the configuration"
     try:
         import psycopg
     except ImportError:
@@ -311,11 +311,19 @@ def postgres_problem(url: str, workdir: Path) -> str | None:
     return None
 
 
+async def prepare_postgres(url: str, workdir: Path) -> str | None:
+    """Migrate the PostgreSQL database (a gateway started and stopped); why not, if not."""
+    try:
+        gw = Gateway(write_config(workdir, url))
+        await gw.start(port=0)
+        await gw.stop(grace=1)
+    except Exception as err:  # noqa: BLE001 - the reason is the answer
+        return f"{url}: the gateway does not start on it: {expected_failure(err) or err}"
+    return None
+
+
 async def run_postgres(args: argparse.Namespace, workdir: Path) -> list[Result]:
     config = write_config(workdir, args.database)
-    gw = Gateway(config)
-    await gw.start(port=0)
-    await gw.stop(grace=1)
     bench = Bench(config, lambda: postgres_sizes(args.database, config))
     return [await bench.run(kind) for kind in kinds(args)]
 
@@ -327,7 +335,8 @@ async def main_async(args: argparse.Namespace) -> int:
         problem = None
         if args.database:
             (workdir / "pg").mkdir()
-            problem = postgres_problem(args.database, workdir / "pg")
+            problem = (postgres_problem(args.database, workdir / "pg")
+                       or await prepare_postgres(args.database, workdir / "pg"))
             if problem:
                 print(f"postgresql: {problem}", file=sys.stderr)
                 return 1

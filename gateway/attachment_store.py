@@ -7,7 +7,7 @@ downloads, `tickets attachment`, `backup`. Two implementations:
 
 - `FileAttachments`: files named by SHA-256 under `[storage] attachments`
   (gateway/attachments.py). The SQLite default: one host, one folder.
-- `DatabaseAttachments`: the `attachment_blobs` table (migration 0009). With
+- `DatabaseAttachments`: the `attachment_blobs` table (migration 0010). With
   PostgreSQL several gateway hosts share one database, and each must read the bytes
   another one stored; a folder would be on one host only.
 
@@ -128,9 +128,8 @@ async def _insert(conn: Any, attachments: Iterable[Attachment]) -> None:
 
 def attachments_in_database(config: Config) -> bool:
     """True when attachment bytes belong in the database: when it is PostgreSQL, which
-    several gateway hosts may share (#17). `StorageConfig.postgres` (the URL, None for
-    SQLite) arrives with the PostgreSQL backend; until then this is False."""
-    return getattr(config.storage, "postgres", None) is not None
+    several gateway hosts may share (#17); with SQLite (one host) the files."""
+    return config.storage.postgres is not None
 
 
 def attachment_store(config: Config) -> AttachmentStore:

@@ -216,7 +216,7 @@ async def number_space_warning(config: Config) -> str | None:
     from gateway.errors import expected_failure
     from gateway.number_space import read_space, warning
 
-    if not config.storage.database.exists():
+    if config.storage.postgres is None and not config.storage.sqlite_path.exists():
         return None  # a new installation: nothing used yet
     try:
         async with open_db(config) as conn:
@@ -248,9 +248,7 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
 
 async def cmd_backup(config: Config, args: argparse.Namespace) -> int:
     """A consistent copy while the daemon runs. DEST ending in .db: that file, the
-    database only; otherwise a folder: DEST/gateway.db and DEST/attachments/ (when the
-    attachments are files: in the database they are in the copy already)."""
-    from gateway.attachment_store import attachment_store
+    database only; otherwise a folder: DEST/gateway.db and DEST/attachments/."""
     from gateway.backup import copy_attachments, copy_database
 
     if config.storage.postgres:
@@ -262,9 +260,6 @@ async def cmd_backup(config: Config, args: argparse.Namespace) -> int:
                                       dest if to_file else dest / "gateway.db")
     print(f"database: {db_copy.path} (schema version {db_copy.schema_version}, "
           f"{db_copy.tickets} tickets, {db_copy.size / 1e6:.1f} MB)")
-    if attachment_store(config).where == "database":
-        print("attachments: in the database, copied with it")
-        return 0
     if to_file or args.no_attachments:
         print(f"attachments not copied: copy {config.storage.attachments} as well "
               "(files never change: rsync -a is enough)")

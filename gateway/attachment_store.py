@@ -107,7 +107,7 @@ class DatabaseAttachments:
 
 
 async def _stored(conn: Any, shas: Iterable[str]) -> set[str]:
-    wanted, found = list(shas), set()
+    wanted, found = list(shas), set[str]()
     for i in range(0, len(wanted), _LOOKUP_BATCH):
         batch = wanted[i:i + _LOOKUP_BATCH]
         rows = await conn.execute_fetchall(

@@ -28,7 +28,7 @@ from gateway.attachments import AttachmentMissing
 from gateway.config import load_config
 from gateway.daemon import Gateway
 from gateway.model import Attachment
-from tests.conftest import REPORT_BODY, Desk, make_mail, run_cli_sync, wait_for, write_config
+from tests.conftest import REPORT_BODY, Desk, make_mail, wait_for, write_config
 from tests.webdesk import add_user, running_web, signed_in
 
 

@@ -18,7 +18,7 @@ from gateway import store
 from gateway.config import load_config
 from gateway.daemon import Gateway
 from gateway.number_space import NumberSpaceWatch, warning
-from tests.conftest import (INTAKE, REPORT_BODY, Desk, make_mail, run_cli_sync, send, wait_for,
+from tests.conftest import (REPORT_BODY, Desk, make_mail, run_cli_sync, wait_for,
                             write_config)
 from tests.test_operations import scrape, samples
 

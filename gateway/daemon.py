@@ -57,7 +57,9 @@ class Gateway:
     config: Config
     stages: Stages | None = None  # None: the production pipeline
     transport: Transport | None = None  # None: from [outbound]
-    attachments: AttachmentStore | None = None  # None: from the configuration
+    # None: from the configuration (the choice of this process; worker processes always
+    # take the configuration's: tests that pass another store run with workers = 0)
+    attachments: AttachmentStore | None = None
     notifier: Notifier = field(default_factory=lambda: Notifier(""))
     handler: IntakeHandler | None = None
     context: Context | None = None

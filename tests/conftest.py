@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import smtplib
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -22,6 +22,7 @@ from gateway.config import (AddressesConfig, Config, OutboundConfig, ProcessingC
                             SmtpConfig,
                             StorageConfig, TicketsConfig)
 from gateway.daemon import Gateway
+from tests import pg_server as pg_server_module
 from tests.pg_server import PgServer, migrate, running_server
 from tests.pg_server import skip_reason as pg_skip_reason
 
@@ -29,11 +30,115 @@ INTAKE = "serwis@s4e.pl"
 CRM = "crm@s4e.pl"
 
 
+# --- which database the tests' gateways use ---------------------------------------------
+#
+# A test module that sets `BOTH_DATABASES = True` runs each of its tests twice: on a
+# SQLite file in tmp_path ([sqlite]) and on a fresh PostgreSQL database of the test's
+# own ([postgresql], tests/pg_server.py), because what it checks must hold on both.
+# A test of such a module marked `@pytest.mark.sqlite_only` (it reads the SQLite file
+# itself, or checks what only SQLite has) runs once. make_config, write_config and the
+# `conn` fixture give the database of the current run.
+
+# The PostgreSQL run's database, else None. Kept in tests.pg_server: pytest loads this
+# file as `conftest` while the test modules import it as `tests.conftest`, two module
+# objects with globals of their own.
+_current = pg_server_module.CURRENT
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (getattr(metafunc.module, "BOTH_DATABASES", False)
+            and metafunc.definition.get_closest_marker("sqlite_only") is None):
+        metafunc.parametrize("store_backend", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def store_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """"sqlite", or "postgresql" with this test's own database (see above)."""
+    backend = getattr(request, "param", "sqlite")
+    if backend != "postgresql":
+        yield backend
+        return
+    _current["url"] = request.getfixturevalue("pg_url")
+    try:
+        yield backend
+    finally:
+        _current["url"] = None
+
+
+def database_for(tmp_path: Path) -> Path | str:
+    """The current run's database: PostgreSQL's URL, or a SQLite file in tmp_path."""
+    return _current["url"] or tmp_path / "gw.db"
+
+
+def query_database(database: Path | str, sql: str) -> list[dict]:
+    """Rows of `sql` (no parameters) as dicts, from either database."""
+    if isinstance(database, str):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(database, autocommit=True, row_factory=dict_row) as pg:
+            return list(pg.execute(sql).fetchall())
+    import sqlite3
+
+    conn = sqlite3.connect(database)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql).fetchall()]
+    finally:
+        conn.close()
+
+
+def run_sql(database: Path | str, sql: str, params: tuple[object, ...] = ()) -> list[tuple]:
+    """One statement (`?` placeholders) on either database, committed; its rows."""
+    if isinstance(database, str):
+        import psycopg
+
+        from gateway.store.postgres import translate
+
+        with psycopg.connect(database, autocommit=True) as pg:
+            cursor = pg.execute(translate(sql), params)
+            return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+    import sqlite3
+
+    conn = sqlite3.connect(database)
+    try:
+        rows = conn.execute(sql, params).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+@contextmanager
+def write_lock_held(database: Path | str) -> Iterator[None]:
+    """Another process in a write transaction, holding the store's write lock: SQLite's
+    one lock, or the advisory lock of PostgreSQL's ticket changes."""
+    if isinstance(database, str):
+        import psycopg
+
+        from gateway.store.postgres import WRITE_LOCK_KEY
+
+        with psycopg.connect(database) as pg:  # not autocommit: one open transaction
+            pg.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+            yield
+            pg.rollback()
+        return
+    import sqlite3
+
+    writer = sqlite3.connect(database, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
 def make_config(tmp_path: Path, **sections: object) -> Config:
     config = Config(
         smtp=SmtpConfig(listen="127.0.0.1:0", hostname="gw.test"),
         addresses=AddressesConfig(),
-        storage=StorageConfig(database=tmp_path / "gw.db", attachments=tmp_path / "att"),
+        storage=StorageConfig(database=database_for(tmp_path), attachments=tmp_path / "att"),
         outbound=OutboundConfig(maildir=tmp_path / "outbox"),
         tickets=TicketsConfig(),
         # In this process: tests look at its processor and mailer (tests/test_workers.py
@@ -179,7 +284,7 @@ class Desk:
         self.config_file = config_file
 
     @property
-    def db(self) -> Path:
+    def db(self) -> Path | str:
         return self.gw.config.storage.database
 
     async def mail(self, raw: bytes, *, mail_from: str = "jan.kowalski@example.com",
@@ -216,14 +321,9 @@ class Desk:
 
     def outbox(self) -> list[tuple[dict, EmailMessage]]:
         """Every mail queued to leave, oldest first, parsed as a client would."""
-        import sqlite3
-
-        conn = sqlite3.connect(self.db)
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT o.*, r.raw FROM outbox o JOIN outbox_raw r USING (id)"
-                            " ORDER BY o.id").fetchall()
-        conn.close()
-        return [(dict(r), message_from_bytes(r["raw"], policy=policy.default)) for r in rows]
+        rows = query_database(self.db, "SELECT o.*, r.raw FROM outbox o"
+                              " JOIN outbox_raw r USING (id) ORDER BY o.id")
+        return [(r, message_from_bytes(bytes(r["raw"]), policy=policy.default)) for r in rows]
 
     def mails_to(self, address: str) -> list[EmailMessage]:
         return [m for row, m in self.outbox() if row["rcpt_to"] == address]
@@ -233,7 +333,7 @@ def write_config(tmp_path: Path, extra: str = "", sink: Sink | None = None,
                  storage: str = "") -> Path:
     """`storage`: more lines for the [storage] table (e.g. 'keep_raw = "30d"\\n')."""
     text = (f'[smtp]\nlisten = "127.0.0.1:0"\nhostname = "gw.test"\n'
-            f'[storage]\ndatabase = "{tmp_path}/gw.db"\nattachments = "{tmp_path}/att"\n'
+            f'[storage]\ndatabase = "{database_for(tmp_path)}"\nattachments = "{tmp_path}/att"\n'
             + storage)
     outbound = f'[outbound]\nmaildir = "{tmp_path}/outbox"\n'
     if sink is not None:
@@ -304,7 +404,7 @@ async def arrive(sink: Sink, rcpt: str, count: int) -> list[EmailMessage]:
 @pytest.fixture
 async def conn(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
     """A migrated database of its own (the mailer tests)."""
-    connection = await store.connect(tmp_path / "gw.db")
+    connection = await store.connect(database_for(tmp_path))
     await store.migrate(connection)
     try:
         yield connection

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 USER = "s4e"
+
+# The database of the test running on PostgreSQL now (tests/conftest.py's store_backend).
+CURRENT: dict[str, str | None] = {"url": None}
 RUN_AS = "postgres"  # the server user when we are root
 
 SETTINGS = {
@@ -136,6 +139,13 @@ class PgServer:
             if "could not bind" not in log and "already in use" not in log:
                 break
         raise RuntimeError(f"pg_ctl start failed: {done.stderr.strip()}\n{log[-2000:]}")
+
+    def start_again(self) -> None:
+        """Start a stopped cluster on the port it had (clients reconnect to it)."""
+        done = self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log),
+                         "-w", "-t", "60", "-o", f"-p {self.port}")
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {done.stderr.strip()}")
 
     def stop(self) -> None:
         """Fast shutdown (disconnects clients, no checkpoint wait worth the name with

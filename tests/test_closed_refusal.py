@@ -12,6 +12,8 @@ from gateway.closed_refusal import read_head_facts
 from tests.conftest import CRM, INTAKE, Desk, make_mail, send
 from tests.test_routing import JAN, close, open_ticket
 
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
+
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from tests.conftest import (CRM, REPORT_BODY, arrive, body_text, Desk, make_mail
                             running_desk, Sink)
 from tests.dns_server import DkimKey, DnsServer
 
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
+
 JAN = "jan.kowalski@example.com"
 ENGINEER = "anna.nowak@s4e.pl"
 DESK = "dyspozytor@s4e.pl"

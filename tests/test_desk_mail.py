@@ -18,6 +18,8 @@ from gateway import store
 from tests.conftest import (CRM, INTAKE, REPORT_BODY, arrive, body_text, Desk, make_mail,
                             received, running_desk, Sink, wait_for)
 
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
+
 JAN = "jan.kowalski@example.com"
 ENGINEER = "anna.nowak@s4e.pl"
 DESK = "dyspozytor@s4e.pl"

@@ -12,7 +12,9 @@ import pytest
 from gateway import store
 from gateway.config import SmtpConfig
 from gateway.daemon import Gateway
-from tests.conftest import CRM, INTAKE, make_config, make_mail, send
+from tests.conftest import CRM, INTAKE, make_config, make_mail, run_sql, send
+
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 
 class Dialog:
@@ -269,9 +271,7 @@ async def test_message_is_committed_with_envelope_hash_and_message_id(gateway: G
     (row,) = await inbound_rows(gateway)
     assert (row.mail_from, row.rcpt_tos, row.message_id) == (
         "jan@example.com", (INTAKE,), "<abc.1@example.com>")
-    conn = sqlite3.connect(gateway.config.storage.database)
-    sha, size = conn.execute("SELECT sha256, size FROM inbound").fetchone()
-    conn.close()
+    ((sha, size),) = run_sql(gateway.config.storage.database, "SELECT sha256, size FROM inbound")
     assert sha == hashlib.sha256(raw).hexdigest() and size == len(raw)
 
 
@@ -303,6 +303,7 @@ async def test_null_reverse_path_is_stored_as_empty_sender(gateway: Gateway) -> 
     assert row.mail_from == ""
 
 
+@pytest.mark.sqlite_only  # SQLite's page limit stands in for a full disk
 async def test_unwritable_database_answers_451_and_recovers(gateway: Gateway) -> None:
     conn = gateway.intake_conn
     (pages,) = await conn.execute_fetchall("PRAGMA page_count")
@@ -318,6 +319,7 @@ async def test_unwritable_database_answers_451_and_recovers(gateway: Gateway) ->
     assert len(await inbound_rows(gateway)) == 1
 
 
+@pytest.mark.sqlite_only  # SQLite's write lock (PostgreSQL's intake takes no lock)
 async def test_locked_database_answers_451(gateway: Gateway) -> None:
     await gateway.intake_conn.execute("PRAGMA busy_timeout = 200")
     locker = sqlite3.connect(gateway.config.storage.database, isolation_level=None)

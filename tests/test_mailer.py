@@ -38,7 +38,9 @@ from gateway.mailer import (
 from gateway.model import Outgoing
 from gateway.msgid import make_message_id, new_key
 from gateway.compose import compose_message
-from tests.conftest import CRM, Sink, wait_for
+from tests.conftest import CRM, Sink, database_for, wait_for
+
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 T0 = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 KEY = new_key()
@@ -302,7 +304,7 @@ async def test_rows_queued_by_another_process_are_found_without_wake(
     config = relay_config(tmp_path, smtp_sink.port)
     mailer = Mailer(conn, relay(config), config, poll_interval=0.2)
     await mailer.start()
-    cli = await store.connect(tmp_path / "gw.db")
+    cli = await store.connect(database_for(tmp_path))
     try:
         await asyncio.sleep(0.1)
         queued = await queue_mail(cli, store.utcnow())

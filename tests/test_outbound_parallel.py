@@ -17,6 +17,8 @@ from tests.test_mailer import (Recorder, queue_mail, relay_config, row, server_t
                                stop_server)
 from tests.conftest import wait_for
 
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
+
 
 class BlackHole(asyncio.Protocol):
     """Accepts the connection and never says a word."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import smtplib
 import signal
 import sys
 from collections import Counter
@@ -28,6 +29,7 @@ from gateway.config import ClusterConfig, OutboundConfig, StorageConfig
 from gateway.daemon import Gateway
 from gateway.errors import ConfigError
 from tests.conftest import INTAKE, Sink, make_config, send, wait_for
+from tests.pg_server import running_server
 from tests.test_workers import _listening, answers_by_report, free_port, report, send_reports
 
 
@@ -236,3 +238,27 @@ async def test_a_second_gateway_under_the_same_node_name_is_refused(
                                   "'mx1' on this database; give each gateway its own name")
     async with in_process(tmp_path / "elsewhere", pg_url, "mx1"):  # free again once stopped
         pass
+
+
+async def test_while_postgresql_is_down_intake_answers_451_and_everything_recovers(
+        tmp_path: Path, smtp_sink: Sink, pg_server: object) -> None:
+    """A server of this test's own (`pg_server` only for its skip when PostgreSQL is
+    absent), stopped and started under a running gateway: no 250 without a commit, no
+    message marked failed, no restart of the gateway."""
+    with running_server() as server:
+        query(server.url(), "CREATE DATABASE down")
+        url = server.url("down")
+        async with in_process(tmp_path, url, "mx1", smtp_sink) as gw:
+            before, before_id, raw = report(1)
+            await send(gw.port, before, [INTAKE], raw)
+            await wait_for(lambda: answers_by_report(smtp_sink)[before_id] == 1, timeout=30)
+            server.stop()
+            address, message_id, raw = report(2)
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                await send(gw.port, address, [INTAKE], raw)
+            assert refused.value.smtp_code == 451  # the sender's MTA tries again later
+            server.start_again()
+            await send(gw.port, address, [INTAKE], raw)  # that later try
+            await wait_for(lambda: answers_by_report(smtp_sink)[message_id] == 1, timeout=60)
+        assert Counter(s for (s,) in query(url, "SELECT state FROM inbound")) == {"done": 2}
+        assert tickets_by_reporter(url) == Counter({before: 1, address: 1})

@@ -8,6 +8,8 @@ from email.message import EmailMessage
 
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail, wait_for
 
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
+
 JAN = "jan.kowalski@example.com"
 # Jan reports for his colleague: the report names her address in his own domain, so she
 # is the reporter and he, the dispatcher, gets every mail in Cc.

@@ -11,11 +11,13 @@ from gateway import store
 from gateway.model import Inbound, Outcome
 from gateway.processor import MAX_ATTEMPTS, Processed, Processor
 from gateway.store import InboundRow
-from tests.conftest import wait_for
+from tests.conftest import database_for, wait_for
+
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 
 async def open_store(tmp_path) -> aiosqlite.Connection:
-    conn = await store.connect(tmp_path / "gw.db")
+    conn = await store.connect(database_for(tmp_path))
     await store.migrate(conn)
     return conn
 
@@ -44,7 +46,7 @@ async def test_messages_are_processed_in_order_and_a_bad_one_is_kept_as_failed(t
         await store.mark_inbound(c, row.id, state="done", outcome=Outcome.NEW)
         return Processed(Outcome.NEW)
 
-    work = await store.connect(tmp_path / "gw.db")
+    work = await store.connect(database_for(tmp_path))
     processor = Processor(work, stages)
     await processor.start()
     await wait_for(lambda: len(seen) == 5)

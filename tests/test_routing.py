@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 from itertools import pairwise
 
 import pytest
 
-from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, Sink, body_text, make_mail, wait_for
+from tests.conftest import CRM, Desk, INTAKE, REPORT_BODY, Sink, body_text, make_mail, run_sql, wait_for
+
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 JAN = "jan.kowalski@example.com"
 REPORTER = "jan.kowalski@example.com"  # the e-mail the report's body gives: acknowledgements go there
@@ -385,9 +386,8 @@ async def test_dsn_for_our_acknowledgement_marks_it_bounced(desk: Desk) -> None:
 async def test_our_own_mail_coming_back_is_ignored(desk: Desk) -> None:
     await open_ticket(desk)
     (row, _) = desk.outbox()[0]
-    conn = sqlite3.connect(desk.db)
-    (raw,) = conn.execute("SELECT raw FROM outbox_raw WHERE id = ?", (row["id"],)).fetchone()
-    conn.close()
+    ((raw,),) = run_sql(desk.db, "SELECT raw FROM outbox_raw WHERE id = ?", (row["id"],))
+    raw = bytes(raw)
     # A misconfigured forward sends our acknowledgement back to crm@.
     result = await desk.mail(raw, mail_from=JAN, rcpts=(CRM,))
     assert result["outcome"] == "ignored_auto"

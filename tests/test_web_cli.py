@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Desk, run_cli_sync, write_config
+from tests.conftest import Desk, run_cli_sync, run_sql, write_config
 from tests.webdesk import EMAIL, PASSWORD, USER, add_user, running_web, sign_in
+
+BOTH_DATABASES = False  # PENDING
 
 
 async def test_users_add_list_remove(desk: Desk, tmp_path: Path) -> None:
@@ -24,9 +26,7 @@ async def test_users_add_list_remove(desk: Desk, tmp_path: Path) -> None:
     assert users == [{"name": USER, "email": EMAIL, "created_at": users[0]["created_at"]}]
     _, out, _ = await desk.cli("users", "list")
     assert USER in out and EMAIL in out
-    import sqlite3
-
-    stored = sqlite3.connect(desk.db).execute("SELECT password_hash FROM users").fetchone()[0]
+    ((stored,),) = run_sql(desk.db, "SELECT password_hash FROM users")
     assert stored.startswith("$argon2id$") and PASSWORD not in stored
 
     async with running_web(desk) as web:

@@ -346,6 +346,10 @@ async def _write_batch_postgres(conn: aiosqlite.Connection, items: list[Pending]
     the schema's NOTIFY trigger, with the commit."""
     prepared = [_digests(item) if item.spool is None and len(item.inbound.raw) < INLINE_DIGEST
                 else await asyncio.to_thread(_digests, item) for item in items]
+    if len(items) == 1:
+        # One message (a lone sender, a quiet moment): one statement, its own commit,
+        # one round trip.
+        return [await _insert_postgres(conn, items[0], prepared[0])]
     await conn.execute("BEGIN")
     try:
         results = [await _insert_postgres(conn, item, digests)
@@ -358,6 +362,12 @@ async def _write_batch_postgres(conn: aiosqlite.Connection, items: list[Pending]
             pass
         raise
     return results
+
+
+# The row and its raw bytes in one statement (one round trip); no row back when the
+# dedup key is taken (the same message stored before, maybe by another node).
+_INSERT_WITH_RAW = (f"WITH new AS ({_INSERT_INBOUND})"
+                    " INSERT INTO inbound_raw (id, raw) SELECT id, ? FROM new RETURNING id")
 
 
 INLINE_DIGEST = 256 * 1024  # larger messages are hashed on a thread, off the event loop
@@ -387,23 +397,21 @@ def _digests(item: Pending) -> _Digests:
 
 async def _insert_postgres(conn: aiosqlite.Connection, item: Pending, d: _Digests) -> Stored:
     inbound, outcome = item.inbound, item.outcome
-    rows = list(await conn.execute_fetchall(_INSERT_INBOUND, (
+    if item.spool is None:
+        raw = inbound.raw
+    else:
+        # PostgreSQL has no incremental blob writes: the bytes go in one value
+        # (max_message_size bounds it).
+        raw = await asyncio.to_thread(item.spool.path.read_bytes)
+        if len(raw) != d.size:
+            raise StoreError(f"spool file {item.spool.path} changed while it was stored")
+    rows = list(await conn.execute_fetchall(_INSERT_WITH_RAW, (
         d.message_id, d.key, d.sha256, d.size, inbound.peer, inbound.mail_from,
         json.dumps(list(inbound.rcpt_tos)), iso(inbound.received_at),
         InboundState.DONE if outcome else InboundState.QUEUED, outcome,
-        iso(inbound.received_at) if outcome else None)))
+        iso(inbound.received_at) if outcome else None, raw)))
     if rows:
-        row_id = rows[0][0]
-        if item.spool is None:
-            raw = inbound.raw
-        else:
-            # PostgreSQL has no incremental blob writes: the bytes go in one value
-            # (max_message_size bounds it).
-            raw = await asyncio.to_thread(item.spool.path.read_bytes)
-            if len(raw) != d.size:
-                raise StoreError(f"spool file {item.spool.path} changed while it was stored")
-        await conn.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, ?)", (row_id, raw))
-        return Stored(row_id, duplicate=False, message_id=d.message_id)
+        return Stored(rows[0][0], duplicate=False, message_id=d.message_id)
     existing = list(await conn.execute_fetchall(
         "SELECT id, rcpt_tos, state FROM inbound WHERE dedup_key = ? FOR UPDATE", (d.key,)))[0]
     known = json.loads(existing["rcpt_tos"])

@@ -160,7 +160,7 @@ class PgConnection:
 
     def __init__(self, conn: psycopg.AsyncConnection[PgRow], url: str, *,
                  application_name: str = "s4e-gateway", synchronous: str = "on") -> None:
-        self._conn = conn
+        self._pg = conn
         self.url = url
         self._application_name = application_name
         self._synchronous = synchronous
@@ -169,22 +169,21 @@ class PgConnection:
     @property
     def raw(self) -> psycopg.AsyncConnection[PgRow]:
         """The psycopg connection (LISTEN, COPY: what has no SQLite twin)."""
-        return self._conn
+        return self._pg
 
     @property
     def in_transaction(self) -> bool:
-        return self._conn.info.transaction_status != TransactionStatus.IDLE
+        return self._pg.info.transaction_status != TransactionStatus.IDLE
 
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> PgCursor:
         params = tuple(parameters)
         text = translate(sql)
-        if self._conn.broken or self._conn.closed:
+        if self._pg.broken or self._pg.closed:
             await self._reconnect(text)
         try:
-            async with self._conn.cursor() as cur:
-                if text is _BEGIN_WRITE:
-                    await cur.execute("BEGIN")
-                    await cur.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+            async with self._pg.cursor() as cur:
+                if text is _BEGIN_WRITE:  # two statements, one round trip (no parameters)
+                    await cur.execute(_BEGIN_WRITE)
                     return PgCursor([], -1)
                 await cur.execute(text, params or None, prepare=None)
                 rows = await cur.fetchall() if cur.description is not None else []
@@ -204,7 +203,7 @@ class PgConnection:
                                            synchronous=self._synchronous)
         except StoreError as err:
             raise sqlite3.OperationalError(f"postgresql: unavailable: {err}") from None
-        self._conn = fresh._conn
+        self._pg = fresh._pg
         log.warning("PostgreSQL connection re-established (%s)", redact(self.url))
         if text.strip().upper() in ("ROLLBACK", "COMMIT"):
             raise sqlite3.OperationalError("postgresql: unavailable: the connection was lost"
@@ -216,7 +215,7 @@ class PgConnection:
 
     async def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
         try:
-            async with self._conn.cursor() as cur:
+            async with self._pg.cursor() as cur:
                 await cur.executemany(translate(sql), list(seq))
         except psycopg.Error as err:
             raise _as_sqlite_error(err) from err
@@ -224,7 +223,7 @@ class PgConnection:
     async def executescript(self, script: str) -> None:
         """A migration: several statements, no parameters, in one round trip."""
         try:
-            await self._conn.execute(pgsql.SQL(script))  # type: ignore[arg-type]
+            await self._pg.execute(pgsql.SQL(script))  # type: ignore[arg-type]
         except psycopg.Error as err:
             raise _as_sqlite_error(err) from err
 
@@ -237,7 +236,7 @@ class PgConnection:
 
     async def close(self) -> None:
         self._closing = True
-        await self._conn.close()
+        await self._pg.close()
 
 
 def is_url(value: object) -> bool:

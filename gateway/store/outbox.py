@@ -182,14 +182,17 @@ async def get_outbox(conn: aiosqlite.Connection, outbox_id: int) -> OutboxRow | 
 
 
 async def list_outbox(conn: aiosqlite.Connection, status: OutboxStatus | None = None, *,
-                      after: int | None = None, limit: int | None = None) -> list[OutboxRow]:
+                      after: int | None = None, limit: int | None = None,
+                      statuses: tuple[OutboxStatus, ...] = ()) -> list[OutboxRow]:
     """One page of queued mail, oldest first: after id `after`, at most `limit`, only
-    `status`."""
+    `status` (or only those in `statuses`)."""
     sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id > ?"
     params: list[Any] = [after or 0]
     if status:
-        sql += " AND status = ?"
-        params.append(status)
+        statuses = (status,)
+    if statuses:
+        sql += f" AND status IN ({', '.join('?' * len(statuses))})"
+        params += statuses
     sql += " ORDER BY id"
     if limit is not None:
         sql += " LIMIT ?"

@@ -91,7 +91,7 @@ TicketCursor = tuple[str, int]
 # The first customer message after the last staff reply: the customer waits since
 # then. NULL when staff answered last (notices and internal notes answer nobody) and
 # on closed tickets.
-_WAITING_SINCE = """
+WAITING_SINCE = """
     CASE WHEN t.status = 'closed' THEN NULL ELSE
     (SELECT m.date FROM ticket_messages m
       WHERE m.ticket = t.number AND m.kind = 'customer'
@@ -125,7 +125,7 @@ async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
     elif after is not None:
         where.append("(t.created_at, t.number) > (?, ?)")
         params += after
-    sql = (f"SELECT t.*, {_WAITING_SINCE} AS waiting_since FROM tickets t"
+    sql = (f"SELECT t.*, {WAITING_SINCE} AS waiting_since FROM tickets t"
            + (" WHERE " + " AND ".join(where) if where else ""))
     if waiting:
         sql = f"SELECT * FROM ({sql}) AS w WHERE waiting_since IS NOT NULL"
@@ -158,7 +158,7 @@ async def ticket_cursor(conn: aiosqlite.Connection, number: int, *,
                         waiting: bool = False) -> TicketCursor | None:
     """The position of ticket `number` in the list (`waiting`: in the waiting list):
     None when there is no such ticket, or it does not wait (any more)."""
-    column = _WAITING_SINCE if waiting else "t.created_at"
+    column = WAITING_SINCE if waiting else "t.created_at"
     rows = list(await conn.execute_fetchall(
         f"SELECT {column} FROM tickets t WHERE t.number = ?", (number,)))
     if not rows or rows[0][0] is None:

@@ -135,26 +135,22 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], empty:
 DEFAULT_PAGE = 50  # rows of a table without --limit
 
 
-def page_size(text: str) -> int:
-    """--limit N: a whole number, 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
+def whole_number(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number, `minimum` or more."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        return value
+
+    return parse
 
 
-def row_id(text: str) -> int:
-    """--after ID: a row id, 0 or more (0: from the start)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a row id: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
+page_size = whole_number(1, "a whole number")  # --limit N
+row_id = whole_number(0, "a row id")  # --after ID (0: from the start)
 
 
 def add_paging(sub: argparse.ArgumentParser, cursor: str = "ID",
@@ -167,14 +163,16 @@ def add_paging(sub: argparse.ArgumentParser, cursor: str = "ID",
                           "previous page)")
 
 
+_ROW_JSON = json.JSONEncoder(ensure_ascii=False)  # compact: C-accelerated
+
+
 async def stream_json(rows: AsyncIterator[dict[str, Any]]) -> None:
-    """A JSON list written as its rows come: the text of `_print_json(list(rows))`
-    in the memory of one row."""
+    """A JSON list written as its rows come, one object per line: the memory of one
+    row, and fast (`indent` would take json's pure-Python encoder: 3x slower)."""
     out = sys.stdout
     first = True
     async for row in rows:
-        out.write("[\n  " if first else ",\n  ")
-        out.write(json.dumps(row, ensure_ascii=False, indent=2).replace("\n", "\n  "))
+        out.write(("[\n  " if first else ",\n  ") + _ROW_JSON.encode(row))
         first = False
     out.write("[]\n" if first else "\n]\n")
 

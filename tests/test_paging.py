@@ -17,7 +17,7 @@ import aiosqlite
 import pytest
 
 from gateway import cli, store
-from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, make_mail
+from tests.conftest import CRM, INTAKE, Desk, make_mail
 from tests.webdesk import STRANGER, Web, add_user, open_ticket, running_web, signed_in
 
 STAMP = "2026-11-{day:02d}T{hour:02d}:{minute:02d}:00+00:00"
@@ -146,9 +146,9 @@ def insert_inbound_one(db: sqlite3.Connection, i: int) -> None:
 
 @pytest.mark.parametrize("rows", [[], [{"id": 1}], [
     {"id": 1, "subject": "Zażółć gęślą jaźń", "rcpt_tos": ["a@b.pl", "c@d.pl"],
-     "ticket": None, "nested": {"text": "line\nbreak \"quoted\""}},
+     "ticket": None, "nested": {"text": "line\nbreak \"quoted\"\u2028"}},
     {"id": 2, "rcpt_tos": [], "size": 12.5}, {"id": 3}]])
-def test_streamed_json_is_the_json_of_the_whole_list(rows: list[dict]) -> None:
+def test_streamed_json_is_a_json_list_one_object_a_line(rows: list[dict]) -> None:
     async def source():
         for row in rows:
             yield row
@@ -156,7 +156,12 @@ def test_streamed_json_is_the_json_of_the_whole_list(rows: list[dict]) -> None:
     out = io.StringIO()
     with redirect_stdout(out):
         asyncio.run(cli.stream_json(source()))
-    assert out.getvalue() == json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
+    text = out.getvalue()
+    assert json.loads(text) == rows
+    lines = text.rstrip("\n").split("\n")  # not splitlines(): U+2028 is in a value
+    assert (lines[0], lines[-1]) == (("[]", "[]") if not rows else ("[", "]"))
+    assert [json.loads(ln.strip().rstrip(",")) for ln in lines[1:-1]] == rows
+    assert "gęślą" in text or not rows[1:]  # UTF-8 as it is, not \u escapes
 
 
 # --- the CLI ------------------------------------------------------------------------------

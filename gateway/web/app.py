@@ -307,7 +307,7 @@ async def attention(request: Request, desk: Desk, session: Session, conn: aiosql
     next_url = page_url("/", since=items[-1].since,
                         after=f"{items[-1].ticket.number:06d}") if more else ""
     return desk.page("attention.html.j2", session, items=items,
-                     **pages(after is not None, "/", next_url))
+                     first_url="/" if after is not None else "", next_url=next_url)
 
 
 async def ticket_list(request: Request, desk: Desk, session: Session,
@@ -318,10 +318,10 @@ async def ticket_list(request: Request, desk: Desk, session: Session,
         status = ""
     after = None
     if request.query_params.get("after"):
-        number = ticket_param(request)
-        after = await store.ticket_cursor(conn, number)
+        last = ticket_param(request)
+        after = await store.ticket_cursor(conn, last)
         if after is None:
-            raise NotFoundError(f"ticket #{number:06d} not found")
+            raise NotFoundError(f"ticket #{last:06d} not found")
     error, tickets, more = "", list[store.TicketRow](), False
     try:
         listed = await staff.find_tickets(conn, search=query if query.strip() else None,
@@ -341,8 +341,8 @@ async def ticket_list(request: Request, desk: Desk, session: Session,
                         after=f"{tickets[-1].number:06d}") if more else ""
     return desk.page("tickets.html.j2", session, tickets=tickets, status=status, q=query,
                      statuses=[s.value for s in Status], error=error,
-                     **pages(after is not None, page_url("/tickets", status=status, q=query),
-                             next_url))
+                     first_url=page_url("/tickets", status=status, q=query) if after else "",
+                     next_url=next_url)
 
 
 # --- pages of a list: `?after=` the last row of the previous page ------------------------
@@ -368,12 +368,6 @@ def id_param(request: Request) -> int | None:
 def page_url(path: str, **params: str) -> str:
     given = {name: value for name, value in params.items() if value}
     return f"{path}?{urlencode(given)}" if given else path
-
-
-def pages(paged: bool, first_url: str, next_url: str) -> dict[str, str]:
-    """The template's page links: to the first page when this is a later one, to the
-    next when more rows follow."""
-    return {"first_url": first_url if paged else "", "next_url": next_url}
 
 
 def number_of(request: Request) -> int:
@@ -534,10 +528,11 @@ async def held_list(request: Request, desk: Desk, session: Session,
                     conn: aiosqlite.Connection, form: FormData | None) -> Response:
     after = id_param(request)
     rows = await store.list_held(conn, HeldStatus.HELD, after=after, limit=LIST_PAGE + 1)
-    next_url = page_url("/held", after=str(rows[LIST_PAGE - 1].id)) if len(rows) > LIST_PAGE else ""
+    next_url = (page_url("/held", after=str(rows[LIST_PAGE - 1].id))
+                if len(rows) > LIST_PAGE else "")
     return desk.page("held.html.j2", session, rows=rows[:LIST_PAGE],
                      done=request.query_params.get("done", ""),
-                     **pages(after is not None, "/held", next_url))
+                     first_url="/held" if after is not None else "", next_url=next_url)
 
 
 async def held_page(request: Request, desk: Desk, session: Session,
@@ -579,7 +574,7 @@ async def outbox_page(request: Request, desk: Desk, session: Session,
                 if len(rows) > LIST_PAGE else "")
     return desk.page("outbox.html.j2", session, rows=rows[:LIST_PAGE],
                      done=request.query_params.get("done", ""),
-                     **pages(after is not None, "/outbox", next_url))
+                     first_url="/outbox" if after is not None else "", next_url=next_url)
 
 
 async def outbox_retry(request: Request, desk: Desk, session: Session,

@@ -225,6 +225,8 @@ def main() -> None:
             ("", "tickets list --status in_progress", [*cli, "tickets", "list", "--status",
                                                        "in_progress"]),
             ("", "tickets list --waiting (first page)", [*cli, "tickets", "list", "--waiting"]),
+            ("", "tickets list --waiting --json (all)",
+             [*cli, "tickets", "list", "--waiting", "--json"]),
         ]
         print(f"{'command':<42} {'wall s':>8} {'peak RSS MB':>12}   vs the issue's baseline")
         for kind, label, argv in cases:

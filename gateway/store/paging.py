@@ -20,6 +20,9 @@ T = TypeVar("T")
 K = TypeVar("K")
 
 PAGE_ROWS = 500  # rows per read transaction when walking a list
+# ... a list whose every page reads all its candidates before sorting them (tickets
+# --waiting, --search): its read lasts as long whatever the page size.
+WIDE_PAGE_ROWS = 5000
 
 
 async def walk(fetch: Callable[[K | None, int], Awaitable[Sequence[T]]],

@@ -12,7 +12,7 @@ import aiosqlite
 
 from gateway.model import OPEN_STATUSES
 from gateway.store.dialect import is_postgres
-from gateway.store.paging import walk
+from gateway.store.paging import PAGE_ROWS, WIDE_PAGE_ROWS, walk
 from gateway.store.tickets import TicketRow
 
 _SEARCH_TERM = re.compile(r'"([^"]*)"|(\S+)')
@@ -151,7 +151,11 @@ def iter_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
         return await find_tickets(conn, status=status, assignee=assignee, search=search,
                                   waiting=waiting, after=cursor, limit=size)
 
-    return walk(fetch, lambda row: row.cursor(waiting), after=after, limit=limit)
+    # Each page of these re-reads its whole candidate set (every open ticket's thread
+    # head, every full-text match) before it can sort: fewer, larger pages.
+    page_rows = WIDE_PAGE_ROWS if waiting or search is not None else PAGE_ROWS
+    return walk(fetch, lambda row: row.cursor(waiting), after=after, limit=limit,
+                page_rows=page_rows)
 
 
 async def ticket_cursor(conn: aiosqlite.Connection, number: int, *,

@@ -129,7 +129,6 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], empty:
         print(line)
 
 
-
 # --- lists: pages for people, streamed JSON for scripts ---------------------------
 
 DEFAULT_PAGE = 50  # rows of a table without --limit

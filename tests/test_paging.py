@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import smtplib
 import sqlite3
 from contextlib import redirect_stdout
@@ -219,6 +220,11 @@ async def test_tickets_held_and_outbox_lists_page(desk: Desk, tmp_path: Path) ->
     page = await desk.cli_json("tickets", "list", "--after", f"#{numbers[0]}", "--limit", "1")
     assert [t["number"] for t in page] == numbers[1:2]
 
+    found = await desk.cli_json("tickets", "list", "--search", "SN-12345", "--limit", "2")
+    assert [t["number"] for t in found] == numbers[:2]
+    found = await desk.cli_json("tickets", "list", "--search", "SN-12345", "--after", numbers[1])
+    assert [t["number"] for t in found] == numbers[2:]
+
     # --waiting: by how long the customer waits, paged on that
     _, out, _ = await desk.cli("tickets", "list", "--waiting", "--limit", "1")
     assert out.splitlines()[1].split()[0] == f"#{numbers[0]}"
@@ -288,8 +294,6 @@ async def web(desk: Desk, tmp_path: Path):
 
 
 def ticket_links(html: str) -> list[int]:
-    import re
-
     return [int(n) for n in re.findall(r'<a href="/tickets/(\d{6})">', html)]
 
 
@@ -336,3 +340,25 @@ async def test_web_held_list_pages(web: Web) -> None:
         page = (await client.get("/held", params={"after": str(held[49])})).text
         assert [f'<a href="/held/{h}">' in page for h in held[48:]] == [False, False, True, True]
         assert (await client.get("/held", params={"after": "-1"})).status_code == 400
+
+
+async def test_web_outbox_pages_undelivered_mail(web: Web) -> None:
+    with sqlite3.connect(web.desk.db) as db:
+        for i in range(60):
+            db.execute(
+                "INSERT INTO outbox (kind, message_id, mail_from, rcpt_to, subject, auto, status,"
+                " attempts, next_attempt_at, last_error, queued_at, created_at) VALUES"
+                " ('acknowledgement', ?, 'serwis@s4e.pl', ?, 'Potwierdzenie', 1, ?, 5, ?,"
+                " '550 5.1.1 no such user', ?, ?)",
+                (f"<o{i}@s4e.pl>", f"jan{i}@example.com", "sent" if i % 10 == 0 else
+                 "bounced" if i % 2 else "failed", stamp(i), stamp(i), stamp(i)))
+        undelivered = [r[0] for r in db.execute(
+            "SELECT id FROM outbox WHERE status IN ('failed', 'bounced') ORDER BY id")]
+    async with signed_in(web) as client:
+        page = (await client.get("/outbox")).text
+        shown = [int(n) for n in re.findall(r'action="/outbox/(\d+)/retry"', page)]
+        assert shown == undelivered[:50] and len(undelivered) > 50
+        assert f'href="/outbox?after={undelivered[49]}" rel="next"' in page
+        page = (await client.get("/outbox", params={"after": str(undelivered[49])})).text
+        shown = [int(n) for n in re.findall(r'action="/outbox/(\d+)/retry"', page)]
+        assert shown == undelivered[50:] and 'rel="next"' not in page

@@ -1,6 +1,6 @@
 """List commands at volume: streamed JSON and first pages, wall time and peak memory.
 
-    .venv/bin/python bench/bench_lists.py                 # 200,000 messages, 100,000 tickets
+    .venv/bin/python bench/bench_lists.py                 # 200,000 messages, 100,000 tickets, ~3 min
     .venv/bin/python bench/bench_lists.py --rows 1000000  # the issue's size (#17), ~10 min
     .venv/bin/python bench/bench_lists.py --rows 20000    # a few seconds, to check it works
 

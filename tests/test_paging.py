@@ -18,6 +18,7 @@ import aiosqlite
 import pytest
 
 from gateway import cli, store
+from gateway.model import OutboxStatus
 from tests.conftest import CRM, INTAKE, Desk, make_mail
 from tests.webdesk import STRANGER, Web, add_user, open_ticket, running_web, signed_in
 
@@ -362,3 +363,109 @@ async def test_web_outbox_pages_undelivered_mail(web: Web) -> None:
         page = (await client.get("/outbox", params={"after": str(undelivered[49])})).text
         shown = [int(n) for n in re.findall(r'action="/outbox/(\d+)/retry"', page)]
         assert shown == undelivered[50:] and 'rel="next"' not in page
+
+
+# --- the same SQL on PostgreSQL (tests/pg_server.py; skips with a reason without it) -------
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def either_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated database of each dialect (PostgreSQL: migrated from the template)."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("pg_url")
+    return str(tmp_path / "gw.db")
+
+
+@pytest.fixture
+async def either(either_database: str):
+    conn = await store.connect(either_database if "://" in either_database
+                               else Path(either_database))
+    await store.migrate(conn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def test_keyset_pages_on_either_database(either) -> None:
+    from gateway.web.queries import attention_page
+
+    conn = either
+    ids = []
+    for i in range(30):
+        rows = await conn.execute_fetchall(
+            "INSERT INTO inbound (message_id, dedup_key, sha256, size, peer, mail_from, rcpt_tos,"
+            " received_at, state, outcome, report) VALUES (?, ?, ?, 1, '127.0.0.1', ?, ?, ?,"
+            " 'done', ?, ?) RETURNING id",
+            (f"<m{i}@example.com>", f"k{i}", "0" * 64, f"jan{i % 3}@example.com",
+             json.dumps([INTAKE, f"Copy{i % 5}@Example.com"]), stamp(i),
+             "new" if i % 2 else "held", json.dumps({"sender": f"From{i % 7}@example.com"})))
+        ids.append(list(rows)[0][0])
+
+    async def inbound_page(after: int | None, size: int, **filters: str) -> list[int]:
+        return [r.id for r in await store.list_inbound(conn, after=after, limit=size, **filters)]
+
+    walked = [r async for r in store.walk(lambda a, n: inbound_page(a, n), lambda r: r,
+                                          page_rows=7)]
+    assert walked == ids
+    assert await inbound_page(ids[3], 4, outcome="new") == ids[5:12:2]
+    assert await inbound_page(None, 30, address="jan1@EXAMPLE.com") == ids[1::3]
+    assert await inbound_page(ids[0], 30, address="copy4@example.com") == ids[4::5]
+    assert await inbound_page(None, 30, address="from6@example.com") == ids[6::7]
+
+    numbers = []
+    for i in range(12):
+        number = 100_000 + (i * 245_489) % 900_000
+        await conn.execute(
+            "INSERT INTO tickets (number, status, subject, reporter_email, created_at, updated_at,"
+            " phone_confirmation_required) VALUES (?, ?, ?, 'jan@example.com', ?, ?, ?)",
+            (number, "closed" if i == 11 else "accepted", f"Awaria {i}",
+             stamp(0 if i < 4 else i), stamp(i), int(i == 10)))
+        numbers.append(number)
+        if i < 10:  # the customer writes, in reverse order of the tickets
+            await conn.execute(
+                "INSERT INTO ticket_messages (ticket, direction, kind, from_addr, to_addrs,"
+                " subject, message_id, date) VALUES (?, 'in', 'customer', 'jan@example.com',"
+                " '[]', 's', ?, ?)", (number, f"<t{i}@example.com>", stamp(100 - i)))
+    await conn.execute(
+        "INSERT INTO ticket_messages (ticket, direction, kind, from_addr, to_addrs, subject,"
+        " message_id, date) VALUES (?, 'out', 'staff_reply', 'anna@s4e.pl', '[]', 's', ?, ?)",
+        (numbers[9], "<reply@s4e.pl>", stamp(200)))
+    whole = [t.ticket.number for t in await store.find_tickets(conn)]
+    assert whole == sorted(numbers[:4]) + numbers[4:]
+    paged = [t.ticket.number async for t in store.walk(
+        lambda a, n: store.find_tickets(conn, after=a, limit=n), lambda t: t.cursor(False),
+        page_rows=5)]
+    assert paged == whole
+    waiting = [t.ticket.number for t in await store.find_tickets(conn, waiting=True)]
+    assert waiting == numbers[8::-1]  # the last to write waits least; #9 was answered
+    after = await store.ticket_cursor(conn, numbers[5], waiting=True)
+    assert [t.ticket.number for t in await store.find_tickets(
+        conn, waiting=True, after=after, limit=2)] == [numbers[4], numbers[3]]
+    assert await store.ticket_cursor(conn, numbers[9], waiting=True) is None
+    assert [t.number for t in await store.list_tickets(
+        conn, "accepted", after=await store.ticket_cursor(conn, whole[8]), limit=5)] \
+        == whole[9:11]
+
+    attention = await attention_page(conn, limit=4)
+    assert [a.ticket.number for a in attention] == [numbers[10], *numbers[8:5:-1]]
+    assert attention[0].phone_pending and not attention[0].customer_waiting
+    rest = await attention_page(conn, after=attention[-1].cursor(), limit=20)
+    assert [a.ticket.number for a in rest] == numbers[5::-1]
+
+    for i, inbound_id in enumerate(ids[:6]):
+        await conn.execute(
+            "INSERT INTO held (inbound_id, sender, subject, reason, status, created_at)"
+            " VALUES (?, 'x@example.com', 's', 'r', ?, ?)",
+            (inbound_id, "held" if i % 3 else "dropped", stamp(i)))
+        await conn.execute(
+            "INSERT INTO outbox (kind, message_id, mail_from, rcpt_to, subject, auto, status,"
+            " next_attempt_at, queued_at, created_at) VALUES ('notice', ?, 'serwis@s4e.pl',"
+            " 'jan@example.com', 's', 1, ?, 't', 't', 't')",
+            (f"<o{i}@s4e.pl>", ("sent", "failed", "bounced")[i % 3]))
+    held = [h.id for h in await store.list_held(conn, None)]
+    assert [h.id for h in await store.list_held(conn, after=held[1], limit=2)] \
+        == [held[2], held[4]]
+    mails = [m.id for m in await store.list_outbox(conn)]
+    assert [m.id for m in await store.list_outbox(
+        conn, statuses=(OutboxStatus.FAILED, OutboxStatus.BOUNCED),
+        after=mails[1], limit=3)] == [mails[2], mails[4], mails[5]]

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,6 +59,14 @@ def ticket_number(i: int) -> int:
     return 100_000 + (i * 245_489) % 900_000  # unique for i < 900,000, not in order
 
 
+def batches(db: sqlite3.Connection, count: int) -> Iterator[range]:
+    """range(count) in slices of BATCH rows, each slice written in one transaction."""
+    for start in range(0, count, BATCH):
+        db.execute("BEGIN")
+        yield range(start, min(start + BATCH, count))
+        db.execute("COMMIT")
+
+
 def fill(path: Path, rows: int) -> float:
     """N inbound messages, N/2 tickets with two messages each; seconds taken."""
     started = time.perf_counter()
@@ -68,9 +77,7 @@ def fill(path: Path, rows: int) -> float:
         db.execute(f"DROP TRIGGER {name}")
     tickets = rows // 2
     statuses = ["closed"] * 18 + ["resolved", "in_progress"]
-    for start in range(0, tickets, BATCH):
-        batch = range(start, min(start + BATCH, tickets))
-        db.execute("BEGIN")
+    for batch in batches(db, tickets):
         db.executemany(
             "INSERT INTO tickets (number, status, subject, reporter_name, reporter_email,"
             " reporter_phone, install_address, description, serial_number, participants,"
@@ -94,10 +101,7 @@ def fill(path: Path, rows: int) -> float:
                  f"[#{ticket_number(i)}] Potwierdzenie przyjęcia zgłoszenia",
                  f"<ack{i}@s4e.pl>", "Dziękujemy, zgłoszenie przyjęte.", stamp(2 * i + 1),
                  "notice"))])
-        db.execute("COMMIT")
-    for start in range(0, rows, BATCH):
-        batch = range(start, min(start + BATCH, rows))
-        db.execute("BEGIN")
+    for batch in batches(db, rows):
         db.executemany(
             "INSERT INTO inbound (message_id, dedup_key, sha256, size, peer, mail_from,"
             " rcpt_tos, received_at, state, attempts, outcome, ticket, report, processed_at,"
@@ -114,7 +118,6 @@ def fill(path: Path, rows: int) -> float:
                               ["serial_number", f"SN-{i:06d}"]],
                           "missing": [], "attachments": []}, ensure_ascii=False),
               stamp(i)) for i in batch])
-        db.execute("COMMIT")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.execute("ANALYZE")
     db.close()

@@ -474,9 +474,20 @@ def ticket_summary(ticket: TicketRow, waiting_since: str | None = None) -> dict[
 
 async def find_tickets(conn: aiosqlite.Connection, *, search: str | None = None,
                        status: str | None = None, assignee: str | None = None,
-                       waiting: bool = False) -> list[store.ListedTicket]:
+                       waiting: bool = False, after: store.TicketCursor | None = None,
+                       limit: int | None = None) -> list[store.ListedTicket]:
     """`tickets list` (and the web desk's lists): user text for `search` is quoted, so
-    it can never break the full-text query."""
+    it can never break the full-text query. One page: see `store.find_tickets`."""
+    expression, status = ticket_filter(search, status)
+    return await store.find_tickets(conn, search=expression, status=status,
+                                    assignee=assignee, waiting=waiting, after=after,
+                                    limit=limit)
+
+
+def ticket_filter(search: str | None, status: str | None) -> tuple[str | None, str | None]:
+    """User text for `search` and `status` as `store.find_tickets` takes them
+    (expression, status); a GatewayError when there is nothing to search for or no
+    such status."""
     if status:
         status = parse_status(status).value
     expression = None
@@ -485,8 +496,7 @@ async def find_tickets(conn: aiosqlite.Connection, *, search: str | None = None,
         if not expression:
             raise GatewayError(f"nothing to search for in {search!r} (give a word, a "
                                "serial number or a \"phrase\")")
-    return await store.find_tickets(conn, status=status, assignee=assignee,
-                                    search=expression, waiting=waiting)
+    return expression, status
 
 
 def held_json(row: HeldRow) -> dict[str, Any]:

@@ -14,6 +14,7 @@ One module per section, in the order a message meets them:
 - `thread`: a ticket's messages (`MessageRow`), history (`HistoryRow`) and
   attachments (`AttachmentRow`)
 - `search`: `find_tickets` (status, assignee, full text, who waits)
+- `paging`: `walk` a keyset-paged list in short read transactions
 - `contracts`: `ContractRow`, repair hours per device
 - `held`: mail held for operators (`HeldRow`)
 - `health`: queue gauges and the write probe of /healthz
@@ -52,6 +53,7 @@ from gateway.store.held import (
     decide_held,
     get_held,
     held_of_inbound,
+    iter_held,
     list_held,
 )
 from gateway.store.inbound import (
@@ -64,8 +66,8 @@ from gateway.store.inbound import (
     get_inbound,
     inbound_details,
     inbound_report,
+    iter_inbound,
     list_inbound,
-    list_inbound_for_address,
     mark_inbound,
     processed_with_message_id,
     read_raw,
@@ -96,6 +98,7 @@ from gateway.store.outbox import (
     claim_due_outbox,
     enqueue_outbox,
     get_outbox,
+    iter_outbox,
     last_outbox_id,
     list_outbox,
     mark_bounced,
@@ -113,6 +116,10 @@ from gateway.store.outbox import (
     retry_outbox,
     sent_since,
 )
+from gateway.store.paging import (
+    PAGE_ROWS,
+    walk,
+)
 from gateway.store.retention import (
     drop_old_raw,
 )
@@ -126,8 +133,11 @@ from gateway.store.schema import (
 )
 from gateway.store.search import (
     ListedTicket,
+    TicketCursor,
     find_tickets,
+    iter_tickets,
     search_expression,
+    ticket_cursor,
 )
 from gateway.store.settings import (
     setting,
@@ -167,6 +177,7 @@ __all__ = [
     "release_expired_inbound",
     "confirm_claim",
     "BUSY_TIMEOUT_MS",
+    "PAGE_ROWS",
     "RAW_CHUNK",
     "TICKET_MAX",
     "TICKET_MIN",
@@ -192,6 +203,7 @@ __all__ = [
     "StoreError",
     "Stored",
     "StoredReport",
+    "TicketCursor",
     "TicketRow",
     "Tx",
     "WriteGate",
@@ -225,12 +237,15 @@ __all__ = [
     "held_of_inbound",
     "inbound_details",
     "inbound_report",
+    "iter_held",
+    "iter_inbound",
+    "iter_outbox",
+    "iter_tickets",
     "iso",
     "last_outbox_id",
     "list_contracts",
     "list_held",
     "list_inbound",
-    "list_inbound_for_address",
     "list_outbox",
     "list_tickets",
     "load_migrations",
@@ -264,6 +279,7 @@ __all__ = [
     "split_statements",
     "store_cut_raw",
     "ticket_attachments",
+    "ticket_cursor",
     "ticket_for_message_ids",
     "ticket_history",
     "ticket_messages",
@@ -271,4 +287,5 @@ __all__ = [
     "ticket_thread",
     "update_ticket",
     "utcnow",
+    "walk",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,6 +12,7 @@ import aiosqlite
 
 from gateway.model import HeldStatus
 from gateway.store.connection import iso
+from gateway.store.paging import walk
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +47,28 @@ async def add_held(conn: aiosqlite.Connection, *, inbound_id: int, ticket: int |
 
 
 async def list_held(conn: aiosqlite.Connection,
-                    status: HeldStatus | None = HeldStatus.HELD) -> list[HeldRow]:
-    sql, params = "SELECT * FROM held", list[Any]()
+                    status: HeldStatus | None = HeldStatus.HELD, *, after: int | None = None,
+                    limit: int | None = None) -> list[HeldRow]:
+    """One page of held mail in the order it was held: after id `after`, at most
+    `limit`, only `status` (None: every status)."""
+    sql, params = "SELECT * FROM held WHERE id > ?", list[Any]([after or 0])
     if status:
-        sql += " WHERE status = ?"
+        sql += " AND status = ?"
         params.append(status)
-    return [HeldRow.from_row(r)
-            for r in await conn.execute_fetchall(sql + " ORDER BY id", params)]
+    sql += " ORDER BY id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [HeldRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
+
+
+def iter_held(conn: aiosqlite.Connection, status: HeldStatus | None = HeldStatus.HELD, *,
+              after: int | None = None, limit: int | None = None) -> AsyncIterator[HeldRow]:
+    """`list_held` walked page by page (each page its own short read)."""
+    async def fetch(cursor: int | None, size: int) -> list[HeldRow]:
+        return await list_held(conn, status, after=cursor, limit=size)
+
+    return walk(fetch, lambda row: row.id, after=after, limit=limit)
 
 
 async def get_held(conn: aiosqlite.Connection, held_id: int) -> HeldRow | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from gateway.errors import ClaimLost, StoreError
 from gateway.model import InboundState, Outcome
 from gateway.store.connection import gated, iso, utcnow
 from gateway.store.dialect import is_postgres
+from gateway.store.paging import walk
 
 if TYPE_CHECKING:
     from gateway.attachment_store import AttachmentStore
@@ -178,36 +180,47 @@ async def mark_inbound(conn: aiosqlite.Connection, inbound_id: int, *, state: In
 
 
 async def list_inbound(conn: aiosqlite.Connection, outcome: str | None = None,
-                       limit: int | None = None) -> list[InboundRow]:
-    sql = f"SELECT {_INBOUND_COLUMNS} FROM inbound"
-    params: list[Any] = []
+                       limit: int | None = None, *, after: int | None = None,
+                       address: str | None = None) -> list[InboundRow]:
+    """One page of received messages, oldest first: those after id `after`, at most
+    `limit`; only `outcome`, only those from or to `address` (see `_ADDRESS`)."""
+    where, params = ["id > ?"], list[Any]([after or 0])
     if outcome:
-        sql += " WHERE outcome = ?"
+        where.append("outcome = ?")
         params.append(outcome)
-    sql += " ORDER BY id"
-    if limit:
+    if address is not None:
+        where.append(_ADDRESS_PG if is_postgres(conn) else _ADDRESS)
+        params += [address.strip().lower()] * 3
+    sql = f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE {' AND '.join(where)} ORDER BY id"
+    if limit is not None:
         sql += " LIMIT ?"
         params.append(limit)
     return [InboundRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
+
+
+# The envelope sender, an envelope recipient or the From header (case-insensitive).
+# No index serves it: a page of a rare address reads on by id until it is full.
+_ADDRESS = ("(lower(mail_from) = ? OR lower(json_extract(report, '$.sender')) = ?"
+            " OR EXISTS (SELECT 1 FROM json_each(inbound.rcpt_tos) WHERE lower(value) = ?))")
+_ADDRESS_PG = ("(lower(mail_from) = ? OR lower(report::jsonb ->> 'sender') = ?"
+               " OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(inbound.rcpt_tos::jsonb)"
+               " AS r(value) WHERE lower(r.value) = ?))")
+
+
+def iter_inbound(conn: aiosqlite.Connection, *, outcome: str | None = None,
+                 address: str | None = None, after: int | None = None,
+                 limit: int | None = None) -> AsyncIterator[InboundRow]:
+    """`list_inbound` walked page by page (each page its own short read)."""
+    async def fetch(cursor: int | None, size: int) -> list[InboundRow]:
+        return await list_inbound(conn, outcome, size, after=cursor, address=address)
+
+    return walk(fetch, lambda row: row.id, after=after, limit=limit)
 
 
 async def get_inbound(conn: aiosqlite.Connection, inbound_id: int) -> InboundRow | None:
     rows = list(await conn.execute_fetchall(
         f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE id = ?", (inbound_id,)))
     return InboundRow.from_row(rows[0]) if rows else None
-
-
-async def list_inbound_for_address(conn: aiosqlite.Connection,
-                                   address: str) -> list[InboundRow]:
-    """Messages whose envelope sender, an envelope recipient or From header is
-    `address` (case-insensitive), oldest first."""
-    address = address.strip().lower()
-    sql = (f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE lower(mail_from) = ?"
-           " OR lower(json_extract(report, '$.sender')) = ?"
-           " OR EXISTS (SELECT 1 FROM json_each(inbound.rcpt_tos) WHERE lower(value) = ?)"
-           " ORDER BY id")
-    return [InboundRow.from_row(r)
-            for r in await conn.execute_fetchall(sql, (address, address, address))]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ and bounces read and mark it."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +16,7 @@ from gateway.errors import StoreError
 from gateway.model import OutboxStatus
 from gateway.store.connection import gated, iso
 from gateway.store.dialect import is_postgres
+from gateway.store.paging import walk
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,15 +181,32 @@ async def get_outbox(conn: aiosqlite.Connection, outbox_id: int) -> OutboxRow | 
     return OutboxRow.from_row(rows[0]) if rows else None
 
 
-async def list_outbox(conn: aiosqlite.Connection,
-                      status: OutboxStatus | None = None) -> list[OutboxRow]:
-    sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox"
-    params: list[Any] = []
+async def list_outbox(conn: aiosqlite.Connection, status: OutboxStatus | None = None, *,
+                      after: int | None = None, limit: int | None = None,
+                      statuses: tuple[OutboxStatus, ...] = ()) -> list[OutboxRow]:
+    """One page of queued mail, oldest first: after id `after`, at most `limit`, only
+    `status` (or only those in `statuses`)."""
+    sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id > ?"
+    params: list[Any] = [after or 0]
     if status:
-        sql += " WHERE status = ?"
-        params.append(status)
+        statuses = (status,)
+    if statuses:
+        sql += f" AND status IN ({', '.join('?' * len(statuses))})"
+        params += statuses
     sql += " ORDER BY id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
     return [OutboxRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
+
+
+def iter_outbox(conn: aiosqlite.Connection, status: OutboxStatus | None = None, *,
+                after: int | None = None, limit: int | None = None) -> AsyncIterator[OutboxRow]:
+    """`list_outbox` walked page by page (each page its own short read)."""
+    async def fetch(cursor: int | None, size: int) -> list[OutboxRow]:
+        return await list_outbox(conn, status, after=cursor, limit=size)
+
+    return walk(fetch, lambda row: row.id, after=after, limit=limit)
 
 
 async def outbox_for_inbound(conn: aiosqlite.Connection, inbound_id: int) -> list[OutboxRow]:

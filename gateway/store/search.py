@@ -4,12 +4,15 @@ PostgreSQL) and who waits for an answer."""
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiosqlite
 
+from gateway.model import OPEN_STATUSES
 from gateway.store.dialect import is_postgres
+from gateway.store.paging import PAGE_ROWS, WIDE_PAGE_ROWS, walk
 from gateway.store.tickets import TicketRow
 
 _SEARCH_TERM = re.compile(r'"([^"]*)"|(\S+)')
@@ -71,11 +74,24 @@ class ListedTicket:
     ticket: TicketRow
     waiting_since: str | None  # the oldest customer message no staff reply followed
 
+    def cursor(self, waiting: bool) -> TicketCursor:
+        """Where the next page starts: the list's sort key of this row."""
+        return ((self.waiting_since or "") if waiting else self.ticket.created_at,
+                self.ticket.number)
+
+
+_OPEN = ", ".join(f"'{s}'" for s in sorted(OPEN_STATUSES))
+
+# A position in a ticket list: (created_at, number), or (waiting_since, number) in
+# the `waiting` list. The CLI's and the web desk's `--after NUMBER` names a ticket;
+# `ticket_cursor` finds its position.
+TicketCursor = tuple[str, int]
+
 
 # The first customer message after the last staff reply: the customer waits since
 # then. NULL when staff answered last (notices and internal notes answer nobody) and
 # on closed tickets.
-_WAITING_SINCE = """
+WAITING_SINCE = """
     CASE WHEN t.status = 'closed' THEN NULL ELSE
     (SELECT m.date FROM ticket_messages m
       WHERE m.ticket = t.number AND m.kind = 'customer'
@@ -86,10 +102,12 @@ _WAITING_SINCE = """
 
 async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
                        assignee: str | None = None, search: str | None = None,
-                       waiting: bool = False) -> list[ListedTicket]:
+                       waiting: bool = False, after: TicketCursor | None = None,
+                       limit: int | None = None) -> list[ListedTicket]:
     """Tickets by status, assignee (case-insensitive) and full-text `search` (an
     expression from `search_expression`); `waiting`: only open tickets whose customer
-    waits for an answer, oldest wait first; otherwise oldest ticket first."""
+    waits for an answer, oldest wait first; otherwise oldest ticket first. One page:
+    those after the position `after`, at most `limit`."""
     where: list[str] = []
     params: list[Any] = []
     if status:
@@ -102,14 +120,51 @@ async def find_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
         condition, values = _search_condition(conn, search)
         where.append(condition)
         params += values
-    if waiting:
-        where.append("t.status != 'closed'")
-    sql = (f"SELECT t.*, {_WAITING_SINCE} AS waiting_since FROM tickets t"
+    if waiting:  # an IN list the status index serves (most tickets are closed)
+        where.append(f"t.status IN ({_OPEN})")
+    elif after is not None:
+        where.append("(t.created_at, t.number) > (?, ?)")
+        params += after
+    sql = (f"SELECT t.*, {WAITING_SINCE} AS waiting_since FROM tickets t"
            + (" WHERE " + " AND ".join(where) if where else ""))
     if waiting:
-        sql = (f"SELECT * FROM ({sql}) WHERE waiting_since IS NOT NULL"
-               " ORDER BY waiting_since, number")
+        sql = f"SELECT * FROM ({sql}) AS w WHERE waiting_since IS NOT NULL"
+        if after is not None:
+            sql += " AND (waiting_since, number) > (?, ?)"
+            params += after
+        sql += " ORDER BY waiting_since, number"
     else:
         sql += " ORDER BY t.created_at, t.number"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
     return [ListedTicket(TicketRow.from_row(r), r["waiting_since"])
             for r in await conn.execute_fetchall(sql, params)]
+
+
+def iter_tickets(conn: aiosqlite.Connection, *, status: str | None = None,
+                 assignee: str | None = None, search: str | None = None,
+                 waiting: bool = False, after: TicketCursor | None = None,
+                 limit: int | None = None) -> AsyncIterator[ListedTicket]:
+    """`find_tickets` walked page by page (each page its own short read)."""
+    async def fetch(cursor: TicketCursor | None, size: int) -> list[ListedTicket]:
+        return await find_tickets(conn, status=status, assignee=assignee, search=search,
+                                  waiting=waiting, after=cursor, limit=size)
+
+    # Each page of these re-reads its whole candidate set (every open ticket's thread
+    # head, every full-text match) before it can sort: fewer, larger pages.
+    page_rows = WIDE_PAGE_ROWS if waiting or search is not None else PAGE_ROWS
+    return walk(fetch, lambda row: row.cursor(waiting), after=after, limit=limit,
+                page_rows=page_rows)
+
+
+async def ticket_cursor(conn: aiosqlite.Connection, number: int, *,
+                        waiting: bool = False) -> TicketCursor | None:
+    """The position of ticket `number` in the list (`waiting`: in the waiting list):
+    None when there is no such ticket, or it does not wait (any more)."""
+    column = WAITING_SINCE if waiting else "t.created_at"
+    rows = list(await conn.execute_fetchall(
+        f"SELECT {column} FROM tickets t WHERE t.number = ?", (number,)))
+    if not rows or rows[0][0] is None:
+        return None
+    return (rows[0][0], number)

@@ -68,12 +68,23 @@ async def get_ticket(conn: aiosqlite.Connection, number: int) -> TicketRow | Non
     return TicketRow.from_row(rows[0]) if rows else None
 
 
-async def list_tickets(conn: aiosqlite.Connection, status: str | None = None) -> list[TicketRow]:
-    sql, params = "SELECT * FROM tickets", []
+async def list_tickets(conn: aiosqlite.Connection, status: str | None = None, *,
+                       after: tuple[str, int] | None = None,
+                       limit: int | None = None) -> list[TicketRow]:
+    """One page of tickets, oldest first: after the position `after` (created_at,
+    number), at most `limit`."""
+    where, params = [], list[Any]()
     if status:
-        sql += " WHERE status = ?"
+        where.append("status = ?")
         params.append(status)
+    if after is not None:
+        where.append("(created_at, number) > (?, ?)")
+        params += after
+    sql = "SELECT * FROM tickets" + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY created_at, number"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
     return [TicketRow.from_row(r) for r in await conn.execute_fetchall(sql, params)]
 
 

@@ -23,7 +23,7 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiosqlite
 import jinja2
@@ -298,9 +298,16 @@ async def logout(request: Request, desk: Desk, session: Session, conn: aiosqlite
 
 async def attention(request: Request, desk: Desk, session: Session, conn: aiosqlite.Connection,
                     form: FormData | None) -> Response:
-    waiting = await staff.find_tickets(conn, waiting=True)
-    items = queries.attention_list(waiting, await queries.phone_pending(conn))
-    return desk.page("attention.html.j2", session, items=items)
+    after = None
+    if request.query_params.get("after"):
+        after = (request.query_params.get("since", ""), ticket_param(request))
+    items = await queries.attention_page(conn, after=after, limit=LIST_PAGE + 1)
+    more = len(items) > LIST_PAGE
+    items = items[:LIST_PAGE]
+    next_url = page_url("/", since=items[-1].since,
+                        after=f"{items[-1].ticket.number:06d}") if more else ""
+    return desk.page("attention.html.j2", session, items=items,
+                     first_url="/" if after is not None else "", next_url=next_url)
 
 
 async def ticket_list(request: Request, desk: Desk, session: Session,
@@ -309,21 +316,58 @@ async def ticket_list(request: Request, desk: Desk, session: Session,
     query = request.query_params.get("q", "")[:200]
     if status and status not in {s.value for s in Status}:
         status = ""
-    error, tickets = "", []
+    after = None
+    if request.query_params.get("after"):
+        last = ticket_param(request)
+        after = await store.ticket_cursor(conn, last)
+        if after is None:
+            raise NotFoundError(f"ticket #{last:06d} not found")
+    error, tickets, more = "", list[store.TicketRow](), False
     try:
         listed = await staff.find_tickets(conn, search=query if query.strip() else None,
-                                          status=status or None)
-        tickets = [item.ticket for item in listed]
+                                          status=status or None, after=after,
+                                          limit=LIST_PAGE + 1)
+        more = len(listed) > LIST_PAGE
+        tickets = [item.ticket for item in listed[:LIST_PAGE]]
     except GatewayError as err:
         error = str(err)
     number = query.strip().lstrip("#")
-    if len(number) == 6 and number.isdigit():  # the number itself is not in the index
+    if after is None and len(number) == 6 and number.isdigit():  # not in the index
         found = await store.get_ticket(conn, int(number))
         if (found and (not status or found.status == status)
                 and found.number not in {t.number for t in tickets}):
             tickets.insert(0, found)
+    next_url = page_url("/tickets", status=status, q=query,
+                        after=f"{tickets[-1].number:06d}") if more else ""
     return desk.page("tickets.html.j2", session, tickets=tickets, status=status, q=query,
-                     statuses=[s.value for s in Status], error=error)
+                     statuses=[s.value for s in Status], error=error,
+                     first_url=page_url("/tickets", status=status, q=query) if after else "",
+                     next_url=next_url)
+
+
+# --- pages of a list: `?after=` the last row of the previous page ------------------------
+
+LIST_PAGE = 50  # rows per page of every list
+
+
+def ticket_param(request: Request) -> int:
+    """?after=NNNNNN: the ticket the previous page ended with."""
+    return staff.parse_number(request.query_params.get("after", ""))
+
+
+def id_param(request: Request) -> int | None:
+    """?after=ID: the row id the previous page ended with (None: the first page)."""
+    value = request.query_params.get("after", "")
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise GatewayError(f"not a row id: {value[:40]!r}")
+    return int(value)
+
+
+def page_url(path: str, **params: str) -> str:
+    given = {name: value for name, value in params.items() if value}
+    return f"{path}?{urlencode(given)}" if given else path
 
 
 def number_of(request: Request) -> int:
@@ -482,8 +526,13 @@ async def inbound_raw(request: Request, desk: Desk, session: Session,
 
 async def held_list(request: Request, desk: Desk, session: Session,
                     conn: aiosqlite.Connection, form: FormData | None) -> Response:
-    return desk.page("held.html.j2", session, rows=await store.list_held(conn, HeldStatus.HELD),
-                     done=request.query_params.get("done", ""))
+    after = id_param(request)
+    rows = await store.list_held(conn, HeldStatus.HELD, after=after, limit=LIST_PAGE + 1)
+    next_url = (page_url("/held", after=str(rows[LIST_PAGE - 1].id))
+                if len(rows) > LIST_PAGE else "")
+    return desk.page("held.html.j2", session, rows=rows[:LIST_PAGE],
+                     done=request.query_params.get("done", ""),
+                     first_url="/held" if after is not None else "", next_url=next_url)
 
 
 async def held_page(request: Request, desk: Desk, session: Session,
@@ -518,11 +567,14 @@ async def held_drop(request: Request, desk: Desk, session: Session,
 
 async def outbox_page(request: Request, desk: Desk, session: Session,
                       conn: aiosqlite.Connection, form: FormData | None) -> Response:
-    rows = [r for status in (OutboxStatus.FAILED, OutboxStatus.BOUNCED)
-            for r in await store.list_outbox(conn, status)]
-    rows.sort(key=lambda r: r.id)
-    return desk.page("outbox.html.j2", session, rows=rows,
-                     done=request.query_params.get("done", ""))
+    after = id_param(request)
+    rows = await store.list_outbox(conn, statuses=(OutboxStatus.FAILED, OutboxStatus.BOUNCED),
+                                   after=after, limit=LIST_PAGE + 1)
+    next_url = (page_url("/outbox", after=str(rows[LIST_PAGE - 1].id))
+                if len(rows) > LIST_PAGE else "")
+    return desk.page("outbox.html.j2", session, rows=rows[:LIST_PAGE],
+                     done=request.query_params.get("done", ""),
+                     first_url="/outbox" if after is not None else "", next_url=next_url)
 
 
 async def outbox_retry(request: Request, desk: Desk, session: Session,

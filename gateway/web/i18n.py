@@ -138,6 +138,9 @@ WORDS: dict[str, tuple[str, str]] = {
     "error": ("Błąd", "Error"),
     "retry": ("Wyślij ponownie", "Send again"),
     "signed_in_as": ("Zalogowano jako", "Signed in as"),
+    "next_page": ("Następna strona", "Next page"),
+    "first_page": ("Pierwsza strona", "First page"),
+    "on_this_page": ("na tej stronie", "on this page"),
 }
 
 STATUS_LABELS: dict[str, tuple[str, str]] = {

@@ -4,11 +4,14 @@ readers, never waiting for the daemon's writes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import aiosqlite
 
-from gateway.store import AttachmentRow, ListedTicket, TicketRow
+from gateway.model import OPEN_STATUSES
+from gateway.store import AttachmentRow, TicketCursor, TicketRow
 from gateway.store.dialect import insertion_order
+from gateway.store.search import WAITING_SINCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,23 +21,33 @@ class Attention:
     phone_pending: bool
     since: str  # since when the customer waits, else when the ticket was opened
 
-
-async def phone_pending(conn: aiosqlite.Connection) -> list[TicketRow]:
-    """Open tickets whose confirming phone call (contract under 24 h) is not recorded."""
-    return [TicketRow.from_row(r) for r in await conn.execute_fetchall(
-        "SELECT * FROM tickets WHERE status != 'closed' AND phone_confirmation_required = 1"
-        " AND phone_confirmed = 0 ORDER BY created_at, number")]
+    def cursor(self) -> TicketCursor:
+        return (self.since, self.ticket.number)
 
 
-def attention_list(waiting: list[ListedTicket], phone: list[TicketRow]) -> list[Attention]:
-    """Both lists in one, a ticket once, the longest waiting first."""
-    pending = {t.number for t in phone}
-    items = [Attention(w.ticket, True, w.ticket.number in pending, w.waiting_since or "")
-             for w in waiting]
-    seen = {w.ticket.number for w in waiting}
-    items += [Attention(t, False, True, t.created_at) for t in phone if t.number not in seen]
-    items.sort(key=lambda a: (a.since, a.ticket.number))
-    return items
+# Open tickets whose customer waits, or whose confirming phone call (contract under
+# 24 h) is not recorded: a ticket once, under the time it needs attention since.
+_ATTENTION = f"""
+    SELECT *, coalesce(waiting_since, created_at) AS since FROM (
+      SELECT t.*, {WAITING_SINCE} AS waiting_since FROM tickets t
+       WHERE t.status IN ({', '.join(f"'{s}'" for s in sorted(OPEN_STATUSES))})) AS a
+     WHERE (waiting_since IS NOT NULL
+            OR (phone_confirmation_required = 1 AND phone_confirmed = 0))"""
+
+
+async def attention_page(conn: aiosqlite.Connection, *, after: TicketCursor | None = None,
+                         limit: int) -> list[Attention]:
+    """One page of the tickets needing attention, the longest waiting first: after
+    the position `after` (since, number), at most `limit`."""
+    sql, params = _ATTENTION, list[Any]()
+    if after is not None:
+        sql += " AND (coalesce(waiting_since, created_at), number) > (?, ?)"
+        params += after
+    rows = await conn.execute_fetchall(sql + " ORDER BY since, number LIMIT ?",
+                                       [*params, limit])
+    return [Attention(TicketRow.from_row(r), r["waiting_since"] is not None,
+                      bool(r["phone_confirmation_required"]) and not r["phone_confirmed"],
+                      r["since"]) for r in rows]
 
 
 async def ticket_attachment(conn: aiosqlite.Connection, number: int,

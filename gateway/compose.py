@@ -290,7 +290,10 @@ def _compose(
 
     msg = EmailMessage(policy=_POLICY)
     msg["Date"] = format_datetime(date)
-    msg["From"] = Address(display_name=display, addr_spec=sender)
+    if phrase is None:  # a long non-ASCII name: the email package's encoded words
+        msg["From"] = Address(display_name=display, addr_spec=sender)
+    else:  # our own phrase and folding, as the fast path writes it (see _phrase)
+        msg.set_raw("From", _fold_header("From", f"{phrase} <{sender}>") if phrase else sender)
     msg["Reply-To"] = Address(addr_spec=sender)
     msg["To"] = Address(addr_spec=to)
     cc = [_check_address(a, "cc") for a in out.cc]
@@ -346,15 +349,17 @@ def _compose(
 
 # RFC 5322 specials: an ASCII display name holding one is sent as a quoted-string.
 _SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
-_LONGEST_NAME_WORD = 70  # a longer ASCII word in a display name: EmailMessage folds it
 
 
 def _phrase(name: str) -> str | None:
     """A clean display name as an RFC 5322 phrase: as it is, quoted, or one RFC 2047
-    encoded word; None when it needs more (the email package then composes)."""
+    encoded word; None when it needs more (the email package then composes).
+
+    An ASCII name is never left to the email package: EmailMessage (3.11) folds a long
+    quoted name without its quotes, and a ":" in it then reads as a group ("end of
+    header in group"). Ours stays quoted; a word longer than a line stays whole (a
+    header line may be 998 octets)."""
     if name.isascii():
-        if max(map(len, name.split(" "))) > _LONGEST_NAME_WORD:
-            return None
         if not _SPECIALS.search(name):
             return name
         return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'

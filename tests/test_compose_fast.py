@@ -190,3 +190,16 @@ def test_long_body_line_gets_soft_breaks() -> None:
 def test_email_message_path_keeps_a_long_polish_name() -> None:
     name = "Zażółć gęślą jaźń Zażółć gęślą jaźń Zażółć"
     assert parse(fast(outgoing(from_name=name)))["From"].addresses[0].display_name == name
+
+
+@pytest.mark.parametrize("name", ["00000:" + "x" * 70, "Firma: ABC Sp. z o.o. " + "x" * 70])
+def test_a_long_name_with_a_colon_stays_one_address_on_both_paths(name: str) -> None:
+    """Found by the property test above: EmailMessage folded such a name without its
+    quotes, and the reader took "00000:" for a group (no From address at all)."""
+    plain = outgoing(from_name=name)
+    with_file = outgoing(from_name=name, attachments=(
+        OutAttachment("raport.pdf", "application/pdf", b"%PDF"),))
+    for raw in (fast(plain), slow(plain), fast(with_file)):
+        sender = parse(raw)["From"]
+        assert not sender.defects, sender.defects
+        assert [(a.display_name, a.addr_spec) for a in sender.addresses] == [(name, "crm@s4e.pl")]

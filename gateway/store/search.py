@@ -13,6 +13,10 @@ from gateway.store.dialect import is_postgres
 from gateway.store.tickets import TicketRow
 
 _SEARCH_TERM = re.compile(r'"([^"]*)"|(\S+)')
+# Control characters and lone surrogates (a web query's %00, undecodable bytes in argv)
+# separate words, as in the index; left in, NUL ends FTS5's string and PostgreSQL
+# refuses both.
+_UNSEARCHABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 # One term of an expression `search_expression` made: a quoted string, " *" for a prefix.
 _EXPRESSION_TERM = re.compile(r'"((?:[^"]|"")*)"( \*)?')
 
@@ -22,7 +26,7 @@ def search_expression(text: str) -> str:
     phrase" and each word becomes one quoted FTS5 string (a word also matches as a
     prefix), all of them required. "" when the text holds nothing to search for."""
     terms = []
-    for phrase, word in _SEARCH_TERM.findall(text):
+    for phrase, word in _SEARCH_TERM.findall(_UNSEARCHABLE.sub(" ", text)):
         term = (phrase or word).replace("ł", "l").replace("Ł", "L")
         if not any(c.isalnum() for c in term):
             continue

@@ -60,13 +60,17 @@ def _search_condition(conn: aiosqlite.Connection, expression: str) -> tuple[str,
                 " UNION SELECT ticket FROM message_search WHERE message_search MATCH ?)",
                 [expression, expression])
     # search_term folds each term as the index was folded; a term that folds to
-    # nothing is NULL, and so is the AND of all: no match, as in FTS5.
+    # nothing is NULL, and so is the AND of all: no match, as in FTS5. The matching
+    # numbers are collected first and the tickets read by key (= ANY(ARRAY(...))):
+    # with IN the planner, which cannot tell how many a tsquery matches, read the
+    # whole tickets table into a hash join (SN-4711 at 200,000 tickets: 179 ms, by
+    # key 1.7 ms).
     terms = expression_terms(expression)
     query = "(" + " && ".join(f"search_term(?, {'true' if prefix else 'false'})"
                               for _, prefix in terms) + ")"
     values: list[Any] = [term for term, _ in terms]
-    return (f"t.number IN (SELECT ticket FROM ticket_search WHERE document @@ {query}"
-            f" UNION SELECT ticket FROM message_search WHERE document @@ {query})",
+    return (f"t.number = ANY(ARRAY(SELECT ticket FROM ticket_search WHERE document @@ {query}"
+            f" UNION SELECT ticket FROM message_search WHERE document @@ {query}))",
             values + values)
 
 

@@ -446,7 +446,9 @@ def pg_url(pg_server: PgServer, pg_template: str) -> Iterator[str]:
 
     name = f"t_{next(_pg_databases)}"
     with psycopg.connect(pg_server.url(), autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
+        # FILE_COPY: copies the template's files (a checkpoint first, cheap with fsync
+        # off), twice as fast here as PostgreSQL 15's default of copying through the WAL.
+        admin.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template} STRATEGY FILE_COPY")
     try:
         yield pg_server.url(name)
     finally:

@@ -282,6 +282,9 @@ SEARCHES = {
     "a": [100001, 100002, 100003], "x' OR 1=1 --": [],
     'a" OR "b': [100003],  # a*, or*, b*: abc, example.org, błąd
     "NEAR(a b)": [], "serwer AND": [], "^start": [], "a:b": [], "-x": [100004],
+    # control characters and lone surrogates separate words (a web query, odd argv bytes)
+    "kowalski\x00": [100001], "wenty\x00lator": [], "\udcffkraków": [100001, 100002],
+    '"nie\turuchamia"': [100001],
 }
 
 

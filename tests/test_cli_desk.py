@@ -21,7 +21,7 @@ from gateway import store
 from gateway.names import display_filename
 from tests.conftest import CRM, INTAKE, REPORT_BODY, Desk, body_text, make_mail, run_sql, wait_for
 
-BOTH_DATABASES = False  # PENDING
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 JAN = "jan.kowalski@example.com"
 REPORTER = JAN  # the e-mail the report's body gives, in the sender's own domain

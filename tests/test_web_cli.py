@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import Desk, run_cli_sync, run_sql, write_config
 from tests.webdesk import EMAIL, PASSWORD, USER, add_user, running_web, sign_in
 
-BOTH_DATABASES = False  # PENDING
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 
 async def test_users_add_list_remove(desk: Desk, tmp_path: Path) -> None:
@@ -99,10 +99,24 @@ def test_web_with_a_bad_config_exits_78(tmp_path: Path) -> None:
     assert code == 78 and "web.listen" in err and "Traceback" not in err
 
 
+@pytest.mark.sqlite_only  # no SQLite file yet; for PostgreSQL see the next test
 def test_web_without_a_database_is_one_line(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     code, _, err = run_cli_sync("web", "--config", str(path))
     assert code == 1 and "no database yet" in err and "Traceback" not in err
+
+
+@pytest.mark.sqlite_only  # runs once: it names its own (unreachable) PostgreSQL
+@pytest.mark.parametrize("argv", [("web",), ("tickets", "list"), ("migrate",)])
+def test_an_unreachable_postgresql_is_one_line(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    url = f"postgresql://s4e:secret@127.0.0.1:{_free_port()}/gw"  # nothing listens there
+    path = tmp_path / "gw.toml"
+    path.write_text(f'[storage]\ndatabase = "{url}"\nattachments = "{tmp_path}/att"\n')
+    code, out, err = run_cli_sync(*argv, "--config", str(path))
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "cannot connect to PostgreSQL" in err and "127.0.0.1" in err
+    assert "secret" not in err  # the password never reaches a log or a terminal
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ from tests.conftest import CRM, Desk, REPORT_BODY, body_text, make_mail, run_sql
 from tests.webdesk import (EMAIL, JAN, PASSWORD, USER, Web, add_user, csrf_of, form_token,
                            STRANGER, open_ticket, running_web, sign_in, signed_in)
 
-BOTH_DATABASES = False  # PENDING
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 
 @pytest.fixture

@@ -27,8 +27,10 @@ from gateway.attachment_store import FileAttachments
 from gateway.cli import _EscapingFormatter
 from gateway.config import load_config
 from gateway.daemon import Gateway
-from tests.conftest import CRM, INTAKE, REPORT_BODY, make_mail, send, wait_for, write_config
+from tests.conftest import CRM, INTAKE, REPORT_BODY, make_mail, run_sql, send, wait_for, write_config, write_lock_held
 from tests.test_daemon_process import free_port
+
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,15 +241,12 @@ async def test_metrics_are_scraped_over_http(tmp_path: Path) -> None:
         assert after["s4e_gateway_outbox_depth"] == 0
 
         # Gauges are read from the database at the scrape: no housekeeping lag.
-        import sqlite3
-        db = sqlite3.connect(gw.config.storage.database)
-        (inbound_id,) = db.execute("SELECT id FROM inbound").fetchone()
-        db.execute("INSERT INTO held (inbound_id, sender, subject, reason, created_at)"
-                   " VALUES (?, 'x@example.com', 's', 'test', '2026-01-01T00:00:00+00:00')",
-                   (inbound_id,))
-        db.execute("UPDATE outbox SET status = 'failed'")
-        db.commit()
-        db.close()
+        database = gw.config.storage.database
+        ((inbound_id,),) = run_sql(database, "SELECT id FROM inbound")
+        run_sql(database, "INSERT INTO held (inbound_id, sender, subject, reason, created_at)"
+                " VALUES (?, 'x@example.com', 's', 'test', '2026-01-01T00:00:00+00:00')",
+                (inbound_id,))
+        run_sql(database, "UPDATE outbox SET status = 'failed'")
         now = samples((await scrape(gw))[2])
         assert now["s4e_gateway_held"] == 1 and now["s4e_gateway_outbox_failed"] == 1
 
@@ -305,7 +304,6 @@ async def test_metric_names_pass_promtool(tmp_path: Path) -> None:
 
 async def test_healthz_200_when_healthy_503_when_the_outbox_is_stuck(tmp_path: Path) -> None:
     import json
-    import sqlite3
 
     class StuckRelay:
         """A relay that never answers: the mail stays `sending`."""
@@ -321,14 +319,13 @@ async def test_healthz_200_when_healthy_503_when_the_outbox_is_stuck(tmp_path: P
         assert health["checks"]["database"] == "writable"
 
         # A mail that has been due for an hour and is still not sent.
-        db = sqlite3.connect(gw.config.storage.database)
-        db.execute("INSERT INTO outbox (kind, message_id, mail_from, rcpt_to, subject, auto,"
-                   " next_attempt_at, queued_at, created_at) VALUES ('acknowledgement',"
-                   " '<x@gw>', 'crm@s4e.pl', 'jan@example.com', 's', 1, ?, ?, ?)",
-                   ("2020-01-01T00:00:00+00:00",) * 3)
-        db.execute("INSERT INTO outbox_raw (id, raw) VALUES (last_insert_rowid(), x'00')")
-        db.commit()
-        db.close()
+        database = gw.config.storage.database
+        ((outbox_id,),) = run_sql(
+            database, "INSERT INTO outbox (kind, message_id, mail_from, rcpt_to, subject, auto,"
+            " next_attempt_at, queued_at, created_at) VALUES ('acknowledgement',"
+            " '<x@gw>', 'crm@s4e.pl', 'jan@example.com', 's', 1, ?, ?, ?) RETURNING id",
+            ("2020-01-01T00:00:00+00:00",) * 3)
+        run_sql(database, "INSERT INTO outbox_raw (id, raw) VALUES (?, ?)", (outbox_id, b"\0"))
         gw.mailer.wake()
         status, _, body = await scrape(gw, "/healthz")
         health = json.loads(body)
@@ -339,19 +336,13 @@ async def test_healthz_200_when_healthy_503_when_the_outbox_is_stuck(tmp_path: P
 
 async def test_healthz_503_when_the_database_cannot_be_written(tmp_path: Path) -> None:
     import json
-    import sqlite3
 
     async with metrics_gateway(tmp_path) as gw:
-        locker = sqlite3.connect(gw.config.storage.database, isolation_level=None)
-        try:
-            locker.execute("BEGIN EXCLUSIVE")  # e.g. a stuck process holding the write lock
+        with write_lock_held(gw.config.storage.database):  # e.g. a stuck process
             status, _, body = await scrape(gw, "/healthz")
             assert status == 503, body
             assert json.loads(body)["problems"][0].startswith("database not writable: database")
-            locker.execute("ROLLBACK")
-            assert (await scrape(gw, "/healthz"))[0] == 200
-        finally:
-            locker.close()
+        assert (await scrape(gw, "/healthz"))[0] == 200
 
 
 def test_log_lines_escape_cr_lf_and_start_with_their_priority() -> None:
@@ -561,6 +552,7 @@ def test_check_config_accepts_an_lmtp_socket_systemd_will_create(tmp_path: Path)
     assert result.returncode == 78 and "smtp.lmtp_socket: folder" in result.stderr
 
 
+@pytest.mark.sqlite_only  # backup copies a SQLite file
 async def test_backup_while_the_gateway_takes_mail(tmp_path: Path) -> None:
     import hashlib
     import json
@@ -613,6 +605,7 @@ async def test_backup_while_the_gateway_takes_mail(tmp_path: Path) -> None:
     assert files[0].name == hashlib.sha256(log_bytes).hexdigest()
 
 
+@pytest.mark.sqlite_only  # backup copies a SQLite file
 def test_backup_to_a_file_and_errors_are_one_line(tmp_path: Path) -> None:
     from tests.conftest import run_cli_sync
 
@@ -647,6 +640,7 @@ def old_database(path: Path, version: int = 3) -> None:
     db.close()
 
 
+@pytest.mark.sqlite_only  # the copy is of a SQLite file
 def test_migrate_copies_the_database_before_changing_the_schema(tmp_path: Path) -> None:
     import sqlite3
 
@@ -770,6 +764,7 @@ def test_every_corpus_mail_round_trips_through_the_cut_raw() -> None:
         assert restore_raw(stored, spans, by_hash.__getitem__) == raw, path
 
 
+@pytest.mark.sqlite_only  # attachment files (PostgreSQL: test_pg_attachments)
 async def test_an_attachment_is_stored_once_and_the_raw_comes_back_exactly(tmp_path: Path) -> None:
     import hashlib
     import sqlite3
@@ -819,6 +814,7 @@ async def test_an_attachment_is_stored_once_and_the_raw_comes_back_exactly(tmp_p
             await conn.close()
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file itself
 async def test_keep_raw_drops_raw_mail_of_old_closed_tickets_only(tmp_path: Path) -> None:
     import sqlite3
 
@@ -886,7 +882,7 @@ async def test_healthz_503_when_the_disk_has_no_room(tmp_path: Path) -> None:
     conn = await store.connect(config.storage.database)
     await store.migrate(conn)
     # Room wanted: more than any disk has (the real check, with another threshold).
-    server = MetricsServer(Metrics(), Probe(conn, config.storage.database, min_free=2**62))
+    server = MetricsServer(Metrics(), Probe(conn, config.storage.sqlite_path, min_free=2**62))
     port = await server.start("127.0.0.1", 0)
     try:
         status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/healthz")
@@ -942,6 +938,7 @@ def test_systemctl_reload_sighup_gives_new_sessions_the_renewed_certificate(tmp_
     assert "<6>INFO gateway.daemon: TLS certificate reloaded" in err.decode()
 
 
+@pytest.mark.sqlite_only  # the copy is of a SQLite file
 async def test_serve_copies_the_database_before_its_own_migration(tmp_path: Path) -> None:
     import sqlite3
 

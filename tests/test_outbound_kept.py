@@ -25,10 +25,12 @@ from gateway import store
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.mailer import Mailer, SmtpRelay
-from tests.conftest import Sink, wait_for, write_config
+from tests.conftest import Sink, database_for, wait_for, write_config
 from tests.test_mailer import (PASSWORD, T0, FakeClock, Queued, Recorder, check_password,
                                client_tls, password_file, queue_mail, relay_config, row,
                                server_tls, stop_server)
+
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
 
 
 @dataclass
@@ -291,7 +293,7 @@ async def test_a_row_committed_on_another_connection_wakes_the_idle_mailer(
         mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config,
                         poll_interval=3600)
         await mailer.start()
-        other = await store.connect(tmp_path / "gw.db")
+        other = await store.connect(database_for(tmp_path))
         try:
             await asyncio.sleep(0.2)  # the mailer found nothing and is idle
             queued = [await queue_mail(other, store.utcnow(), ticket=800000 + n)

@@ -183,7 +183,14 @@ class PgConnection:
         try:
             async with self._pg.cursor() as cur:
                 if text is _BEGIN_WRITE:  # two statements, one round trip (no parameters)
-                    await cur.execute(_BEGIN_WRITE)
+                    try:
+                        await cur.execute(_BEGIN_WRITE)
+                    except psycopg.Error:
+                        # BEGIN went through, the lock did not (lock_timeout): no
+                        # transaction may stay open, as after SQLite's failed BEGIN.
+                        if not self._pg.broken:
+                            await self._pg.execute("ROLLBACK")
+                        raise
                     return PgCursor([], -1)
                 await cur.execute(text, params or None, prepare=None)
                 rows = await cur.fetchall() if cur.description is not None else []

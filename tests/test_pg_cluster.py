@@ -262,3 +262,29 @@ async def test_while_postgresql_is_down_intake_answers_451_and_everything_recove
             await wait_for(lambda: answers_by_report(smtp_sink)[message_id] == 1, timeout=60)
         assert Counter(s for (s,) in query(url, "SELECT state FROM inbound")) == {"done": 2}
         assert tickets_by_reporter(url) == Counter({before: 1, address: 1})
+
+
+async def test_a_connection_lost_inside_a_transaction_is_never_finished_on_a_new_one(
+        pg_url: str) -> None:
+    """The server ends the session mid-transaction (a restart, a fail-over): what the
+    transaction did is gone, and its remaining statements must fail rather than
+    commit one by one on the fresh connection; after the ROLLBACK it works again."""
+    import sqlite3
+
+    from gateway import store
+
+    conn = await store.connect(pg_url)
+    try:
+        ((pid,),) = await conn.execute_fetchall("SELECT pg_backend_pid()")
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO settings (key, value) VALUES ('a', '1')")
+        query(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(sqlite3.OperationalError, match="postgresql: unavailable"):
+            await conn.execute("INSERT INTO settings (key, value) VALUES ('b', '2')")
+        with pytest.raises(sqlite3.OperationalError, match="lost during the transaction"):
+            await conn.execute("INSERT INTO settings (key, value) VALUES ('c', '3')")
+        await conn.execute("ROLLBACK")
+        await conn.execute("INSERT INTO settings (key, value) VALUES ('d', '4')")  # autocommit
+        assert query(pg_url, "SELECT key FROM settings WHERE key IN ('a', 'b', 'c', 'd')") == [("d",)]
+    finally:
+        await conn.close()

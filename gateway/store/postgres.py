@@ -165,6 +165,7 @@ class PgConnection:
         self._application_name = application_name
         self._synchronous = synchronous
         self._closing = False
+        self._in_transaction = False  # between our BEGIN and its COMMIT or ROLLBACK
 
     @property
     def raw(self) -> psycopg.AsyncConnection[PgRow]:
@@ -178,8 +179,19 @@ class PgConnection:
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> PgCursor:
         params = tuple(parameters)
         text = translate(sql)
+        verb = text.lstrip()[:8].upper()
         if self._pg.broken or self._pg.closed:
-            await self._reconnect(text)
+            # Never go on with a transaction on a new connection: what it did before
+            # is gone, the rest would commit alone. Its ROLLBACK is then a no-op.
+            if self._in_transaction and not verb.startswith("ROLLBACK"):
+                raise sqlite3.OperationalError("postgresql: unavailable: the connection was "
+                                               "lost during the transaction")
+            await self._reconnect()
+            self._in_transaction = False
+            if verb.startswith("ROLLBACK"):
+                return PgCursor([], -1)
+        if verb.startswith(("COMMIT", "ROLLBACK")):
+            self._in_transaction = False
         try:
             async with self._pg.cursor() as cur:
                 if text is _BEGIN_WRITE:  # two statements, one round trip (no parameters)
@@ -191,18 +203,19 @@ class PgConnection:
                         if not self._pg.broken:
                             await self._pg.execute("ROLLBACK")
                         raise
+                    self._in_transaction = True
                     return PgCursor([], -1)
                 await cur.execute(text, params or None, prepare=None)
+                if verb.startswith("BEGIN"):
+                    self._in_transaction = True
                 rows = await cur.fetchall() if cur.description is not None else []
                 return PgCursor(rows, cur.rowcount)
         except psycopg.Error as err:
             raise _as_sqlite_error(err) from err
 
-    async def _reconnect(self, text: str) -> None:
+    async def _reconnect(self) -> None:
         """The server went away (a restart, a fail-over): a new connection, so that
-        the gateway recovers by itself. A transaction in progress is lost with the old
-        connection; its caller already saw the error (and rolls back: a ROLLBACK
-        here is a no-op)."""
+        the gateway recovers by itself."""
         if self._closing:
             raise sqlite3.OperationalError("postgresql: unavailable: connection closed")
         try:
@@ -212,9 +225,6 @@ class PgConnection:
             raise sqlite3.OperationalError(f"postgresql: unavailable: {err}") from None
         self._pg = fresh._pg
         log.warning("PostgreSQL connection re-established (%s)", redact(self.url))
-        if text.strip().upper() in ("ROLLBACK", "COMMIT"):
-            raise sqlite3.OperationalError("postgresql: unavailable: the connection was lost"
-                                           " during the transaction")
 
     async def execute_fetchall(self, sql: str, parameters: Iterable[Any] = ()) -> list[PgRow]:
         cursor = await self.execute(sql, parameters)

@@ -21,8 +21,6 @@ from tests.conftest import (INTAKE, REPORT_BODY, make_config, make_mail, running
                             wait_for)
 from tests.test_intake import Dialog, inbound_rows, raw_of
 
-BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
-
 
 def edge_config(tmp_path: Path, **smtp: object):
     return make_config(tmp_path, smtp=SmtpConfig(listen="127.0.0.1:0", hostname="gw.test", **smtp))

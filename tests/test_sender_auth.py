@@ -21,8 +21,6 @@ from gateway.config import AuthConfig
 from gateway.model import AuthResult, Verdict
 from gateway.sender_auth import MAX_HEADER_BYTES, canonical_body_digest, verify_sender
 
-BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
-
 FROM = "Jan Kowalski <jan@example.com>"
 CUSTOMER_IP = "192.0.2.10"  # in example.com's SPF record
 STRANGER = "198.51.100.7:41000"  # in nobody's SPF record

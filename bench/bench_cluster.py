@@ -45,8 +45,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import _load  # noqa: E402
-from _load import HOST, MessageTemplate, ServerProcess, deliver, percentile  # noqa: E402
-from bench_end_to_end import (RateResult, message_id_of, settle,  # noqa: E402
+from _load import HOST, MessageTemplate, ServerProcess, percentile  # noqa: E402
+from bench_end_to_end import (RateResult, offered_load, settle,  # noqa: E402
                               start_sink)
 
 MODES = ("sqlite", "pg-1", "pg-2")
@@ -125,34 +125,6 @@ async def intake(ports: list[int], template: MessageTemplate, tag: str,
     acked = sum(r.acked for r in results)
     latencies = [x for r in results for x in r.latencies]
     return acked / elapsed, percentile(latencies, 0.99)
-
-
-async def offered_load(ports: list[int], template: MessageTemplate, tag: str, rate: float,
-                       seconds: float, inflight: int, result: RateResult) -> None:
-    """Reports every 1/rate s for `seconds`, each to the next node in turn."""
-    gate = asyncio.Semaphore(inflight)
-    start = time.perf_counter()
-    tasks = []
-
-    async def one(n: int) -> None:
-        async with gate:
-            try:
-                await asyncio.wait_for(deliver(ports[n % len(ports)], template.make(tag, n),
-                                               template.size), 30)
-            except Exception as err:  # noqa: BLE001 - a rate with errors is not sustained
-                result.errors += 1
-                kind = f"{type(err).__name__}: {err}"[:80]
-                result.error_kinds[kind] = result.error_kinds.get(kind, 0) + 1
-                return
-            result.accepted[message_id_of(tag, n)] = time.time()
-
-    for n in range(int(rate * seconds)):
-        delay = start + n / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(n)))
-        result.sent += 1
-    await asyncio.gather(*tasks)
 
 
 async def one_mode(mode: str, round_no: int, args: argparse.Namespace, template: MessageTemplate,

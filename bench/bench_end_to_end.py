@@ -149,9 +149,11 @@ def message_id_of(tag: str, n: int) -> str:
     return f"<{tag}.{n}@bench.example.com>"
 
 
-async def offered_load(port: int, template: MessageTemplate, tag: str, rate: float,
+async def offered_load(port: int | list[int], template: MessageTemplate, tag: str, rate: float,
                        seconds: float, inflight: int, result: RateResult) -> None:
-    """Reports arriving every 1/rate s for `seconds`, at most `inflight` at once."""
+    """Reports arriving every 1/rate s for `seconds`, at most `inflight` at once;
+    with several ports (gateways), each report to the next in turn."""
+    ports = port if isinstance(port, list) else [port]
     gate = asyncio.Semaphore(inflight)
     start = time.perf_counter()
     count = int(rate * seconds)
@@ -160,7 +162,8 @@ async def offered_load(port: int, template: MessageTemplate, tag: str, rate: flo
     async def one(n: int) -> None:
         async with gate:
             try:
-                await asyncio.wait_for(deliver(port, template.make(tag, n), template.size), 30)
+                await asyncio.wait_for(deliver(ports[n % len(ports)], template.make(tag, n),
+                                               template.size), 30)
             except Exception as err:  # noqa: BLE001 - a rate with errors is not sustained
                 result.errors += 1
                 kind = f"{type(err).__name__}: {err}"[:80]

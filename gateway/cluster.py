@@ -17,9 +17,12 @@ With SQLite there is one node and none of this applies: `cluster_of` is None.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,6 +46,42 @@ class Cluster:
     def renew_seconds(self) -> float:
         """How often a claim in hand is renewed: well inside its lease."""
         return max(self.lease_seconds / 4, 0.5)
+
+
+def keep_renewed(cluster: Cluster | None, renew: Callable[[str, datetime], Awaitable[object]],
+                 what: str, clock: Callable[[], datetime]) -> asyncio.Task[None] | None:
+    """While the returned task runs, `renew(node, new lease end)` every renewal interval: a
+    claim in hand (a message being processed, a mail being sent) stays this node's.
+    None without a cluster. A failed renewal is logged; the work goes on."""
+    if cluster is None:
+        return None
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(cluster.renew_seconds)
+            try:
+                await renew(cluster.node, cluster.lease_from(clock()))
+            except Exception as err:  # noqa: BLE001 - e.g. the server restarting
+                log.warning("%s: renewing the claim failed: %s", what,
+                            " ".join(str(err).split())[:300])
+
+    return asyncio.get_running_loop().create_task(loop(), name=f"lease of {what}")
+
+
+@dataclass
+class ExpiryWatch:
+    """When to look for other nodes' expired claims: at most once per renewal
+    interval, not before every claim."""
+
+    cluster: Cluster
+    _next: float = field(default=0.0)
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.cluster.renew_seconds
+        return True
 
 
 def cluster_of(config: Config) -> Cluster | None:

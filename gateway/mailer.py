@@ -31,7 +31,7 @@ import aiosmtplib
 import aiosqlite
 
 from gateway import store
-from gateway.cluster import Cluster
+from gateway.cluster import Cluster, ExpiryWatch, keep_renewed
 from gateway.store.dialect import is_postgres
 from gateway.store.notify import CommitWatch
 from gateway.store.postgres import OUTBOX_CHANNEL
@@ -507,7 +507,7 @@ class Mailer:
         self._conn = conn
         self._cluster = cluster
         self._commits = CommitWatch(conn, (OUTBOX_CHANNEL,)) if is_postgres(conn) else None
-        self._next_expiry_check = 0.0
+        self._expiry = ExpiryWatch(cluster) if cluster else None
         self._poll_interval = poll_interval
         self._transport = transport
         self._config = config
@@ -718,31 +718,15 @@ class Mailer:
         return True
 
     def _keep_lease(self, row: OutboxRow) -> asyncio.Task[None] | None:
-        """PostgreSQL: renew the claim while a (slow) relay session sends the mail, so
-        no other node sends it too."""
-        cluster = self._cluster
-        if cluster is None:
-            return None
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(cluster.renew_seconds)
-                try:
-                    await store.renew_outbox_lease(self._conn, row.id, cluster.node,
-                                                   cluster.lease_from(self._clock()))
-                except Exception as err:  # noqa: BLE001 - the send goes on
-                    log.warning("outbox %d: renewing the claim failed: %s", row.id, one_line(err))
-
-        return asyncio.get_running_loop().create_task(renew(), name=f"outbox lease {row.id}")
+        """PostgreSQL: the claim stays this node's while a (slow) relay session sends
+        the mail, so no other node sends it too."""
+        return keep_renewed(self._cluster, lambda node, until: store.renew_outbox_lease(
+            self._conn, row.id, node, until), f"outbox {row.id}", self._clock)
 
     async def _release_expired(self, now: datetime) -> None:
-        """PostgreSQL: mails a dead node had in hand are due again once its lease ends
-        (at most once per renewal interval; the lease is longer than a send may take)."""
-        assert self._cluster is not None
-        moment = asyncio.get_running_loop().time()
-        if moment < self._next_expiry_check:
+        """PostgreSQL: mails a dead node had in hand are due again once its lease ends."""
+        if self._expiry is None or not self._expiry.due():
             return
-        self._next_expiry_check = moment + self._cluster.renew_seconds
         released = await store.release_expired_outbox(self._conn, now)
         if released:
             log.warning("outbox: %d mail(s) of a node whose lease ran out are due again "

@@ -30,7 +30,7 @@ import aiosqlite
 
 from gateway import store
 from gateway.attachment_store import AttachmentStore
-from gateway.cluster import Cluster
+from gateway.cluster import Cluster, ExpiryWatch, keep_renewed
 from gateway.errors import ClaimLost, StoreError
 from gateway.model import InboundState, Outcome
 from gateway.store import InboundRow
@@ -113,7 +113,7 @@ class Processor:
         the message is in hand; other nodes' expired claims are taken back."""
         self._slot = slot
         self._cluster = cluster
-        self._next_expiry_check = 0.0
+        self._expiry = ExpiryWatch(cluster) if cluster else None
         # Claims may go on a connection of their own: a worker claims with
         # synchronous=NORMAL (the attempt count must survive a crash of the process,
         # which the page cache does, not a power cut) and commits reports with FULL.
@@ -188,7 +188,7 @@ class Processor:
             if row.attempts > 1 and not await self._survives(row):
                 return True
         started = asyncio.get_running_loop().time()
-        renewing = self._keep_lease(row)
+        renewing = self._keep_lease(row)  # (PostgreSQL)
         try:
             result = await self._stages(self._conn, row)
         except ClaimLost as err:
@@ -218,34 +218,18 @@ class Processor:
 
     async def _release_expired(self) -> None:
         """PostgreSQL: messages of a node that stopped renewing its claims go back to
-        the queue (looked at every renewal interval, not on every claim)."""
-        if self._cluster is None:
+        the queue."""
+        if self._expiry is None or not self._expiry.due():
             return
-        now = asyncio.get_running_loop().time()
-        if now < self._next_expiry_check:
-            return
-        self._next_expiry_check = now + self._cluster.renew_seconds
         released = await store.release_expired_inbound(self._claims, store.utcnow())
         if released:
             log.warning("taking over %d message(s) whose node's lease ran out: inbound %s",
                         len(released), ", ".join(map(str, released[:20])))
 
     def _keep_lease(self, row: InboundRow) -> asyncio.Task[None] | None:
-        """PostgreSQL: renew the claim on `row` while the stages work on it."""
-        cluster = self._cluster
-        if cluster is None:
-            return None
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(cluster.renew_seconds)
-                try:
-                    await store.renew_inbound_lease(self._claims, row.id, cluster.node,
-                                                    cluster.lease_from(store.utcnow()))
-                except sqlite3.Error as err:
-                    log.warning("inbound %d: renewing the claim failed: %s", row.id, _one_line(err))
-
-        return asyncio.get_running_loop().create_task(renew(), name=f"lease {row.id}")
+        """PostgreSQL: the claim on `row` stays this node's while the stages work."""
+        return keep_renewed(self._cluster, lambda node, until: store.renew_inbound_lease(
+            self._claims, row.id, node, until), f"inbound {row.id}", store.utcnow)
 
     async def _survives(self, row: InboundRow) -> bool:
         """A message an earlier process left unfinished: was that crash its own?"""

@@ -33,7 +33,6 @@ class Listener:
         self._channels = channels
         self.count = 0
         self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="listen")
@@ -47,18 +46,8 @@ class Listener:
                 pass
             self._task = None
 
-    async def wait(self, timeout: float) -> bool:
-        """Until the next notification or `timeout`; whether one came."""
-        self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     def _bump(self) -> None:
         self.count += 1
-        self._changed.set()
 
     async def _run(self) -> None:
         while True:

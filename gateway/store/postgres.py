@@ -23,7 +23,7 @@ import functools
 import logging
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import psycopg
@@ -69,6 +69,12 @@ def translate(sql: str) -> str:
 
 
 _BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
+
+
+@functools.lru_cache(maxsize=2048)
+def _verb(text: str) -> str:
+    """The statement's first word, upper case (BEGIN, COMMIT, ROLLBACK...)."""
+    return text.lstrip()[:8].upper()
 
 
 class PgRow(tuple[Any, ...]):
@@ -137,7 +143,6 @@ class PgCursor:
         self._rows = rows
         self._next = 0
         self.rowcount = rowcount
-        self.lastrowid = None  # use RETURNING id
 
     async def fetchone(self) -> PgRow | None:
         if self._next >= len(self._rows):
@@ -148,9 +153,6 @@ class PgCursor:
     async def fetchall(self) -> list[PgRow]:
         rows, self._next = self._rows[self._next:], len(self._rows)
         return rows
-
-    async def close(self) -> None:
-        pass
 
 
 class PgConnection:
@@ -168,18 +170,13 @@ class PgConnection:
         self._in_transaction = False  # between our BEGIN and its COMMIT or ROLLBACK
 
     @property
-    def raw(self) -> psycopg.AsyncConnection[PgRow]:
-        """The psycopg connection (LISTEN, COPY: what has no SQLite twin)."""
-        return self._pg
-
-    @property
     def in_transaction(self) -> bool:
         return self._pg.info.transaction_status != TransactionStatus.IDLE
 
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> PgCursor:
         params = tuple(parameters)
         text = translate(sql)
-        verb = text.lstrip()[:8].upper()
+        verb = _verb(text)
         if self._pg.broken or self._pg.closed:
             # Never go on with a transaction on a new connection: what it did before
             # is gone, the rest would commit alone. Its ROLLBACK is then a no-op.
@@ -230,13 +227,6 @@ class PgConnection:
         cursor = await self.execute(sql, parameters)
         return await cursor.fetchall()
 
-    async def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
-        try:
-            async with self._pg.cursor() as cur:
-                await cur.executemany(translate(sql), list(seq))
-        except psycopg.Error as err:
-            raise _as_sqlite_error(err) from err
-
     async def executescript(self, script: str) -> None:
         """A migration: several statements, no parameters, in one round trip."""
         try:
@@ -244,20 +234,12 @@ class PgConnection:
         except psycopg.Error as err:
             raise _as_sqlite_error(err) from err
 
-    async def notify(self, channel: str) -> None:
-        """Wake the listeners of `channel` (delivered when this transaction commits)."""
-        await self.execute(f"NOTIFY {channel}")
-
     async def _execute(self, fn: Callable[..., T], *args: Any) -> T:
         raise StoreError("PostgreSQL: no sqlite3 connection to run a function on")
 
     async def close(self) -> None:
         self._closing = True
         await self._pg.close()
-
-
-def is_url(value: object) -> bool:
-    return isinstance(value, str) and value.startswith(("postgresql://", "postgres://"))
 
 
 def redact(url: str) -> str:

@@ -170,7 +170,7 @@ async def test_lmtp_over_a_unix_socket(tmp_path: Path) -> None:
 def http_get(url: str) -> tuple[int, str, str]:
     """Blocking GET: (status, content type, body); HTTP errors are answers too."""
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=30) as response:  # a loaded CI machine
             return response.status, response.headers["Content-Type"], response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.headers["Content-Type"], err.read().decode()
@@ -341,7 +341,11 @@ async def test_healthz_503_when_the_database_cannot_be_written(tmp_path: Path) -
         with write_lock_held(gw.config.storage.database):  # e.g. a stuck process
             status, _, body = await scrape(gw, "/healthz")
             assert status == 503, body
-            assert json.loads(body)["problems"][0].startswith("database not writable: database")
+            # "database is locked", or no turn within the deadline when this process's
+            # own writers wait on the same lock first (a loaded machine)
+            problem = json.loads(body)["problems"][0]
+            assert problem.startswith(("database not writable: database: ",
+                                       "database not writable: no write within")), problem
         assert (await scrape(gw, "/healthz"))[0] == 200
 
 

@@ -146,3 +146,36 @@ async def test_held_rows_move_from_held_to_released_once(conn: aiosqlite.Connect
     decided = await store.held_of_inbound(conn, stored.id)
     assert decided is not None
     assert (decided.status, decided.decided_by) == (HeldStatus.RELEASED, "ops")
+
+
+async def test_a_transaction_cancelled_while_it_waits_for_the_lock_holds_nothing(
+        tmp_path: Path) -> None:
+    # A timeout around a write (the /healthz probe) cancels BEGIN while SQLite still
+    # waits for the lock in its thread; the lock then frees and BEGIN succeeds after
+    # all. The connection must not be left holding the write lock with nobody to commit.
+    import asyncio
+    import sqlite3
+
+    db = await store.connect(tmp_path / "gw.db")
+    await store.migrate(db)
+    other = sqlite3.connect(tmp_path / "gw.db", isolation_level=None,
+                            check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, lambda: other.execute("ROLLBACK")).start()
+
+        async def write() -> None:
+            async with store.Tx(db):
+                await db.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(write(), 0.1)
+        assert not db.in_transaction
+        other.execute("BEGIN IMMEDIATE")  # the lock is free: nobody kept it
+        other.execute("ROLLBACK")
+        await write()  # and the connection writes on
+        assert [tuple(row) for row in await db.execute_fetchall(
+            "SELECT value FROM settings WHERE key = 'k'")] == [("v",)]
+    finally:
+        other.close()
+        await db.close()

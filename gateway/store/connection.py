@@ -151,6 +151,28 @@ async def gated(conn: aiosqlite.Connection, *, intake: bool = False) -> AsyncIte
         yield
 
 
+async def _begin(conn: aiosqlite.Connection) -> None:
+    """BEGIN IMMEDIATE that a cancel (a timeout around the transaction) cannot split:
+    the statement runs on in the database's thread, and a BEGIN that succeeds after
+    its caller gave up would leave the connection holding the one write lock with
+    nobody to commit. So a cancelled BEGIN is waited for and rolled back."""
+    begin = asyncio.ensure_future(conn.execute("BEGIN IMMEDIATE"))
+    try:
+        await asyncio.shield(begin)
+    except asyncio.CancelledError:
+        began = True
+        try:
+            await asyncio.shield(begin)
+        except Exception:  # noqa: BLE001 - it never began: nothing to undo
+            began = False
+        if began:
+            try:
+                await asyncio.shield(conn.execute("ROLLBACK"))
+            except Exception:  # noqa: BLE001 - the cancel is what the caller hears
+                pass
+        raise
+
+
 class Tx:
     """`async with Tx(conn):` BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any error."""
 
@@ -161,7 +183,7 @@ class Tx:
         self._gate = gated(self.conn)
         await self._gate.__aenter__()
         try:
-            await self.conn.execute("BEGIN IMMEDIATE")
+            await _begin(self.conn)
         except BaseException:
             await self._gate.__aexit__(None, None, None)
             raise

@@ -185,15 +185,15 @@ async def test_happy_path_woken_mail_is_sent_once_with_its_headers(
         conn: aiosqlite.Connection, smtp_sink: Sink, tmp_path: Path) -> None:
     config = relay_config(tmp_path, smtp_sink.port)
     results: list[str] = []
-    # A poll far longer than the wait below: arriving within 1 s proves wake().
+    # A poll far longer than the wait below: arriving before it proves wake().
     mailer = Mailer(conn, relay(config), config, on_result=results.append, poll_interval=60)
     await mailer.start()
     try:
         await asyncio.sleep(0.1)  # the worker found nothing and went idle
         queued = await queue_mail(conn, store.utcnow())
         mailer.wake()
-        await wait_for(lambda: smtp_sink.messages, timeout=1.0)
-        await wait_for(lambda: results, timeout=1.0)
+        await wait_for(lambda: smtp_sink.messages, timeout=20)
+        await wait_for(lambda: results, timeout=20)
     finally:
         await mailer.stop()
 
@@ -283,9 +283,9 @@ async def test_worker_sleeps_until_the_next_retry_is_due(
     await mailer.start()
     server = None
     try:
-        await wait_for(lambda: _attempts_at_least(conn, queued.id, 1), timeout=2)
+        await wait_for(lambda: _attempts_at_least(conn, queued.id, 1), timeout=20)
         server, _ = await start_server(sink, sock=sock)
-        await wait_for(lambda: sink.messages, timeout=3)
+        await wait_for(lambda: sink.messages, timeout=20)
     finally:
         await mailer.stop()
         if server:
@@ -308,7 +308,7 @@ async def test_rows_queued_by_another_process_are_found_without_wake(
     try:
         await asyncio.sleep(0.1)
         queued = await queue_mail(cli, store.utcnow())
-        await wait_for(lambda: smtp_sink.messages, timeout=2)
+        await wait_for(lambda: smtp_sink.messages, timeout=20)
     finally:
         await mailer.stop()
         await cli.close()
@@ -426,8 +426,8 @@ async def test_crash_between_250_and_mark_sent_resends_the_identical_mail(
     mailer = Mailer(conn, relay(config), config)
     await mailer.start()
     try:
-        await wait_for(lambda: len(smtp_sink.messages) >= 3, timeout=3)
-        await wait_for(lambda: _all_sent(conn), timeout=3)
+        await wait_for(lambda: len(smtp_sink.messages) >= 3, timeout=20)
+        await wait_for(lambda: _all_sent(conn), timeout=20)
     finally:
         await mailer.stop()
 
@@ -453,7 +453,7 @@ async def test_restart_while_relay_is_down_then_every_row_sent_exactly_once(
     try:
         first = Mailer(conn, relay(config), config, clock=clock)
         await first.start()
-        await wait_for(lambda: _all_pending_after(conn, 1), timeout=3)
+        await wait_for(lambda: _all_pending_after(conn, 1), timeout=20)
         await first.stop()
 
         # A new process; one more mail queued while none was running.
@@ -461,16 +461,16 @@ async def test_restart_while_relay_is_down_then_every_row_sent_exactly_once(
         second = Mailer(conn, relay(config), config, clock=clock)
         await second.start()
         try:
-            await wait_for(lambda: _attempts_are(conn, [1, 1, 1, 1, 1]), timeout=3)
+            await wait_for(lambda: _attempts_are(conn, [1, 1, 1, 1, 1]), timeout=20)
             clock.advance(60)
             second.wake()
-            await wait_for(lambda: _attempts_are(conn, [2, 2, 2, 2, 2]), timeout=3)
+            await wait_for(lambda: _attempts_are(conn, [2, 2, 2, 2, 2]), timeout=20)
             assert sink.messages == []
 
             server, _ = await start_server(sink, sock=sock)  # the relay is back
             clock.advance(120)
             second.wake()
-            await wait_for(lambda: _all_sent(conn), timeout=3)
+            await wait_for(lambda: _all_sent(conn), timeout=20)
         finally:
             await second.stop()
     finally:
@@ -506,7 +506,7 @@ async def test_pending_rows_survive_stop_and_start_and_go_once(
     second = Mailer(conn, relay(config), config)
     await second.start()
     try:
-        await wait_for(lambda: _all_sent(conn), timeout=3)
+        await wait_for(lambda: _all_sent(conn), timeout=20)
     finally:
         await second.stop()
     assert sorted(raw for _, _, raw in smtp_sink.messages) == sorted(q.raw for q in queued)
@@ -566,7 +566,7 @@ async def test_stop_is_bounded_and_a_cut_off_send_goes_again_on_start(
         again = Mailer(conn, relay(config), config)
         await again.start()
         try:
-            await wait_for(lambda: _all_sent(conn), timeout=3)
+            await wait_for(lambda: _all_sent(conn), timeout=20)
         finally:
             await again.stop()
     finally:
@@ -661,7 +661,7 @@ async def test_maildir_writes_one_complete_file_per_row(
     mailer = Mailer(conn, make_transport(config), config, clock=FakeClock())
     await mailer.start()
     try:
-        await wait_for(lambda: _all_sent(conn), timeout=3)
+        await wait_for(lambda: _all_sent(conn), timeout=20)
     finally:
         await mailer.stop()
     assert [(await row(conn, q.id)).attempts for q in queued] == [2, 2, 1]

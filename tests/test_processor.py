@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import aiosqlite
 
+from gateway import processor as processor_module
 from gateway import store
 from gateway.model import Inbound, Outcome
 from gateway.processor import MAX_ATTEMPTS, Processed, Processor
@@ -146,7 +147,9 @@ async def _state_is(conn: aiosqlite.Connection, inbound_id: int, state: str) -> 
     return row is not None and row.state == state
 
 
-async def test_new_mail_wakes_the_processor_without_polling_delay(tmp_path) -> None:
+async def test_new_mail_wakes_the_processor_without_polling_delay(tmp_path, monkeypatch) -> None:
+    # A poll far longer than the wait below: done before it proves the wake.
+    monkeypatch.setattr(processor_module, "IDLE_POLL_SECONDS", 60.0)
     conn = await open_store(tmp_path)
     processor = Processor(conn)
     await processor.start()
@@ -156,7 +159,7 @@ async def test_new_mail_wakes_the_processor_without_polling_delay(tmp_path) -> N
     raw = b"Subject: x\r\n\r\ny\r\n"
     stored = await writer.store(Inbound("p", "a@b.pl", ("serwis@s4e.pl",), raw,
                                         datetime.now(UTC)))
-    await wait_for(lambda: _state_is(conn, stored.id, "done"), timeout=0.5)
+    await wait_for(lambda: _state_is(conn, stored.id, "done"), timeout=20)
     await writer.stop()
     await processor.stop()
     await conn.close()

@@ -96,13 +96,24 @@ def _node_key(node: str) -> int:
                           "big", signed=True)
 
 
-async def hold_node_name(conn: Any, node: str) -> None:
+# A gateway restarted at once (systemd) may find its old server session still
+# ending: the server frees a session's locks a moment after the client closed it.
+NODE_NAME_WAIT_SECONDS = 5.0
+
+
+async def hold_node_name(conn: Any, node: str, wait: float = NODE_NAME_WAIT_SECONDS) -> None:
     """Take the node's name for as long as `conn` lives; refuse a second gateway
     running under the same name (it would re-queue this one's claims)."""
-    rows = list(await conn.execute_fetchall("SELECT pg_try_advisory_lock(?)", (_node_key(node),)))
-    if not rows[0][0]:
-        raise ConfigError(f"cluster.node: another running gateway uses the node name {node!r} "
-                          "on this database; give each gateway its own name")
+    deadline = time.monotonic() + wait
+    while True:
+        rows = list(await conn.execute_fetchall("SELECT pg_try_advisory_lock(?)",
+                                                (_node_key(node),)))
+        if rows[0][0]:
+            return
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"cluster.node: another running gateway uses the node name "
+                              f"{node!r} on this database; give each gateway its own name")
+        await asyncio.sleep(0.1)
 
 
 async def may_run_timed_jobs(conn: Any) -> bool:

@@ -32,7 +32,7 @@ from gateway.metrics import (HEALTH_BUSY_TIMEOUT_MS, Metrics, MetricsServer, Pro
                              min_free_bytes)
 from gateway.closed_refusal import closed_ticket_refusal
 from gateway.context import Context, load_renderer, make_context
-from gateway.stages import process_message
+from gateway.stages import BatchResult, process_batch, process_message
 from gateway.processor import Processed, Processor, Stages
 from gateway.smtp_edge import (REPLY_SHUTTING_DOWN, IntakeHandler, clear_spool, smtp_factory,
                                start_edge_server)
@@ -209,6 +209,10 @@ class Gateway:
             await self._intake_first()
             return await process_message(conn, context, row)
 
+        async def batch(conn: Any, rows: list[Any]) -> list[BatchResult]:
+            await self._intake_first()
+            return await process_batch(conn, context, rows)
+
         self.mailer = Mailer(mail_conn, self.transport or make_transport(
             cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
             on_result=self._count_send, cluster=cluster_of(cfg))
@@ -217,7 +221,8 @@ class Gateway:
                                    on_processed=self._count_processed,
                                    attachments=context.attachments,
                                    cluster=cluster_of(cfg),
-                                   claims=await self._connect() if cfg.storage.postgres else None)
+                                   claims=await self._connect() if cfg.storage.postgres else None,
+                                   batch=batch if self.stages is None else None)
 
     def _from_worker(self, message: tuple[Any, ...]) -> None:
         """What a worker process reports: the metrics it moves, systemd STATUS."""

@@ -90,6 +90,11 @@ class Processed:
 # One message through the stages: reads what it needs, applies the decision in one
 # transaction that also marks the inbound row done. Raises on failure.
 Stages = Callable[[aiosqlite.Connection, InboundRow], Awaitable[Processed]]
+# Several messages at once (stages.process_batch): for each, Processed, the error that
+# failed it (its writes undone), or None: not tried, still in hand. Never raises.
+BatchStages = Callable[[aiosqlite.Connection, list[InboundRow]],
+                       Awaitable[list["Processed | Exception | None"]]]
+BATCH_SIZE = 32  # messages claimed at once when `batch` is given
 
 
 async def record_received(conn: aiosqlite.Connection, row: InboundRow) -> Processed:
@@ -105,12 +110,17 @@ class Processor:
                  retry_first: float = RETRY_FIRST,
                  attachments: AttachmentStore | None = None, slot: int | None = None,
                  claims: aiosqlite.Connection | None = None,
-                 cluster: Cluster | None = None) -> None:
+                 cluster: Cluster | None = None, batch: BatchStages | None = None,
+                 peers: int = 1) -> None:
         """`attachments`: the attachment store, where a raw's attachment bytes are.
         `slot`: the worker process this runs in (None: the SMTP process, the only one
         processing); it claims as that slot and takes back only that slot's rows.
         `cluster` (PostgreSQL): claims name this node and carry a lease, renewed while
-        the message is in hand; other nodes' expired claims are taken back."""
+        the message is in hand; other nodes' expired claims are taken back.
+        `batch`: claims up to BATCH_SIZE messages at once and runs them through it
+        instead of `stages` (a worker under load: one commit for many reports).
+        `peers`: the processes claiming from the same queue; each claims its share of
+        a short queue, so a burst is spread over all of them."""
         self._slot = slot
         self._cluster = cluster
         self._expiry = ExpiryWatch(cluster) if cluster else None
@@ -121,11 +131,13 @@ class Processor:
         self._conn = conn
         self._attachments = attachments
         self._stages = stages
+        self._batch = batch
+        self._peers = max(1, peers)
         self._on_processed = on_processed
         self._probe = probe
         self._retry_first = retry_first
         self._env_failures = 0  # environmental failures in a row
-        self._in_hand: InboundRow | None = None  # kept across environmental failures
+        self._in_hand: list[InboundRow] = []  # kept across environmental failures
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -148,8 +160,8 @@ class Processor:
         if self._task:
             await self._task
             self._task = None
-        row, self._in_hand = self._in_hand, None
-        if row is not None:
+        rows, self._in_hand = self._in_hand, []
+        for row in rows:
             try:
                 await self._conn.execute(
                     f"UPDATE inbound SET state = '{InboundState.QUEUED}',"
@@ -166,7 +178,7 @@ class Processor:
             try:
                 worked = await self.run_once()
             except Exception as err:  # noqa: BLE001 - e.g. database locked: try again soon
-                await self._environment_failed(None, err)
+                await self._environment_failed(self._in_hand, err)
                 continue
             if worked:
                 # Let SMTP sessions waiting for their 250 in before the next message.
@@ -178,43 +190,71 @@ class Processor:
                 pass
 
     async def run_once(self) -> bool:
-        """Process one queued message; False when there was none."""
-        row, self._in_hand = self._in_hand, None
-        if row is None:
-            await self._release_expired()
-            row = await self._claim()
-            if row is None:
-                return False
-            if row.attempts > 1 and not await self._survives(row):
-                return True
-        started = asyncio.get_running_loop().time()
-        renewing = self._keep_lease(row)  # (PostgreSQL)
+        """Process the queued messages of one claim (one, or a batch); False when there
+        was none."""
+        rows, self._in_hand = self._in_hand, []
         try:
-            result = await self._stages(self._conn, row)
-        except ClaimLost as err:
-            await self._rollback()
-            log.warning("%s inbound %d: %s", row.message_id or "<no-id>", row.id, err)
-            return True
-        except Exception as err:  # noqa: BLE001 - one bad message must not stop the loop
-            await self._rollback()
-            if is_environmental(err):
-                await self._environment_failed(row, err)
-                return True
-            await self._fail(row, err)
-            result = Processed(Outcome.FAILED)
+            if not rows:
+                await self._release_expired()
+                rows = await self._claim()
+                if not rows:
+                    return False
+                if len(rows) == 1 and rows[0].attempts > 1 and not await self._survives(rows[0]):
+                    return True
+        except BaseException:
+            self._in_hand = rows  # claimed: kept for the retry, not left mid-way
+            raise
+        started = asyncio.get_running_loop().time()
+        renewing = self._keep_leases(rows)  # (PostgreSQL)
+        try:
+            results = await self._run_stages(rows)
         finally:
             if renewing is not None:
                 renewing.cancel()
-        self._env_failures = 0
-        if self._on_processed:
-            self._on_processed(result, asyncio.get_running_loop().time() - started)
+        await self._rollback()
+        seconds = (asyncio.get_running_loop().time() - started) / len(rows)
+        environmental: Exception | None = None
+        for row, result in zip(rows, results, strict=True):
+            if result is None:
+                self._in_hand.append(row)
+            elif isinstance(result, ClaimLost):
+                log.warning("%s inbound %d: %s", row.message_id or "<no-id>", row.id, result)
+            elif isinstance(result, Exception) and is_environmental(result):
+                environmental = environmental or result
+                self._in_hand.append(row)
+            else:
+                if isinstance(result, Exception):  # one bad message must not stop the loop
+                    await self._fail(row, result)
+                    result = Processed(Outcome.FAILED)
+                if self._on_processed:
+                    self._on_processed(result, seconds)
+        if environmental is not None:
+            await self._environment_failed(self._in_hand, environmental)
+        else:
+            self._env_failures = 0
         return True
 
-    async def _claim(self) -> InboundRow | None:
-        if self._cluster is None:
-            return await store.claim_inbound(self._claims, self._slot)
-        return await store.claim_inbound(self._claims, self._slot, node=self._cluster.node,
-                                         lease_until=self._cluster.lease_from(store.utcnow()))
+    async def _run_stages(self, rows: list[InboundRow]) -> list[Processed | Exception | None]:
+        if self._batch is not None:
+            return await self._batch(self._conn, rows)
+        try:
+            return [await self._stages(self._conn, rows[0])]
+        except Exception as err:  # noqa: BLE001 - judged by run_once
+            return [err]
+
+    async def _claim(self) -> list[InboundRow]:
+        node, until = None, None
+        if self._cluster is not None:
+            node, until = self._cluster.node, self._cluster.lease_from(store.utcnow())
+        if self._batch is not None:
+            limit = BATCH_SIZE
+            if self._peers > 1:
+                share = -(-await store.queued_span(self._claims) // self._peers)
+                limit = max(1, min(BATCH_SIZE, share))
+            return await store.claim_inbound_batch(self._claims, self._slot, limit=limit,
+                                                   node=node, lease_until=until)
+        row = await store.claim_inbound(self._claims, self._slot, node=node, lease_until=until)
+        return [row] if row else []
 
     async def _release_expired(self) -> None:
         """PostgreSQL: messages of a node that stopped renewing its claims go back to
@@ -226,10 +266,12 @@ class Processor:
             log.warning("taking over %d message(s) whose node's lease ran out: inbound %s",
                         len(released), ", ".join(map(str, released[:20])))
 
-    def _keep_lease(self, row: InboundRow) -> asyncio.Task[None] | None:
-        """PostgreSQL: the claim on `row` stays this node's while the stages work."""
-        return keep_renewed(self._cluster, lambda node, until: store.renew_inbound_lease(
-            self._claims, row.id, node, until), f"inbound {row.id}", store.utcnow)
+    def _keep_leases(self, rows: list[InboundRow]) -> asyncio.Task[None] | None:
+        """PostgreSQL: the claims on `rows` stay this node's while the stages work."""
+        ids = [row.id for row in rows]
+        return keep_renewed(self._cluster, lambda node, until: store.renew_inbound_leases(
+            self._claims, ids, node, until), f"inbound {ids[0]}" + (
+                f" and {len(ids) - 1} more" if len(ids) > 1 else ""), store.utcnow)
 
     async def _survives(self, row: InboundRow) -> bool:
         """A message an earlier process left unfinished: was that crash its own?"""
@@ -253,17 +295,19 @@ class Processor:
         log.error("%s inbound %d: quarantined as failed: %s", row.message_id or "<no-id>",
                   row.id, error)
 
-    async def _environment_failed(self, row: InboundRow | None, err: Exception) -> None:
-        """Keep `row` in hand and pause; one line, no traceback, for what is expected."""
+    async def _environment_failed(self, rows: list[InboundRow], err: Exception) -> None:
+        """Pause, the messages in hand kept; one line, no traceback, for what is expected."""
         self._env_failures += 1
         delay = min(self._retry_first * 2 ** min(self._env_failures - 1, 16), RETRY_MAX)
-        what = f"{row.message_id or '<no-id>'} inbound {row.id}" if row else "processor"
+        what = "processor"
+        if rows:
+            what = f"{rows[0].message_id or '<no-id>'} inbound {rows[0].id}" + (
+                f" and {len(rows) - 1} more" if len(rows) > 1 else "")
         if is_environmental(err):
             log.warning("%s: %s: %s; kept queued, retry in %.0fs", what,
                         type(err).__name__, _one_line(err), delay)
         else:
             log.exception("%s: claiming a message failed; retry in %.0fs", what, delay)
-        self._in_hand = row
         try:
             await asyncio.wait_for(self._wake_on_stop(), delay)
         except TimeoutError:

@@ -41,7 +41,7 @@ from gateway.cluster import cluster_of
 from gateway.store.notify import CommitWatch
 from gateway.store.postgres import INBOUND_CHANNEL, connect_postgres
 from gateway.context import Context, load_renderer, make_context
-from gateway.stages import process_message
+from gateway.stages import BatchResult, process_batch, process_message
 from gateway.processor import Processed, Processor
 from gateway.timed_jobs import TimedJobs
 
@@ -138,6 +138,9 @@ class Worker:
         async def stages(conn: Any, row: Any) -> Processed:
             return await process_message(conn, context, row)
 
+        async def batch(conn: Any, rows: list[Any]) -> list[BatchResult]:
+            return await process_batch(conn, context, rows)
+
         tasks: list[asyncio.Task[None]] = []
         if spec.role == MAIL:
             # NORMAL: a mark lost to a power cut sends a mail again (at least once); the
@@ -155,7 +158,8 @@ class Worker:
             self.processor = Processor(work_conn, stages, on_processed=self._processed,
                                        attachments=context.attachments, slot=spec.slot,
                                        claims=await self._connect(synchronous="NORMAL"),
-                                       cluster=cluster_of(cfg))
+                                       cluster=cluster_of(cfg), batch=batch,
+                                       peers=cfg.processing.worker_count)
             await self.processor.start()
         watch = await self._connect()
         tasks.append(loop.create_task(self._watch(watch), name="watch"))

@@ -151,6 +151,21 @@ async def gated(conn: aiosqlite.Connection, *, intake: bool = False) -> AsyncIte
         yield
 
 
+@asynccontextmanager
+async def savepoint(conn: aiosqlite.Connection, name: str = "one") -> AsyncIterator[None]:
+    """Inside a transaction: what the block wrote is undone if it raises, the rest of
+    the transaction stays (one report of a batch failing leaves the others)."""
+    await conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:  # SQLite ends the whole transaction on some errors
+            await conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            await conn.execute(f"RELEASE SAVEPOINT {name}")
+        raise
+    await conn.execute(f"RELEASE SAVEPOINT {name}")
+
+
 async def _begin(conn: aiosqlite.Connection) -> None:
     """BEGIN IMMEDIATE that a cancel (a timeout around the transaction) cannot split:
     the statement runs on in the database's thread, and a BEGIN that succeeds after

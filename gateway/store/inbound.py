@@ -97,6 +97,56 @@ async def claim_inbound(conn: aiosqlite.Connection, slot: int | None = None, *,
     return InboundRow.from_row(rows[0]) if rows else None
 
 
+async def claim_inbound_batch(conn: aiosqlite.Connection, slot: int | None = None, *,
+                              limit: int, node: str | None = None,
+                              lease_until: datetime | None = None) -> list[InboundRow]:
+    """Take up to `limit` of the oldest queued messages at once, in arrival order (one
+    statement): several reports then share one transaction (stages.process_batch).
+
+    A message an earlier claim left unfinished (attempts > 0: a crash, kill -9) is
+    claimed alone, so a message that kills the process is never in a batch again and
+    the crash-loop count (processor.MAX_CLAIMS) stays its own; the fresh ones after
+    it wait for the next claim."""
+    skip = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
+    queued = f"'{InboundState.QUEUED}'"
+    async with gated(conn):
+        rows = list(await conn.execute_fetchall(
+            f"WITH oldest AS (SELECT id, attempts FROM inbound WHERE state = {queued}"
+            f" ORDER BY id LIMIT ?{skip}),"
+            " head AS (SELECT id, attempts FROM oldest ORDER BY id LIMIT 1),"
+            " retried AS (SELECT min(id) AS id FROM oldest WHERE attempts > 0"
+            "  AND id > (SELECT id FROM head))"
+            f" UPDATE inbound SET state = '{InboundState.PROCESSING}', attempts = attempts + 1,"
+            " claimed_by = ?, claimed_node = ?, lease_until = ?"
+            f" WHERE state = {queued} AND id IN ("
+            "  SELECT id FROM head WHERE attempts > 0"
+            "  UNION ALL SELECT id FROM oldest WHERE (SELECT attempts FROM head) = 0"
+            "   AND id < coalesce((SELECT id FROM retried), 9223372036854775807))"
+            f" RETURNING {_INBOUND_COLUMNS}",
+            (limit, slot, node, iso(lease_until) if lease_until else None)))
+    return sorted((InboundRow.from_row(r) for r in rows), key=lambda row: row.id)
+
+
+async def queued_span(conn: aiosqlite.Connection) -> int:
+    """About how many messages are queued (the id span of the queue: two index
+    lookups, never a count over a long backlog)."""
+    q = f"SELECT id FROM inbound WHERE state = '{InboundState.QUEUED}' ORDER BY id"
+    rows = list(await conn.execute_fetchall(
+        f"SELECT ({q} DESC LIMIT 1) - ({q} LIMIT 1) + 1"))
+    return int(rows[0][0] or 0) if rows else 0
+
+
+async def renew_inbound_leases(conn: aiosqlite.Connection, inbound_ids: list[int],
+                               node: str, lease_until: datetime) -> int:
+    """`renew_inbound_lease` for the messages of a batch at once: how many are still
+    this node's."""
+    marks = ", ".join("?" * len(inbound_ids))
+    cursor = await conn.execute(
+        f"UPDATE inbound SET lease_until = ? WHERE id IN ({marks}) AND claimed_node = ?"
+        f" AND state = '{InboundState.PROCESSING}'", (iso(lease_until), *inbound_ids, node))
+    return cursor.rowcount
+
+
 async def renew_inbound_lease(conn: aiosqlite.Connection, inbound_id: int, node: str,
                               lease_until: datetime) -> bool:
     """Keep this node's claim on a message it is still working on; False if lost."""

@@ -155,6 +155,11 @@ class PgCursor:
         return rows
 
 
+def _to_savepoint(text: str) -> bool:
+    """ROLLBACK TO SAVEPOINT x: the transaction goes on."""
+    return text.lstrip()[8:].lstrip().upper().startswith("TO")
+
+
 class PgConnection:
     """The subset of `aiosqlite.Connection` the store uses, over psycopg (async)."""
 
@@ -180,14 +185,15 @@ class PgConnection:
         if self._pg.broken or self._pg.closed:
             # Never go on with a transaction on a new connection: what it did before
             # is gone, the rest would commit alone. Its ROLLBACK is then a no-op.
-            if self._in_transaction and not verb.startswith("ROLLBACK"):
+            if self._in_transaction and not (verb.startswith("ROLLBACK")
+                                             and not _to_savepoint(text)):
                 raise sqlite3.OperationalError("postgresql: unavailable: the connection was "
                                                "lost during the transaction")
             await self._reconnect()
             self._in_transaction = False
             if verb.startswith("ROLLBACK"):
                 return PgCursor([], -1)
-        if verb.startswith(("COMMIT", "ROLLBACK")):
+        if verb.startswith(("COMMIT", "ROLLBACK")) and not _to_savepoint(text):
             self._in_transaction = False
         try:
             async with self._pg.cursor() as cur:

@@ -1,0 +1,171 @@
+"""Several reports per transaction (stages.process_batch, a worker under load): each
+report gets what it would get alone, a report that breaks fails alone, a failure of
+the database loses and doubles nothing, and a message a crash left unfinished is never
+batched again."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from gateway import stages as stages_module
+from gateway import store
+from gateway.context import Context, make_context
+from gateway.model import Inbound
+from gateway.processor import BATCH_SIZE, Processor
+from gateway.stages import BatchResult, process_batch
+from gateway.store import InboundRow
+from tests.conftest import CRM, INTAKE, REPORT_BODY, make_config, make_mail
+
+BOTH_DATABASES = True  # conftest: every test here on SQLite and on PostgreSQL
+
+def report(n: int, **headers: str) -> bytes:
+    address = f"user{n}@example.com"
+    return make_mail(sender=f"User {n} <{address}>", message_id=f"<report-{n}@example.com>",
+                     body=REPORT_BODY.replace("jan.kowalski@example.com", address), **headers)
+
+
+async def put(conn: aiosqlite.Connection, raws: list[tuple[bytes, str]]) -> list[int]:
+    """Stored as intake stores them: (raw, recipient) each."""
+    writer = store.IntakeWriter(conn)
+    writer.start()
+    try:
+        ids = []
+        for raw, rcpt in raws:
+            stored = await writer.store(Inbound("192.0.2.1", "sender@example.com", (rcpt,), raw,
+                                                datetime.now(UTC)))
+            ids.append(stored.id)
+        return ids
+    finally:
+        await writer.stop()
+
+
+@pytest.fixture
+async def desk(tmp_path: Path) -> Any:
+    config = make_config(tmp_path)
+    conn = await store.connect(config.storage.database)
+    await store.migrate(conn)
+    ctx = await make_context(conn, config)
+    try:
+        yield conn, ctx
+    finally:
+        await conn.close()
+
+
+def batch_processor(conn: aiosqlite.Connection, ctx: Context, **kwargs: Any) -> Processor:
+    async def batch(c: aiosqlite.Connection, rows: list[InboundRow]) -> list[BatchResult]:
+        return await process_batch(c, ctx, rows)
+
+    return Processor(conn, batch=batch, attachments=ctx.attachments, **kwargs)
+
+
+async def test_each_report_of_one_batch_gets_its_own_ticket_and_acknowledgement(desk) -> None:
+    conn, ctx = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(12)])
+    processor = batch_processor(conn, ctx)
+    assert await processor.run_once()  # one claim: all twelve
+    assert not await processor.run_once()
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert [rows[i].state for i in ids] == ["done"] * 12
+    tickets = [rows[i].ticket for i in ids]
+    assert None not in tickets and len(set(tickets)) == 12
+    acks = [m for m in await store.list_outbox(conn) if m.kind == "acknowledgement"]
+    assert sorted(m.rcpt_to for m in acks) == sorted(f"user{n}@example.com" for n in range(12))
+    assert sorted(m.ticket for m in acks) == sorted(tickets)
+
+
+async def test_a_reply_batched_with_its_report_goes_into_the_ticket_it_opened(desk) -> None:
+    conn, ctx = desk
+    reply = make_mail(sender="User 1 <user1@example.com>", to=CRM, subject="Re: Awaria serwera",
+                      body="Dodaję zrzut ekranu.\n", message_id="<reply-1@example.com>",
+                      In_Reply_To="<report-1@example.com>")
+    report_id, reply_id = await put(conn, [(report(1), INTAKE), (reply, CRM)])
+    processor = batch_processor(conn, ctx)
+    assert await processor.run_once()
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert rows[report_id].outcome == "new" and rows[reply_id].outcome == "follow_up"
+    assert rows[reply_id].ticket == rows[report_id].ticket
+    thread = await store.ticket_messages(conn, rows[report_id].ticket)
+    assert [m.message_id for m in thread if m.direction == "in"] == [
+        "<report-1@example.com>", "<reply-1@example.com>"]
+
+
+async def test_a_report_that_breaks_fails_alone_and_leaves_nothing_behind(
+        desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn, ctx = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(5)])
+    apply = stages_module.apply
+
+    async def breaking(conn: Any, ctx: Any, row: InboundRow, *args: Any) -> Any:
+        ticket = await apply(conn, ctx, row, *args)  # its ticket and answer are written...
+        if row.id == ids[2]:
+            raise ValueError("a bug met by this one report")  # ...then undone
+        return ticket
+
+    monkeypatch.setattr(stages_module, "apply", breaking)
+    processor = batch_processor(conn, ctx)
+    assert await processor.run_once()
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert rows[ids[2]].state == "failed"
+    assert "ValueError: a bug met by this one report" in (rows[ids[2]].error or "")
+    assert [rows[i].state for i in ids if i != ids[2]] == ["done"] * 4
+    tickets = await store.list_tickets(conn)
+    assert sorted(t.reporter_email for t in tickets) == [
+        f"user{n}@example.com" for n in (0, 1, 3, 4)]
+    assert "user2@example.com" not in {m.rcpt_to for m in await store.list_outbox(conn)}
+
+
+async def test_a_database_failure_mid_batch_keeps_the_batch_and_doubles_nothing(
+        desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn, ctx = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(6)])
+    record = stages_module.record
+    failures = [ids[3]]
+
+    async def disk_full_once(conn: Any, ctx: Any, prepared: Any) -> Any:
+        if prepared.row.id in failures:
+            failures.remove(prepared.row.id)
+            raise sqlite3.OperationalError("database or disk is full")
+        return await record(conn, ctx, prepared)
+
+    monkeypatch.setattr(stages_module, "record", disk_full_once)
+    processor = batch_processor(conn, ctx, retry_first=0.01)
+    assert await processor.run_once()  # the failure: its transaction is not kept
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    # Those before it may have been committed in an earlier transaction of the batch
+    # (BATCH_HOLD_SECONDS); it and those after are in hand, none failed.
+    assert [rows[i].state for i in ids[3:]] == ["processing"] * 3
+    assert {rows[i].state for i in ids[:3]} <= {"done", "processing"}
+    assert len(await store.list_tickets(conn)) == sum(rows[i].state == "done" for i in ids)
+    assert await processor.run_once()  # the retry, with the same claim
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert [rows[i].state for i in ids] == ["done"] * 6
+    assert [rows[i].attempts for i in ids] == [1] * 6
+    acks = Counter(m.rcpt_to for m in await store.list_outbox(conn))
+    assert acks == Counter(f"user{n}@example.com" for n in range(6))
+
+
+async def test_a_message_a_crash_left_unfinished_is_claimed_alone(desk) -> None:
+    conn, _ = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(5)])
+    # ids[2] was in hand when a process died: claimed once, back in the queue.
+    await conn.execute("UPDATE inbound SET attempts = 1 WHERE id = ?", (ids[2],))
+    claims = []
+    while batch := await store.claim_inbound_batch(conn, limit=BATCH_SIZE):
+        claims.append([row.id for row in batch])
+    assert claims == [ids[:2], [ids[2]], ids[3:]]
+
+
+async def test_a_worker_claims_its_share_of_a_short_queue(desk) -> None:
+    conn, ctx = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(10)])
+    processor = batch_processor(conn, ctx, peers=2)
+    assert await processor.run_once()
+    done = [r.id for r in await store.list_inbound(conn) if r.state == "done"]
+    assert done == ids[:5]  # the other worker takes the rest

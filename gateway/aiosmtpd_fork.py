@@ -14,7 +14,10 @@ tests/test_aiosmtpd_fork.py fails, naming the method to re-read, when either cha
 from __future__ import annotations
 
 import asyncio
+import builtins
+import inspect
 import re
+import types
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiosmtpd.lmtp import LMTP
@@ -79,6 +82,11 @@ UPSTREAM_SOURCES: dict[str, tuple[str, str]] = {
         "ca1f70c86e077570", "smtp_DATA's first check, as upstream's smtp_DATA does"),
     "SMTP.check_auth_needed": (
         "afb8328b683de737", "smtp_DATA's second check, as upstream's smtp_DATA does"),
+    "SMTP.__init__": (
+        "09553bcb94a7b745",
+        "_install_class_tables stands in for its per-connection introspection: does it "
+        "still only ask inspect.getmembers for auth_* members, dir() for handle_* and "
+        "smtp_* names and inspect.signature for the EHLO hook, and nothing else?"),
     "LMTP": (
         "0ac5be904f80eeac",
         "GatewayLMTP(GatewaySMTP, LMTP) relies on LMTP only renaming the greetings "
@@ -195,6 +203,67 @@ def _unstuffed(buf: bytearray, cut: int, first: bool) -> bytes | bytearray:
     """buf[:cut] unstuffed; without the virtual leading CRLF when `first`."""
     part = buf[:cut].replace(b"\r\n.", b"\r\n")
     return part[2:] if first else part
+
+
+# --- per-class tables instead of per-connection introspection ------------------------
+#
+# SMTP.__init__ builds its command and hook tables with inspect.getmembers(self),
+# inspect.getmembers(handler), dir() twice and inspect.signature, on every connection:
+# about 0.1 ms, most of it calling every property of a half-built protocol object. The
+# names come from the classes, so they are looked up once per class here and only the
+# binding is done per connection. Installed in aiosmtpd.smtp's namespace (it serves
+# every SMTP instance in the process, upstream's own included) and exact for the three
+# calls SMTP.__init__ makes (its digest is in UPSTREAM_SOURCES).
+
+_DIR_NAMES: dict[type, tuple[str, ...]] = {}
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+_ASKED_FOR = ("auth_", "handle_", "smtp_")  # the prefixes SMTP.__init__ filters dir() on
+
+
+def _class_names(cls: type) -> tuple[str, ...]:
+    names = _DIR_NAMES.get(cls)
+    if names is None:
+        names = _DIR_NAMES[cls] = tuple(n for n in builtins.dir(cls) if n.startswith(_ASKED_FOR))
+    return names
+
+
+def _dir(obj: Any = MISSING) -> list[str]:
+    """dir(obj) as SMTP.__init__ uses it: the names it filters for, the class's (cached)
+    and the instance's own."""
+    if obj is MISSING:
+        raise TypeError("aiosmtpd.smtp calls dir() with an argument only")
+    own = getattr(obj, "__dict__", None)
+    if type(obj).__dir__ is not object.__dir__ or not isinstance(own, dict):
+        return builtins.dir(obj)
+    names = _class_names(type(obj))
+    extra = [n for n in own if n.startswith(_ASKED_FOR)]
+    return sorted(set(names).union(extra)) if extra else list(names)
+
+
+def _getmembers(obj: Any) -> list[tuple[str, Any]]:
+    """inspect.getmembers(obj) as SMTP.__init__ uses it: only the auth_* members."""
+    return [(name, getattr(obj, name)) for name in _dir(obj) if name.startswith("auth_")]
+
+
+def _signature(fn: Any) -> inspect.Signature:
+    key = getattr(fn, "__func__", fn)
+    found = _SIGNATURES.get(key)
+    if found is None:
+        found = _SIGNATURES[key] = inspect.signature(fn)
+    return found
+
+
+def _install_class_tables() -> None:
+    import aiosmtpd.smtp
+
+    namespace = aiosmtpd.smtp.__dict__
+    namespace["inspect"] = types.SimpleNamespace(getmembers=_getmembers, signature=_signature)
+    namespace["dir"] = _dir
+
+
+_install_class_tables()
 
 
 class GatewaySMTP(SMTP):

@@ -154,3 +154,38 @@ async def test_bytes_put_back_into_the_reader_buffer_are_read_first() -> None:
 class _Accept:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         return "250 OK"
+
+
+def test_per_class_tables_give_each_connection_the_tables_upstream_builds() -> None:
+    # aiosmtpd_fork caches SMTP.__init__'s introspection per class: every protocol
+    # object must still get exactly the commands, hooks and AUTH mechanisms that
+    # upstream's own dir()/inspect.getmembers() would find, bound to itself.
+    class Handler:
+        async def handle_DATA(self, *args: Any) -> str:
+            return "250 OK"
+
+        async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                              responses: list[str]) -> list[str]:
+            return responses
+
+        def auth_CUSTOM(self, server: Any, args: Any) -> None:
+            return None
+
+    handler = Handler()
+    handler.handle_NOOP = lambda *args: "250 OK"  # type: ignore[attr-defined]
+
+    async def build() -> list[SMTP]:
+        return [GatewaySMTP(handler, hostname="h"), SMTP(handler, hostname="h"),
+                aiosmtpd_fork.GatewayLMTP(handler, hostname="h")]
+
+    for server in asyncio.run(build()):
+        expected_smtp = {m.replace("smtp_", "") for m in dir(type(server)) if m.startswith("smtp_")}
+        assert set(server._smtp_methods) == expected_smtp  # type: ignore[attr-defined]
+        assert all(m.__self__ is server
+                   for m in server._smtp_methods.values())  # type: ignore[attr-defined]
+        assert set(server._handle_hooks) == {"DATA", "EHLO", "NOOP"}  # type: ignore[attr-defined]
+        expected_auth = {"CUSTOM"} | {m.replace("auth_", "").replace("__", "-")
+                                      for m, _ in inspect.getmembers(type(server))
+                                      if m.startswith("auth_")}
+        assert set(server._auth_methods) == expected_auth  # type: ignore[attr-defined]
+        assert server._ehlo_hook_ver == "new"  # type: ignore[attr-defined]

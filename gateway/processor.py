@@ -330,8 +330,9 @@ class Processor:
             log.error("%s inbound %d: outcome=failed: %s", row.message_id or "<no-id>",
                       row.id, err)
         else:
-            log.exception("%s inbound %d: outcome=failed: %s: %s",
-                          row.message_id or "<no-id>", row.id, type(err).__name__, err)
+            # (exc_info from err itself: this runs after the stages returned it)
+            log.error("%s inbound %d: outcome=failed: %s: %s", row.message_id or "<no-id>",
+                      row.id, type(err).__name__, err, exc_info=err)
         await store.mark_inbound(self._conn, row.id, state=InboundState.FAILED,
                                  outcome=Outcome.FAILED,
                                  error=f"{type(err).__name__}: {err}"[:2000])

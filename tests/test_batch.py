@@ -97,7 +97,7 @@ async def test_a_reply_batched_with_its_report_goes_into_the_ticket_it_opened(de
 
 
 async def test_a_report_that_breaks_fails_alone_and_leaves_nothing_behind(
-        desk, monkeypatch: pytest.MonkeyPatch) -> None:
+        desk, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     conn, ctx = desk
     ids = await put(conn, [(report(n), INTAKE) for n in range(5)])
     apply = stages_module.apply
@@ -119,6 +119,11 @@ async def test_a_report_that_breaks_fails_alone_and_leaves_nothing_behind(
     assert sorted(t.reporter_email for t in tickets) == [
         f"user{n}@example.com" for n in (0, 1, 3, 4)]
     assert "user2@example.com" not in {m.rcpt_to for m in await store.list_outbox(conn)}
+    # The log says which message and where the bug is, with its traceback.
+    failed = [r for r in caplog.records if "outcome=failed" in r.getMessage()]
+    assert len(failed) == 1 and "<report-2@example.com>" in failed[0].getMessage()
+    assert failed[0].exc_info and "a bug met by this one report" in caplog.text
+    assert "in breaking" in caplog.text  # the frame that raised
 
 
 async def test_a_database_failure_mid_batch_keeps_the_batch_and_doubles_nothing(

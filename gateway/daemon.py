@@ -25,6 +25,7 @@ from gateway import staff, store
 from gateway.attachment_store import AttachmentStore
 from gateway.backup import migrate_with_copy
 from gateway.cluster import cluster_of, hold_node_name
+from gateway.intake_signal import IntakeSignal
 from gateway.config import Config, check_files, parse_hostport
 from gateway.errors import ConfigError
 from gateway.mailer import Mailer, Transport, make_transport
@@ -128,9 +129,13 @@ class Gateway:
         if recovered:
             log.warning("re-claiming %d message(s) left mid-way by an earlier stop", recovered)
         count = cfg.processing.worker_count
+        signal = None
         if count and self.stages is None and self.transport is None:
+            # SQLite: intake's commits go ahead of the workers' (intake_signal.py).
+            signal = None if cluster else IntakeSignal()
             self.workers = WorkerPool(cfg, count, self._from_worker,
-                                      housekeeping_seconds=self.housekeeping_seconds)
+                                      housekeeping_seconds=self.housekeeping_seconds,
+                                      intake_signal=signal)
             # The mail process checkpoints SQLite's write-ahead log: no commit here
             # waits for one.
             for conn in self._conns if not cluster else ():
@@ -141,7 +146,8 @@ class Gateway:
         # Workers notice commits themselves (SQLite's data_version); the processor here
         # is woken directly.
         writer = store.IntakeWriter(intake_conn,
-                                    on_commit=self.processor.wake if self.processor else None)
+                                    on_commit=self.processor.wake if self.processor else None,
+                                    signal=signal)
         self._writer = writer
         writer.start()
         if self.processor:

@@ -25,6 +25,7 @@ from gateway import msgid, store
 from gateway.attachments import attachment_rows, cut_attachments, spans_to_json
 from gateway.attachment_store import AttachmentStore
 from gateway.errors import StoreError
+from gateway.intake_signal import IntakeSignal, hold_back
 from gateway.model import (UNVERIFIED, AuthResult,
                            InboundState, Outcome, Report, Status, Verdict)
 from gateway.parser import parse_report
@@ -88,15 +89,18 @@ BATCH_HOLD_SECONDS = 0.008
 BatchResult = Processed | Exception | None
 
 
-async def process_batch(conn: aiosqlite.Connection, ctx: Context,
-                        rows: list[InboundRow]) -> list[BatchResult]:
+async def process_batch(conn: aiosqlite.Connection, ctx: Context, rows: list[InboundRow],
+                        *, intake: IntakeSignal | None = None) -> list[BatchResult]:
     """Several messages, in arrival order, in as few transactions as BATCH_HOLD_SECONDS
     allows: one commit (one fsync) for many reports under load. Each message is
     recorded under a savepoint, so one that fails leaves the others; each sees what
     the ones before it wrote (a reply to the ticket the report just before opened).
     An environmental failure (disk full, database locked) stops the batch there: that
     message's result is the error, the ones after it are None, and nothing of the open
-    transaction is kept."""
+    transaction is kept.
+
+    `intake` (a worker on SQLite): while the SMTP process waits to commit, the open
+    transaction ends after the report in hand and the next waits for intake's commit."""
     results: list[BatchResult] = [None] * len(rows)
     ready: list[tuple[int, Prepared]] = []
     for i, row in enumerate(rows):
@@ -115,11 +119,13 @@ async def process_batch(conn: aiosqlite.Connection, ctx: Context,
     pos = 0
     while pos < len(ready):
         first, recorded = pos, []
+        await hold_back(intake)
         try:
             async with Tx(conn):
                 opened = loop.time()
-                while pos < len(ready) and (pos == first or
-                                            loop.time() - opened < BATCH_HOLD_SECONDS):
+                while pos < len(ready) and (pos == first or (
+                        loop.time() - opened < BATCH_HOLD_SECONDS
+                        and not (intake and intake.waiting()))):
                     i, prepared = ready[pos]
                     pos += 1
                     try:

@@ -36,6 +36,7 @@ import aiosqlite
 
 from gateway.config import Config
 from gateway.direct_connection import CHECKPOINT_SECONDS, Checkpointer, connect_direct
+from gateway.intake_signal import IntakeSignal
 from gateway.mailer import Mailer, make_transport
 from gateway.cluster import cluster_of
 from gateway.store.notify import CommitWatch
@@ -62,6 +63,7 @@ class WorkerSpec:
     slot: int  # processing: the slot it claims as; the mail process: -1
     role: str  # PROCESSING or MAIL
     housekeeping_seconds: float
+    intake_signal: IntakeSignal | None = None  # SQLite: intake's commits go first
 
     @property
     def name(self) -> str:
@@ -144,7 +146,7 @@ class Worker:
             return await process_message(conn, context, row)
 
         async def batch(conn: Any, rows: list[Any]) -> list[BatchResult]:
-            return await process_batch(conn, context, rows)
+            return await process_batch(conn, context, rows, intake=spec.intake_signal)
 
         tasks: list[asyncio.Task[None]] = []
         if spec.role == MAIL:

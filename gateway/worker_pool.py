@@ -25,6 +25,7 @@ from typing import Any
 
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.intake_signal import IntakeSignal
 from gateway.worker import MAIL, PROCESSING, WorkerSpec, main, workers_lock_path
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class WorkerPool:
     count: int
     on_message: OnMessage
     housekeeping_seconds: float = 30.0
+    intake_signal: IntakeSignal | None = None  # given to the processing workers
     _slots: list[_Slot] = field(default_factory=list)
     _stopping: bool = False
     _reaping: set[asyncio.Task[None]] = field(default_factory=set)
@@ -84,7 +86,8 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         reader, writer = self._context.Pipe(duplex=False)
         spec = WorkerSpec(self.config, slot.number, role=MAIL if slot.number < 0 else PROCESSING,
-                          housekeeping_seconds=self.housekeeping_seconds)
+                          housekeeping_seconds=self.housekeeping_seconds,
+                          intake_signal=self.intake_signal if slot.number >= 0 else None)
         process = self._context.Process(target=main, args=(spec, writer),
                                         name=f"s4e-gateway {spec.name}")
         process.start()

@@ -174,3 +174,54 @@ async def test_a_worker_claims_its_share_of_a_short_queue(desk) -> None:
     assert await processor.run_once()
     done = [r.id for r in await store.list_inbound(conn) if r.state == "done"]
     assert done == ids[:5]  # the other worker takes the rest
+
+
+@pytest.mark.sqlite_only  # PostgreSQL: intake takes no lock the workers hold
+async def test_while_intake_waits_each_report_commits_on_its_own_and_the_batch_still_ends(
+        desk) -> None:
+    import asyncio
+
+    from gateway.intake_signal import IntakeSignal
+
+    conn, ctx = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(5)])
+    statements: list[str] = []
+    await conn.set_trace_callback(statements.append)
+    signal = IntakeSignal()
+    rows = await store.claim_inbound_batch(conn, limit=BATCH_SIZE)
+    with signal.writing():  # as the SMTP process does around its commit
+        results = await asyncio.wait_for(process_batch(conn, ctx, rows, intake=signal), 30)
+    await conn.set_trace_callback(None)
+    assert [type(r).__name__ for r in results] == ["Processed"] * 5
+    assert statements.count("COMMIT") == 5  # the write lock freed after every report
+    assert {r.state for r in await store.list_inbound(conn) if r.id in ids} == {"done"}
+
+
+@pytest.mark.sqlite_only
+async def test_the_intake_writer_signals_while_its_commit_waits_for_the_lock(
+        tmp_path: Path) -> None:
+    import asyncio
+
+    from gateway.intake_signal import IntakeSignal
+    from tests.conftest import write_lock_held
+
+    database = tmp_path / "gw.db"
+    conn = await store.connect(database)
+    await store.migrate(conn)
+    signal = IntakeSignal()
+    writer = store.IntakeWriter(conn, signal=signal)
+    writer.start()
+    try:
+        with write_lock_held(database):  # a worker's transaction
+            stored = asyncio.ensure_future(writer.store(Inbound(
+                "192.0.2.1", "a@example.com", (INTAKE,), report(1), datetime.now(UTC))))
+            for _ in range(200):
+                if signal.waiting():
+                    break
+                await asyncio.sleep(0.01)
+            assert signal.waiting() and not stored.done()
+        assert (await asyncio.wait_for(stored, 30)).id
+        assert not signal.waiting()
+    finally:
+        await writer.stop()
+        await conn.close()

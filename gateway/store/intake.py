@@ -25,6 +25,7 @@ import aiosqlite
 
 from gateway.errors import StoreError
 from gateway.model import Inbound, InboundState
+from gateway.intake_signal import IntakeSignal
 from gateway.store.connection import gated, iso, run_on_thread
 from gateway.store.dialect import is_postgres
 
@@ -157,8 +158,11 @@ class IntakeWriter:
     """
 
     def __init__(self, conn: aiosqlite.Connection,
-                 on_commit: Callable[[], None] | None = None) -> None:
+                 on_commit: Callable[[], None] | None = None,
+                 signal: IntakeSignal | None = None) -> None:
+        """`signal`: tells the processing workers while a commit wants the write lock."""
         self._conn = conn
+        self._signal = signal
         self._queue: asyncio.Queue[tuple[Pending, asyncio.Future[Stored]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._on_commit = on_commit
@@ -244,7 +248,10 @@ class IntakeWriter:
         if is_postgres(conn):
             return await _write_batch_postgres(conn, batch)
         async with gated(conn, intake=True):
-            return await run_on_thread(conn, lambda db: _write_batch(db, batch))
+            if self._signal is None:
+                return await run_on_thread(conn, lambda db: _write_batch(db, batch))
+            with self._signal.writing():
+                return await run_on_thread(conn, lambda db: _write_batch(db, batch))
 
 
 # How often intake tries for SQLite's write lock while another connection holds it.

@@ -1,0 +1,53 @@
+"""Intake first, across processes (SQLite): the SMTP process tells the processing
+workers while one of its commits wants SQLite's one write lock.
+
+In one process the write gate (`store.connection.WriteGate`) puts intake's commit
+ahead of the other writers. The processing workers write from processes of their own,
+so a worker recording a batch of reports would make a 250 wait out the whole batch.
+With this signal a worker ends its transaction after the report in hand as soon as
+intake is waiting, and holds back its next BEGIN while intake writes (at most
+HOLD_BACK_MAX_SECONDS: intake never starves processing for good).
+
+One shared integer (shared memory, no lock): only the SMTP process's intake writer
+changes it, one write at a time; the workers only read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+HOLD_BACK_MAX_SECONDS = 0.05
+_POLL_SECONDS = 0.0005
+
+
+class IntakeSignal:
+    """Created by the daemon before it starts the workers (they get it at spawn)."""
+
+    def __init__(self) -> None:
+        self._value: Any = multiprocessing.get_context("spawn").RawValue("i", 0)
+
+    def waiting(self) -> bool:
+        return bool(self._value.value)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around intake's write: from before its BEGIN to after its COMMIT."""
+        self._value.value += 1
+        try:
+            yield
+        finally:
+            self._value.value -= 1
+
+
+async def hold_back(signal: IntakeSignal | None) -> None:
+    """Before a worker's BEGIN: let a waiting intake commit go first."""
+    if signal is None or not signal.waiting():
+        return
+    loop = asyncio.get_running_loop()
+    until = loop.time() + HOLD_BACK_MAX_SECONDS
+    while signal.waiting() and loop.time() < until:
+        await asyncio.sleep(_POLL_SECONDS)

@@ -2,11 +2,13 @@
 workers while one of its commits wants SQLite's one write lock.
 
 In one process the write gate (`store.connection.WriteGate`) puts intake's commit
-ahead of the other writers. The processing workers write from processes of their own,
-so a worker recording a batch of reports would make a 250 wait out the whole batch.
-With this signal a worker ends its transaction after the report in hand as soon as
-intake is waiting, and holds back its next BEGIN while intake writes (at most
-HOLD_BACK_MAX_SECONDS: intake never starves processing for good).
+ahead of the other writers. The processing workers write from processes of their own:
+with this signal a worker holds its next BEGIN back while intake is committing or
+waiting to (at most HOLD_BACK_MAX_SECONDS: intake never starves processing for good),
+so a 250 waits at most for the transaction already open, which
+`stages.BATCH_HOLD_SECONDS` keeps short. (Ending that transaction early as well was
+tried: under a steady stream of mail it split every batch into one commit, one fsync,
+per report, and processing fell behind.)
 
 One shared integer (shared memory, no lock): only the SMTP process's intake writer
 changes it, one write at a time; the workers only read it.

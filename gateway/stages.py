@@ -99,8 +99,8 @@ async def process_batch(conn: aiosqlite.Connection, ctx: Context, rows: list[Inb
     message's result is the error, the ones after it are None, and nothing of the open
     transaction is kept.
 
-    `intake` (a worker on SQLite): while the SMTP process waits to commit, the open
-    transaction ends after the report in hand and the next waits for intake's commit."""
+    `intake` (a worker on SQLite): a transaction does not begin while the SMTP process
+    is committing or waiting to (intake_signal.hold_back)."""
     results: list[BatchResult] = [None] * len(rows)
     ready: list[tuple[int, Prepared]] = []
     for i, row in enumerate(rows):
@@ -123,9 +123,8 @@ async def process_batch(conn: aiosqlite.Connection, ctx: Context, rows: list[Inb
         try:
             async with Tx(conn):
                 opened = loop.time()
-                while pos < len(ready) and (pos == first or (
-                        loop.time() - opened < BATCH_HOLD_SECONDS
-                        and not (intake and intake.waiting()))):
+                while pos < len(ready) and (pos == first or
+                                            loop.time() - opened < BATCH_HOLD_SECONDS):
                     i, prepared = ready[pos]
                     pos += 1
                     try:

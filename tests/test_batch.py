@@ -177,10 +177,11 @@ async def test_a_worker_claims_its_share_of_a_short_queue(desk) -> None:
 
 
 @pytest.mark.sqlite_only  # PostgreSQL: intake takes no lock the workers hold
-async def test_while_intake_waits_each_report_commits_on_its_own_and_the_batch_still_ends(
-        desk) -> None:
+async def test_a_batch_begins_only_once_intake_has_committed(
+        desk, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
+    from gateway import intake_signal
     from gateway.intake_signal import IntakeSignal
 
     conn, ctx = desk
@@ -189,12 +190,31 @@ async def test_while_intake_waits_each_report_commits_on_its_own_and_the_batch_s
     await conn.set_trace_callback(statements.append)
     signal = IntakeSignal()
     rows = await store.claim_inbound_batch(conn, limit=BATCH_SIZE)
+    monkeypatch.setattr(intake_signal, "HOLD_BACK_MAX_SECONDS", 3600.0)
     with signal.writing():  # as the SMTP process does around its commit
-        results = await asyncio.wait_for(process_batch(conn, ctx, rows, intake=signal), 30)
+        batch = asyncio.ensure_future(process_batch(conn, ctx, rows, intake=signal))
+        for _ in range(50):  # the five reports parsed, then it waits
+            await asyncio.sleep(0.01)
+        assert not batch.done() and "BEGIN IMMEDIATE" not in statements
+    results = await asyncio.wait_for(batch, 30)  # intake committed: the batch goes on
     await conn.set_trace_callback(None)
     assert [type(r).__name__ for r in results] == ["Processed"] * 5
-    assert statements.count("COMMIT") == 5  # the write lock freed after every report
     assert {r.state for r in await store.list_inbound(conn) if r.id in ids} == {"done"}
+
+
+@pytest.mark.sqlite_only
+async def test_intake_that_never_lets_go_does_not_stop_processing(desk) -> None:
+    import asyncio
+
+    from gateway.intake_signal import IntakeSignal
+
+    conn, ctx = desk
+    await put(conn, [(report(n), INTAKE) for n in range(3)])
+    signal = IntakeSignal()
+    rows = await store.claim_inbound_batch(conn, limit=BATCH_SIZE)
+    with signal.writing():  # a flag that stays up: each hold-back ends at its bound
+        results = await asyncio.wait_for(process_batch(conn, ctx, rows, intake=signal), 30)
+    assert [type(r).__name__ for r in results] == ["Processed"] * 3
 
 
 @pytest.mark.sqlite_only

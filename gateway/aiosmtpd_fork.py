@@ -243,23 +243,46 @@ def _dir(obj: Any = MISSING) -> list[str]:
 
 
 def _getmembers(obj: Any) -> list[tuple[str, Any]]:
-    """inspect.getmembers(obj) as SMTP.__init__ uses it: only the auth_* members."""
-    return [(name, getattr(obj, name)) for name in _dir(obj) if name.startswith("auth_")]
+    """inspect.getmembers(obj) as SMTP.__init__ uses it: only the auth_* members (and,
+    as getmembers does, none whose lookup raises AttributeError)."""
+    members = []
+    for name in _dir(obj):
+        if name.startswith("auth_"):
+            try:
+                members.append((name, getattr(obj, name)))
+            except AttributeError:
+                continue
+    return members
 
 
 def _signature(fn: Any) -> inspect.Signature:
-    key = getattr(fn, "__func__", fn)
-    found = _SIGNATURES.get(key)
+    """inspect.signature, once per function (bound and plain kept apart: a bound
+    method's signature has no `self`)."""
+    func = getattr(fn, "__func__", None)
+    if func is None or not hasattr(fn, "__self__"):
+        return inspect.signature(fn)  # not a method: nothing per class to share
+    found = _SIGNATURES.get(func)
     if found is None:
-        found = _SIGNATURES[key] = inspect.signature(fn)
+        found = _SIGNATURES[func] = inspect.signature(fn)
     return found
+
+
+class _Inspect(types.ModuleType):
+    """`inspect` for aiosmtpd.smtp: the two calls SMTP.__init__ makes per connection
+    answered from the per-class tables, everything else the real module's."""
+
+    getmembers = staticmethod(_getmembers)
+    signature = staticmethod(_signature)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(inspect, name)
 
 
 def _install_class_tables() -> None:
     import aiosmtpd.smtp
 
     namespace = aiosmtpd.smtp.__dict__
-    namespace["inspect"] = types.SimpleNamespace(getmembers=_getmembers, signature=_signature)
+    namespace["inspect"] = _Inspect("inspect")
     namespace["dir"] = _dir
 
 

@@ -30,26 +30,35 @@ class IntakeSignal:
     """Created by the daemon before it starts the workers (they get it at spawn)."""
 
     def __init__(self) -> None:
-        self._value: Any = multiprocessing.get_context("spawn").RawValue("i", 0)
+        context = multiprocessing.get_context("spawn")
+        self._pending: Any = context.RawValue("i", 0)  # intake writes under way
+        self._done: Any = context.RawValue("q", 0)  # intake writes finished, ever
 
     def waiting(self) -> bool:
-        return bool(self._value.value)
+        return bool(self._pending.value)
+
+    def writes_done(self) -> int:
+        return int(self._done.value)
 
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Around intake's write: from before its BEGIN to after its COMMIT."""
-        self._value.value += 1
+        self._pending.value += 1
         try:
             yield
         finally:
-            self._value.value -= 1
+            self._pending.value -= 1
+            self._done.value += 1
 
 
 async def hold_back(signal: IntakeSignal | None) -> None:
-    """Before a worker's BEGIN: let a waiting intake commit go first."""
+    """Before a worker's BEGIN: let the intake write under way go first. Only that one:
+    under a steady stream of mail intake writes again at once, and waiting for a
+    moment without any would hold every batch back for the whole bound."""
     if signal is None or not signal.waiting():
         return
     loop = asyncio.get_running_loop()
     until = loop.time() + HOLD_BACK_MAX_SECONDS
-    while signal.waiting() and loop.time() < until:
+    seen = signal.writes_done()
+    while signal.waiting() and signal.writes_done() == seen and loop.time() < until:
         await asyncio.sleep(_POLL_SECONDS)

@@ -138,6 +138,7 @@ class Processor:
         self._retry_first = retry_first
         self._env_failures = 0  # environmental failures in a row
         self._in_hand: list[InboundRow] = []  # kept across environmental failures
+        self._vetted: int | None = None  # the left-unfinished message the probe passed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -199,11 +200,17 @@ class Processor:
                 rows = await self._claim()
                 if not rows:
                     return False
-                if len(rows) == 1 and rows[0].attempts > 1 and not await self._survives(rows[0]):
-                    return True
+            # A message an earlier process left unfinished is vetted once, also when
+            # it comes back in hand after the vetting itself failed (e.g. no process
+            # could be started for the probe).
+            if (len(rows) == 1 and rows[0].attempts > 1 and rows[0].id != self._vetted
+                    and not await self._survives(rows[0])):
+                return True
         except BaseException:
             self._in_hand = rows  # claimed: kept for the retry, not left mid-way
             raise
+        if len(rows) == 1 and rows[0].attempts > 1:
+            self._vetted = rows[0].id
         started = asyncio.get_running_loop().time()
         renewing = self._keep_leases(rows)  # (PostgreSQL)
         try:
@@ -213,21 +220,31 @@ class Processor:
                 renewing.cancel()
         await self._rollback()
         seconds = (asyncio.get_running_loop().time() - started) / len(rows)
-        environmental: Exception | None = None
+        # Everything not recorded goes back in hand first: a failure below (marking a
+        # message failed on a full disk) must not strand the rest in 'processing'.
+        environmental = next((r for r in results if isinstance(r, Exception)
+                              and is_environmental(r)), None)
+        self._in_hand = [row for row, r in zip(rows, results, strict=True)
+                         if r is None or r is environmental or (
+                             isinstance(r, Exception) and is_environmental(r))]
         for row, result in zip(rows, results, strict=True):
-            if result is None:
-                self._in_hand.append(row)
-            elif isinstance(result, ClaimLost):
+            if result is None or row in self._in_hand:
+                continue
+            if isinstance(result, ClaimLost):
                 log.warning("%s inbound %d: %s", row.message_id or "<no-id>", row.id, result)
-            elif isinstance(result, Exception) and is_environmental(result):
-                environmental = environmental or result
-                self._in_hand.append(row)
-            else:
-                if isinstance(result, Exception):  # one bad message must not stop the loop
+                continue
+            if isinstance(result, Exception):  # one bad message must not stop the loop
+                try:
                     await self._fail(row, result)
-                    result = Processed(Outcome.FAILED)
-                if self._on_processed:
-                    self._on_processed(result, seconds)
+                except Exception as err:  # noqa: BLE001 - e.g. disk full: try it again
+                    if not is_environmental(err):
+                        raise
+                    environmental = environmental or err
+                    self._in_hand.append(row)
+                    continue
+                result = Processed(Outcome.FAILED)
+            if self._on_processed:
+                self._on_processed(result, seconds)
         if environmental is not None:
             await self._environment_failed(self._in_hand, environmental)
         else:
@@ -308,10 +325,15 @@ class Processor:
                         type(err).__name__, _one_line(err), delay)
         else:
             log.exception("%s: claiming a message failed; retry in %.0fs", what, delay)
+        # (PostgreSQL) the messages in hand stay this node's while it waits.
+        renewing = self._keep_leases(rows) if rows else None
         try:
             await asyncio.wait_for(self._wake_on_stop(), delay)
         except TimeoutError:
             pass
+        finally:
+            if renewing is not None:
+                renewing.cancel()
 
     async def _wake_on_stop(self) -> None:
         while not self._stopping:

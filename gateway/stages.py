@@ -89,6 +89,12 @@ BATCH_HOLD_SECONDS = 0.008
 BatchResult = Processed | Exception | None
 
 
+# The most stored bytes prepared at once (each message parsed, its attachments decoded,
+# waits in memory for its transaction): a burst of reports with large log archives is
+# taken in chunks.
+BATCH_BYTES = 16 * 1024 * 1024
+
+
 async def process_batch(conn: aiosqlite.Connection, ctx: Context, rows: list[InboundRow],
                         *, intake: IntakeSignal | None = None) -> list[BatchResult]:
     """Several messages, in arrival order, in as few transactions as BATCH_HOLD_SECONDS
@@ -97,19 +103,34 @@ async def process_batch(conn: aiosqlite.Connection, ctx: Context, rows: list[Inb
     the ones before it wrote (a reply to the ticket the report just before opened).
     An environmental failure (disk full, database locked) stops the batch there: that
     message's result is the error, the ones after it are None, and nothing of the open
-    transaction is kept.
+    transaction is kept (what earlier transactions committed stands).
 
     `intake` (a worker on SQLite): a transaction does not begin while the SMTP process
     is committing or waiting to (intake_signal.hold_back)."""
     results: list[BatchResult] = [None] * len(rows)
+    start = 0
+    while start < len(rows):
+        end, size = start + 1, rows[start].size
+        while end < len(rows) and size + rows[end].size <= BATCH_BYTES:
+            size, end = size + rows[end].size, end + 1
+        if not await _prepare_and_record(conn, ctx, rows, range(start, end), results, intake):
+            break  # an environmental failure: the rest stays in hand
+        start = end
+    return results
+
+
+async def _prepare_and_record(conn: aiosqlite.Connection, ctx: Context,
+                              rows: list[InboundRow], chunk: range, results: list[BatchResult],
+                              intake: IntakeSignal | None) -> bool:
+    """One chunk of process_batch; False when an environmental failure stopped it."""
     ready: list[tuple[int, Prepared]] = []
-    for i, row in enumerate(rows):
+    for i in chunk:
         try:
-            prepared = await prepare(conn, ctx, row)
+            prepared = await prepare(conn, ctx, rows[i])
         except Exception as err:  # noqa: BLE001 - the processor decides what it means
             results[i] = err
             if is_environmental(err):
-                return results
+                return False
             continue
         if isinstance(prepared, Processed):
             results[i] = prepared
@@ -137,14 +158,15 @@ async def process_batch(conn: aiosqlite.Connection, ctx: Context, rows: list[Inb
         except Exception as err:  # noqa: BLE001 - nothing of this transaction is kept
             for i, _ in ready[first:]:
                 results[i] = None  # still in hand
-            # The message at hand when it failed (pos > first: one was always tried).
-            results[ready[pos - 1][0]] = err
-            return results
+            # The message in hand when it failed; this transaction's first when its
+            # BEGIN failed (never one an earlier transaction committed).
+            results[ready[max(pos - 1, first)][0]] = err
+            return False
         for i, prepared, outcome in recorded:
             results[i] = outcome.processed
             log_recorded(prepared, outcome)
         ctx.wake_mailer()
-    return results
+    return True
 
 
 async def prepare(conn: aiosqlite.Connection, ctx: Context, row: InboundRow, *,

@@ -52,7 +52,6 @@ WATCH_SECONDS = 0.02
 T = TypeVar("T")
 
 
-PROCESSING_NICE = 5  # added to the daemon's niceness in processing workers
 MAIL = "mail"  # the role of the process that runs the mailer, timed jobs and checkpoints
 PROCESSING = "processing"
 
@@ -88,10 +87,6 @@ def main(spec: WorkerSpec, channel: Any) -> None:
 
     setup_logging(logging.INFO, name=spec.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if spec.role == PROCESSING:
-        # When the cores are all busy, the SMTP process's 250s go first; processing
-        # takes what is left and catches up in the lulls (the queue is durable).
-        os.nice(PROCESSING_NICE)
     lock = open(workers_lock_path(spec.config.storage.sqlite_path), "a+")
     fcntl.flock(lock, fcntl.LOCK_SH)
     try:

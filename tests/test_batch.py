@@ -245,3 +245,126 @@ async def test_the_intake_writer_signals_while_its_commit_waits_for_the_lock(
     finally:
         await writer.stop()
         await conn.close()
+
+
+@pytest.mark.sqlite_only  # the lock taken from outside is SQLite's one write lock
+async def test_a_failed_begin_later_in_a_batch_never_records_an_earlier_report_twice(
+        desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.store import InboundRow as _Row  # noqa: F401 - typed rows below
+
+    conn, ctx = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(3)])
+    await conn.execute("PRAGMA busy_timeout = 100")
+    monkeypatch.setattr(stages_module, "BATCH_HOLD_SECONDS", 0.0)  # a transaction each
+    database = ctx.config.storage.database
+    locker = sqlite3.connect(database, isolation_level=None)
+    calls = []
+
+    async def another_writer_before_the_second(signal: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the first report is committed; the next BEGIN meets a lock
+            locker.execute("BEGIN IMMEDIATE")
+
+    monkeypatch.setattr(stages_module, "hold_back", another_writer_before_the_second)
+    processor = batch_processor(conn, ctx, retry_first=0.01)
+    try:
+        assert await processor.run_once()  # "database is locked" at the second BEGIN
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert [rows[i].state for i in ids] == ["done", "processing", "processing"]
+    assert await processor.run_once()  # the two in hand, once the lock is gone
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert [rows[i].state for i in ids] == ["done"] * 3
+    tickets = await store.list_tickets(conn)
+    assert sorted(t.reporter_email for t in tickets) == [f"user{n}@example.com" for n in range(3)]
+    assert rows[ids[0]].ticket in {t.number for t in tickets}
+
+
+async def test_a_failure_that_cannot_be_marked_on_a_full_disk_stays_in_hand(
+        desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn, ctx = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(4)])
+    apply, mark = stages_module.apply, store.mark_inbound
+    full = [True]
+
+    async def breaking(conn: Any, ctx: Any, row: InboundRow, *args: Any) -> Any:
+        if row.id == ids[1]:
+            raise ValueError("a bug met by this one report")
+        return await apply(conn, ctx, row, *args)
+
+    async def disk_full_once(conn: Any, inbound_id: int, **kwargs: Any) -> None:
+        if kwargs["state"] == "failed" and full.pop() if full else False:
+            raise sqlite3.OperationalError("database or disk is full")
+        await mark(conn, inbound_id, **kwargs)
+
+    monkeypatch.setattr(stages_module, "apply", breaking)
+    monkeypatch.setattr(store, "mark_inbound", disk_full_once)
+    processor = batch_processor(conn, ctx, retry_first=0.01)
+    assert await processor.run_once()
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert rows[ids[1]].state == "processing"  # in hand, not stranded: tried again
+    assert [rows[i].state for i in ids if i != ids[1]] == ["done"] * 3
+    assert await processor.run_once()
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert rows[ids[1]].state == "failed"
+    assert "a bug met by this one report" in (rows[ids[1]].error or "")
+    assert len(await store.list_tickets(conn)) == 3
+
+
+async def test_a_burst_of_large_messages_is_taken_in_chunks(
+        desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn, ctx = desk
+    ids = await put(conn, [(report(n), INTAKE) for n in range(4)])
+    monkeypatch.setattr(stages_module, "BATCH_BYTES", 1)  # each message a chunk of its own
+    monkeypatch.setattr(stages_module, "BATCH_HOLD_SECONDS", 3600.0)
+    prepared: list[int] = []
+    prepare = stages_module.prepare
+
+    async def noting(conn: Any, ctx: Any, row: InboundRow, **kwargs: Any) -> Any:
+        # Each is recorded before the next is parsed: one in memory at a time.
+        assert all(r.state == "done" for r in await store.list_inbound(conn) if r.id in prepared)
+        prepared.append(row.id)
+        return await prepare(conn, ctx, row, **kwargs)
+
+    monkeypatch.setattr(stages_module, "prepare", noting)
+    results = await process_batch(conn, ctx, await store.claim_inbound_batch(conn, limit=32))
+    assert [type(r).__name__ for r in results] == ["Processed"] * 4 and prepared == ids
+
+
+async def test_of_two_copies_the_one_recorded_second_is_the_duplicate(desk) -> None:
+    # With several workers a later copy may be recorded before an earlier one.
+    conn, ctx = desk
+    # The same report by another path: intake keeps both (a header differs).
+    first, second = await put(conn, [(report(7), INTAKE),
+                                     (report(7, X_Forwarded_For="relay.example.com"), INTAKE)])
+    assert first != second
+    later = await store.claim_inbound_batch(conn, limit=1)  # the first copy...
+    assert [r.id for r in later] == [first]
+    other = await store.claim_inbound_batch(conn, limit=1)
+    assert [r.id for r in other] == [second]
+    results = await process_batch(conn, ctx, other)  # ...recorded after the second
+    results += await process_batch(conn, ctx, later)
+    rows = {r.id: r for r in await store.list_inbound(conn)}
+    assert rows[second].outcome == "new" and rows[first].outcome == "duplicate"
+    assert len(await store.list_tickets(conn)) == 1
+
+
+@pytest.mark.sqlite_only
+async def test_a_worker_holds_back_for_the_intake_write_under_way_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from gateway import intake_signal
+    from gateway.intake_signal import IntakeSignal, hold_back
+
+    monkeypatch.setattr(intake_signal, "HOLD_BACK_MAX_SECONDS", 3600.0)
+    signal = IntakeSignal()
+    with signal.writing():  # a write under way...
+        waiting = asyncio.ensure_future(hold_back(signal))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        with signal.writing():  # ...the next already waiting (a steady stream)
+            pass  # one of them finished: the worker's turn
+        await asyncio.wait_for(waiting, 30)

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -170,22 +170,30 @@ async def _begin(conn: aiosqlite.Connection) -> None:
     """BEGIN IMMEDIATE that a cancel (a timeout around the transaction) cannot split:
     the statement runs on in the database's thread, and a BEGIN that succeeds after
     its caller gave up would leave the connection holding the one write lock with
-    nobody to commit. So a cancelled BEGIN is waited for and rolled back."""
+    nobody to commit. So a cancelled BEGIN is waited for and rolled back, however
+    often the caller is cancelled meanwhile."""
     begin = asyncio.ensure_future(conn.execute("BEGIN IMMEDIATE"))
     try:
         await asyncio.shield(begin)
+        return
     except asyncio.CancelledError:
-        began = True
+        pass
+    if await _wait_out(begin):
+        await _wait_out(asyncio.ensure_future(conn.execute("ROLLBACK")))
+    raise asyncio.CancelledError
+
+
+async def _wait_out(statement: asyncio.Future[Any]) -> bool:
+    """Wait until `statement` is done, through any number of cancels; True if it
+    succeeded."""
+    while not statement.done():
         try:
-            await asyncio.shield(begin)
-        except Exception:  # noqa: BLE001 - it never began: nothing to undo
-            began = False
-        if began:
-            try:
-                await asyncio.shield(conn.execute("ROLLBACK"))
-            except Exception:  # noqa: BLE001 - the cancel is what the caller hears
-                pass
-        raise
+            await asyncio.shield(statement)
+        except asyncio.CancelledError:
+            continue
+        except Exception:  # noqa: BLE001 - read below
+            break
+    return not statement.cancelled() and statement.exception() is None
 
 
 class Tx:

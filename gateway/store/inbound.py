@@ -169,17 +169,29 @@ async def release_expired_inbound(conn: aiosqlite.Connection, now: datetime) -> 
 
 async def confirm_claim(conn: aiosqlite.Connection, row: InboundRow) -> None:
     """Inside the transaction that records a message's outcome: the claim must still
-    be this node's (PostgreSQL: a node that stalled past its lease lost the message
-    to another; its work is rolled back, never recorded twice). Locks the row until
-    the commit."""
-    if not is_postgres(conn) or row.state != InboundState.PROCESSING or not row.claimed_node:
+    be the one this worker made (same attempt; with PostgreSQL the same node: a node
+    that stalled past its lease lost the message to another). A claim recorded
+    already, or taken back and claimed again, raises ClaimLost: its work is rolled
+    back, never recorded twice. Locks the row until the commit (PostgreSQL)."""
+    if row.state != InboundState.PROCESSING:
+        return  # not a claim (an operator's reprocess or release)
+    if is_postgres(conn):
+        if not row.claimed_node:
+            return
+        rows = list(await conn.execute_fetchall(
+            "SELECT 1 FROM inbound WHERE id = ? AND claimed_node = ? AND attempts = ?"
+            f" AND state = '{InboundState.PROCESSING}' FOR UPDATE",
+            (row.id, row.claimed_node, row.attempts)))
+        if not rows:
+            raise ClaimLost(f"inbound {row.id}: the claim passed to another node "
+                            "(this node's lease ran out); its work here is dropped")
         return
     rows = list(await conn.execute_fetchall(
-        "SELECT 1 FROM inbound WHERE id = ? AND claimed_node = ?"
-        f" AND state = '{InboundState.PROCESSING}' FOR UPDATE", (row.id, row.claimed_node)))
+        "SELECT 1 FROM inbound WHERE id = ? AND attempts = ?"
+        f" AND state = '{InboundState.PROCESSING}'", (row.id, row.attempts)))
     if not rows:
-        raise ClaimLost(f"inbound {row.id}: the claim passed to another node "
-                        "(this node's lease ran out); its work here is dropped")
+        raise ClaimLost(f"inbound {row.id}: no longer this claim's (recorded already, or "
+                        "taken back and claimed again); its work here is dropped")
 
 
 async def read_raw(conn: aiosqlite.Connection, inbound_id: int,
@@ -350,9 +362,11 @@ async def count_inbound_by_state(conn: aiosqlite.Connection) -> dict[InboundStat
 
 async def processed_with_message_id(conn: aiosqlite.Connection, message_id: str,
                                     exclude_id: int) -> list[InboundRow]:
-    """Earlier inbound messages with this Message-ID that were already routed."""
+    """Other inbound messages with this Message-ID that were already routed. Any other,
+    not only earlier ones: with several workers a later copy may be recorded first, and
+    whichever is recorded second is the duplicate."""
     rows = await conn.execute_fetchall(
-        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE message_id = ? AND id < ?"
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound WHERE message_id = ? AND id != ?"
         f" AND state = '{InboundState.DONE}' AND outcome IS NOT NULL"
         f" AND outcome NOT IN ('{Outcome.DUPLICATE}', '{Outcome.FAILED}',"
         f" '{Outcome.CLOSED_REJECTED}')"

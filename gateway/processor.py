@@ -90,10 +90,11 @@ class Processed:
 # One message through the stages: reads what it needs, applies the decision in one
 # transaction that also marks the inbound row done. Raises on failure.
 Stages = Callable[[aiosqlite.Connection, InboundRow], Awaitable[Processed]]
-# Several messages at once (stages.process_batch): for each, Processed, the error that
-# failed it (its writes undone), or None: not tried, still in hand. Never raises.
-BatchStages = Callable[[aiosqlite.Connection, list[InboundRow]],
-                       Awaitable[list["Processed | Exception | None"]]]
+# What becomes of each message of a batch: Processed, the error that failed it (its
+# writes undone), or None: not tried, still in hand.
+BatchResult = Processed | Exception | None
+# Several messages at once (stages.process_batch); never raises.
+BatchStages = Callable[[aiosqlite.Connection, list[InboundRow]], Awaitable[list[BatchResult]]]
 BATCH_SIZE = 32  # messages claimed at once when `batch` is given
 
 
@@ -222,13 +223,11 @@ class Processor:
         seconds = (asyncio.get_running_loop().time() - started) / len(rows)
         # Everything not recorded goes back in hand first: a failure below (marking a
         # message failed on a full disk) must not strand the rest in 'processing'.
-        environmental = next((r for r in results if isinstance(r, Exception)
-                              and is_environmental(r)), None)
-        self._in_hand = [row for row, r in zip(rows, results, strict=True)
-                         if r is None or r is environmental or (
-                             isinstance(r, Exception) and is_environmental(r))]
+        self._in_hand = [row for row, r in zip(rows, results, strict=True) if _kept(r)]
+        environmental: Exception | None = next(
+            (r for r in results if isinstance(r, Exception) and _kept(r)), None)
         for row, result in zip(rows, results, strict=True):
-            if result is None or row in self._in_hand:
+            if result is None or _kept(result):
                 continue
             if isinstance(result, ClaimLost):
                 log.warning("%s inbound %d: %s", row.message_id or "<no-id>", row.id, result)
@@ -251,7 +250,7 @@ class Processor:
             self._env_failures = 0
         return True
 
-    async def _run_stages(self, rows: list[InboundRow]) -> list[Processed | Exception | None]:
+    async def _run_stages(self, rows: list[InboundRow]) -> list[BatchResult]:
         if self._batch is not None:
             return await self._batch(self._conn, rows)
         try:
@@ -263,15 +262,14 @@ class Processor:
         node, until = None, None
         if self._cluster is not None:
             node, until = self._cluster.node, self._cluster.lease_from(store.utcnow())
+        limit = 1
         if self._batch is not None:
             limit = BATCH_SIZE
             if self._peers > 1:
                 share = -(-await store.queued_span(self._claims) // self._peers)
                 limit = max(1, min(BATCH_SIZE, share))
-            return await store.claim_inbound_batch(self._claims, self._slot, limit=limit,
-                                                   node=node, lease_until=until)
-        row = await store.claim_inbound(self._claims, self._slot, node=node, lease_until=until)
-        return [row] if row else []
+        return await store.claim_inbound_batch(self._claims, self._slot, limit=limit,
+                                               node=node, lease_until=until)
 
     async def _release_expired(self) -> None:
         """PostgreSQL: messages of a node that stopped renewing its claims go back to
@@ -287,8 +285,7 @@ class Processor:
         """PostgreSQL: the claims on `rows` stay this node's while the stages work."""
         ids = [row.id for row in rows]
         return keep_renewed(self._cluster, lambda node, until: store.renew_inbound_leases(
-            self._claims, ids, node, until), f"inbound {ids[0]}" + (
-                f" and {len(ids) - 1} more" if len(ids) > 1 else ""), store.utcnow)
+            self._claims, ids, node, until), _which(rows), store.utcnow)
 
     async def _survives(self, row: InboundRow) -> bool:
         """A message an earlier process left unfinished: was that crash its own?"""
@@ -316,10 +313,7 @@ class Processor:
         """Pause, the messages in hand kept; one line, no traceback, for what is expected."""
         self._env_failures += 1
         delay = min(self._retry_first * 2 ** min(self._env_failures - 1, 16), RETRY_MAX)
-        what = "processor"
-        if rows:
-            what = f"{rows[0].message_id or '<no-id>'} inbound {rows[0].id}" + (
-                f" and {len(rows) - 1} more" if len(rows) > 1 else "")
+        what = f"{rows[0].message_id or '<no-id>'} {_which(rows)}" if rows else "processor"
         if is_environmental(err):
             log.warning("%s: %s: %s; kept queued, retry in %.0fs", what,
                         type(err).__name__, _one_line(err), delay)
@@ -358,6 +352,15 @@ class Processor:
         await store.mark_inbound(self._conn, row.id, state=InboundState.FAILED,
                                  outcome=Outcome.FAILED,
                                  error=f"{type(err).__name__}: {err}"[:2000])
+
+
+def _kept(result: BatchResult) -> bool:
+    """Not recorded, to be tried again: not tried, or stopped by the machine."""
+    return result is None or (isinstance(result, Exception) and is_environmental(result))
+
+
+def _which(rows: list[InboundRow]) -> str:
+    return f"inbound {rows[0].id}" + (f" and {len(rows) - 1} more" if len(rows) > 1 else "")
 
 
 def _one_line(err: BaseException) -> str:

@@ -29,7 +29,7 @@ from gateway.intake_signal import IntakeSignal, hold_back
 from gateway.model import (UNVERIFIED, AuthResult,
                            InboundState, Outcome, Report, Status, Verdict)
 from gateway.parser import parse_report
-from gateway.processor import Processed, is_environmental
+from gateway.processor import BatchResult, Processed, is_environmental
 from gateway.router import (AppendToTicket, ClosedTicketGuidance, Decision,
                             HoldForOperator, NewTicket, Situation, StaffMail,
                             StaffRefused, StoreOnly, TicketView, UnknownTicketGuidance, decide,
@@ -83,12 +83,6 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
 # The longest a batch's transaction stays open for more reports: SQLite has one write
 # lock, and intake's 250 waits behind it.
 BATCH_HOLD_SECONDS = 0.008
-
-# What process_batch says of each message: done, failed (the error; its writes were
-# undone), or None: not tried, still in hand (after an environmental failure).
-BatchResult = Processed | Exception | None
-
-
 # The most stored bytes prepared at once (each message parsed, its attachments decoded,
 # waits in memory for its transaction): a burst of reports with large log archives is
 # taken in chunks.

@@ -76,7 +76,6 @@ from gateway.store.inbound import (
     read_raw,
     recover_inbound,
     release_expired_inbound,
-    renew_inbound_lease,
     renew_inbound_leases,
     requeue_inbound,
     store_cut_raw,
@@ -177,7 +176,6 @@ from gateway.store.tickets import (
 __all__ = [
     "renew_outbox_lease",
     "release_expired_outbox",
-    "renew_inbound_lease",
     "renew_inbound_leases",
     "release_expired_inbound",
     "confirm_claim",

@@ -82,19 +82,9 @@ async def claim_inbound(conn: aiosqlite.Connection, slot: int | None = None, *,
                         node: str | None = None,
                         lease_until: datetime | None = None) -> InboundRow | None:
     """Take the oldest queued message (in arrival order) for processing, for worker
-    `slot` (None: this process). With PostgreSQL the claim names `node` and lasts
-    until `lease_until`; rows another node's transaction is claiming are skipped,
-    never waited for and never claimed twice."""
-    skip = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
-    async with gated(conn):
-        rows = list(await conn.execute_fetchall(
-            f"UPDATE inbound SET state = '{InboundState.PROCESSING}', attempts = attempts + 1,"
-            " claimed_by = ?, claimed_node = ?, lease_until = ?"
-            f" WHERE id = (SELECT id FROM inbound WHERE state = '{InboundState.QUEUED}'"
-            f" ORDER BY id LIMIT 1{skip})"
-            f" AND state = '{InboundState.QUEUED}' RETURNING {_INBOUND_COLUMNS}",
-            (slot, node, iso(lease_until) if lease_until else None)))
-    return InboundRow.from_row(rows[0]) if rows else None
+    `slot` (None: this process): `claim_inbound_batch` of one."""
+    rows = await claim_inbound_batch(conn, slot, limit=1, node=node, lease_until=lease_until)
+    return rows[0] if rows else None
 
 
 async def claim_inbound_batch(conn: aiosqlite.Connection, slot: int | None = None, *,
@@ -102,6 +92,9 @@ async def claim_inbound_batch(conn: aiosqlite.Connection, slot: int | None = Non
                               lease_until: datetime | None = None) -> list[InboundRow]:
     """Take up to `limit` of the oldest queued messages at once, in arrival order (one
     statement): several reports then share one transaction (stages.process_batch).
+    With PostgreSQL the claim names `node` and lasts until `lease_until`; rows another
+    node's transaction is claiming are skipped, never waited for and never claimed
+    twice.
 
     A message an earlier claim left unfinished (attempts > 0: a crash, kill -9) is
     claimed alone, so a message that kills the process is never in a batch again and
@@ -138,22 +131,13 @@ async def queued_span(conn: aiosqlite.Connection) -> int:
 
 async def renew_inbound_leases(conn: aiosqlite.Connection, inbound_ids: list[int],
                                node: str, lease_until: datetime) -> int:
-    """`renew_inbound_lease` for the messages of a batch at once: how many are still
-    this node's."""
+    """Keep this node's claims on messages it is still working on: how many are
+    still its own."""
     marks = ", ".join("?" * len(inbound_ids))
     cursor = await conn.execute(
         f"UPDATE inbound SET lease_until = ? WHERE id IN ({marks}) AND claimed_node = ?"
         f" AND state = '{InboundState.PROCESSING}'", (iso(lease_until), *inbound_ids, node))
     return cursor.rowcount
-
-
-async def renew_inbound_lease(conn: aiosqlite.Connection, inbound_id: int, node: str,
-                              lease_until: datetime) -> bool:
-    """Keep this node's claim on a message it is still working on; False if lost."""
-    cursor = await conn.execute(
-        "UPDATE inbound SET lease_until = ? WHERE id = ? AND claimed_node = ?"
-        f" AND state = '{InboundState.PROCESSING}'", (iso(lease_until), inbound_id, node))
-    return cursor.rowcount == 1
 
 
 async def release_expired_inbound(conn: aiosqlite.Connection, now: datetime) -> list[int]:
@@ -175,23 +159,19 @@ async def confirm_claim(conn: aiosqlite.Connection, row: InboundRow) -> None:
     back, never recorded twice. Locks the row until the commit (PostgreSQL)."""
     if row.state != InboundState.PROCESSING:
         return  # not a claim (an operator's reprocess or release)
+    sql = ("SELECT 1 FROM inbound WHERE id = ? AND attempts = ?"
+           f" AND state = '{InboundState.PROCESSING}'")
+    params: list[Any] = [row.id, row.attempts]
+    other_node = is_postgres(conn) and bool(row.claimed_node)
+    if other_node:
+        sql, params = sql + " AND claimed_node = ?", [*params, row.claimed_node]
     if is_postgres(conn):
-        if not row.claimed_node:
-            return
-        rows = list(await conn.execute_fetchall(
-            "SELECT 1 FROM inbound WHERE id = ? AND claimed_node = ? AND attempts = ?"
-            f" AND state = '{InboundState.PROCESSING}' FOR UPDATE",
-            (row.id, row.claimed_node, row.attempts)))
-        if not rows:
-            raise ClaimLost(f"inbound {row.id}: the claim passed to another node "
-                            "(this node's lease ran out); its work here is dropped")
-        return
-    rows = list(await conn.execute_fetchall(
-        "SELECT 1 FROM inbound WHERE id = ? AND attempts = ?"
-        f" AND state = '{InboundState.PROCESSING}'", (row.id, row.attempts)))
-    if not rows:
-        raise ClaimLost(f"inbound {row.id}: no longer this claim's (recorded already, or "
-                        "taken back and claimed again); its work here is dropped")
+        sql += " FOR UPDATE"
+    if not list(await conn.execute_fetchall(sql, params)):
+        why = ("the claim passed to another node (this node's lease ran out)" if other_node
+               else "no longer this claim's (recorded already, or taken back and claimed "
+                    "again)")
+        raise ClaimLost(f"inbound {row.id}: {why}; its work here is dropped")
 
 
 async def read_raw(conn: aiosqlite.Connection, inbound_id: int,

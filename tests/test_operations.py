@@ -446,8 +446,14 @@ def test_daemon_log_lines_carry_syslog_priorities(tmp_path: Path) -> None:
     config.write_text(f'[smtp]\nlisten = "127.0.0.1:{port}"\n'
                       f'[outbound]\nrelay = "127.0.0.1:{dead_relay}"\n'
                       f'[tickets]\ncontracts = "{contracts}"\n')
+    # The notify socket says when the reload below is done (READY=1 after RELOADING=1):
+    # SIGTERM a fixed second after SIGHUP could stop a loaded CI machine's daemon first.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(60)
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
     try:
         from tests.test_daemon_process import wait_listening
         wait_listening(proc, port)
@@ -467,10 +473,13 @@ def test_daemon_log_lines_carry_syslog_priorities(tmp_path: Path) -> None:
         # A broken contracts file: the reload keeps the old ones and says so (error).
         contracts.write_text("device_id,customer\nbroken\n")
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1)
+        said: list[str] = []  # READY=1 of the start, then the reload's two
+        while "RELOADING=1" not in said or "READY=1" not in said[said.index("RELOADING=1"):]:
+            said += notify.recv(4096).decode().split("\n")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
+        notify.close()
     lines = err.decode().splitlines()
     assert proc.returncode == 0, err.decode()
     assert lines and all(ln[:3] in ("<3>", "<4>", "<6>", "<7>") for ln in lines), lines

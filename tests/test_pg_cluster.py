@@ -70,7 +70,7 @@ async def start_node(folder: Path, name: str, url: str, sink: Sink, *, port: int
             stdout=asyncio.subprocess.DEVNULL, stderr=err, cwd=folder, env=dict(os.environ))
     node = Node(name, proc, port, log, folder)
     try:
-        await wait_for(lambda: _listening(port, proc), timeout=30)
+        await wait_for(lambda: _listening(port, proc), timeout=60)  # a loaded CI machine
     except AssertionError:
         raise AssertionError(f"node {name} did not start:\n{node.log_text()}") from None
     return node

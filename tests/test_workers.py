@@ -79,7 +79,7 @@ async def daemon(tmp_path: Path, sink: Sink, workers: int | str = 2,
             env={**os.environ, **(env or {})})
     running = Daemon(proc, port, log, config)
     try:
-        await wait_for(lambda: _listening(port, proc), timeout=30)
+        await wait_for(lambda: _listening(port, proc), timeout=60)  # a loaded CI machine
         yield running
     finally:
         if proc.returncode is None:

@@ -291,7 +291,7 @@ async def test_no_auth_is_advertised_before_or_after_starttls(tmp_path) -> None:
     ca.configure_trust(context)
 
     def dialogue() -> tuple[str, str, int]:
-        with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=60) as client:
             before = client.ehlo("client.test")[1].decode()
             client.starttls(context=context)
             after = client.ehlo("client.test")[1].decode()

@@ -401,7 +401,7 @@ def received(sink: Sink, rcpt: str) -> list[EmailMessage]:
 
 async def arrive(sink: Sink, rcpt: str, count: int) -> list[EmailMessage]:
     """Wait until `rcpt` got at least `count` mails; all of them, oldest first."""
-    await wait_for(lambda: len(received(sink, rcpt)) >= count, timeout=15)
+    await wait_for(lambda: len(received(sink, rcpt)) >= count, timeout=30)
     return received(sink, rcpt)
 
 

@@ -280,7 +280,7 @@ async def test_the_rating_window_closes_a_ticket_on_a_running_daemon(
         async def closed() -> bool:
             return (await desk.ticket(number))["status"] == "closed"
 
-        await wait_for(closed, timeout=10)
+        await wait_for(closed, timeout=30)
         ticket = await desk.ticket(number)
         assert ticket["closed_reason"] == "rating_window"
         last = (await arrive(smtp_sink, JAN, 4))[-1]

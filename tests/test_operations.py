@@ -406,7 +406,7 @@ async def test_disk_full_while_processing_leaves_the_message_queued(
             rows = await store.list_inbound(conn)
             return rows if rows and rows[0].state == "done" else None
 
-        (row,) = await wait_for(done, timeout=20)
+        (row,) = await wait_for(done, timeout=30)
         assert calls == [row.id, row.id] and row.outcome == "new"
     finally:
         await conn.close()

@@ -86,7 +86,7 @@ async def test_mails_of_one_ticket_keep_their_order_across_sessions(
     mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config)
     try:
         await mailer.start()
-        await wait_for(lambda: len(handler.messages) == 6, timeout=20)
+        await wait_for(lambda: len(handler.messages) == 6, timeout=30)
     finally:
         await mailer.stop(grace=2)
         await stop_server(server)

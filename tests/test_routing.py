@@ -562,6 +562,6 @@ async def test_a_dsn_never_cancels_mail_not_yet_sent(desk_with_relay: Desk,
     await open_ticket(desk)
     ((row, ack),) = desk.outbox()
     await desk.mail(dsn_for(ack["Message-ID"], REPORTER), mail_from="", rcpts=(CRM,))
-    await wait_for(lambda: len(smtp_sink.messages) == 1, timeout=15)
+    await wait_for(lambda: len(smtp_sink.messages) == 1, timeout=30)
     (out,) = await desk.cli_json("outbox", "list")
     assert out["status"] == "sent"

@@ -105,7 +105,7 @@ async def test_engineer_finds_reads_replies_and_changes_status(
         await expect(page.locator("p.done")).to_contain_text("Odpowiedź czeka na wysłanie")
 
         # the relay receives it from the running gateway's mailer
-        await wait_for(lambda: len(smtp_sink.messages) == 3, timeout=15)
+        await wait_for(lambda: len(smtp_sink.messages) == 3, timeout=30)
         mail = smtp_sink.parsed()[-1]
         assert smtp_sink.messages[-1][1] == [JAN]
         assert mail["Subject"] == f"[#{number}] Awaria serwera"
@@ -126,7 +126,7 @@ async def test_engineer_finds_reads_replies_and_changes_status(
 
     ticket = await desk.ticket(number)
     assert ticket["status"] == "in_progress"
-    await wait_for(lambda: len(smtp_sink.messages) == 4, timeout=15)
+    await wait_for(lambda: len(smtp_sink.messages) == 4, timeout=30)
     assert "Technik jest w drodze." in body_text(smtp_sink.parsed()[-1])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -272,10 +273,12 @@ async def test_a_kept_session_gone_silent_does_not_stop_mail_on_the_others(
             await wait_for(lambda: all_sent(conn), timeout=30)  # session 1 is kept
             burst = await queue_many(conn, 5, 700001)
             mailer.wake()
-            # Four leave on other sessions while one mail hangs on session 1.
+            # Four leave on other sessions while one mail hangs on session 1 (waited for
+            # as marked: the relay records a mail before its 250 reaches the mailer).
             await wait_for(lambda: len(relay.messages) == 5, timeout=30)
+            await wait_for(lambda: _statuses_are(conn, sent=5, sending=1), timeout=30)
             stuck = [r for r in await store.list_outbox(conn) if r.status == "sending"]
-            assert len(stuck) == 1
+            assert len(stuck) == 1 and len(relay.messages) == 5
             # Cut off after 10 s, retried after 1 s on a new session: sent once.
             await wait_for(lambda: all_sent(conn), timeout=60)
         finally:
@@ -331,6 +334,11 @@ async def test_outbox_retry_from_the_cli_process_wakes_the_idle_mailer(
         finally:
             await mailer.stop(grace=2)
     assert raws(relay) == [queued.raw]
+
+
+async def _statuses_are(conn: aiosqlite.Connection, **counts: int) -> bool:
+    statuses = Counter(r.status for r in await store.list_outbox(conn))
+    return statuses == Counter(counts)
 
 
 async def _status_is(conn: aiosqlite.Connection, outbox_id: int, status: str) -> bool:

@@ -41,7 +41,10 @@ async def page(request: pytest.FixtureRequest) -> AsyncIterator[Page]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = await browser.new_context(locale="pl-PL", accept_downloads=True)
-        context.set_default_timeout(15_000)
+        context.set_default_timeout(30_000)
+        # expect() has a default of its own (5 s): every one here waits for something
+        # to show, which after a form post on a loaded CI machine may take longer.
+        expect.set_options(timeout=30_000)
         tab = await context.new_page()
         try:
             yield tab

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.attachment_store import FileAttachments
@@ -715,7 +715,7 @@ def test_cut_and_restore_give_the_raw_back_byte_for_byte() -> None:
     assert Span(0, "0" * 64, "plain", 0, "\r\n") == Span(0, "0" * 64, "plain", 0, "\r\n")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(min_size=1, max_size=3000), before=st.binary(max_size=200),
        after=st.binary(max_size=200), line=st.sampled_from([76, 72, 64, 50]),
        eol=st.sampled_from([b"\r\n", b"\n"]), plain=st.booleans())

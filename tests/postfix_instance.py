@@ -237,7 +237,7 @@ class Postfix:
     def postconf(self, *args: str) -> str:
         return self._run("postconf", "-c", str(self.confdir), *args)
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:  # a loaded CI machine
         """`postfix check` (creates the queue's folders, checks permissions), then
         master in the foreground; returns once its SMTP port answers."""
         self._run("postfix", "-c", str(self.confdir), "check")

@@ -216,7 +216,7 @@ async def test_the_raw_is_cut_only_after_the_bytes_are_stored(tmp_path: Path) ->
             rows = await desk.inbox()
             return rows[0] if rows[0]["outcome"] else None
 
-        routed = await wait_for(done, timeout=20)
+        routed = await wait_for(done, timeout=30)
         assert routed["outcome"] == "new"
         _, stored, spans = inbound_sha(desk.db, row["id"])
         assert spans and stored < 20_000 and [b[1] for b in blobs(desk.db)] == [log]

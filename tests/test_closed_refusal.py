@@ -22,7 +22,7 @@ def desk_options() -> str:
 
 
 def deliver(port: int, raw: bytes, utf8: bool) -> tuple[int, str]:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
         client.ehlo("client.test")
         client.mail(JAN, ["SMTPUTF8"] if utf8 else [])
         client.rcpt(CRM)

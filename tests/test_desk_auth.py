@@ -7,13 +7,12 @@ forwarded or mailing-list copy would."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import (CRM, REPORT_BODY, arrive, body_text, Desk, make_mail, received,
+from tests.conftest import (CRM, REPORT_BODY, arrive, body_text, Desk, make_mail,
                             running_desk, Sink)
 from tests.dns_server import DkimKey, DnsServer
 
@@ -86,8 +85,10 @@ async def test_a_forged_reporter_changes_nothing_and_is_held(
     assert (ticket["status"], ticket["rating"]) == ("resolved", None)
     assert ticket["reporter_phone"] == "+48600100200"
     assert "Obca" not in (ticket["install_address"] or "")
-    await asyncio.sleep(0.3)
-    assert len(received(smtp_sink, JAN)) == 3  # nothing answered to the forged address
+    # Routed: whatever it made the desk send is in the outbox by now (one transaction),
+    # sent or still to go; a pause before looking at the relay proves less on a loaded CI
+    # machine.
+    assert len(desk.mails_to(JAN)) == 3  # nothing answered to the forged address
     (held,) = await desk.cli_json("held", "list")
     assert "sender verification failed" in held["reason"]
 
@@ -101,9 +102,11 @@ async def test_a_forged_engineer_never_reaches_the_customer(
                        message_id="<fake@s4e.pl>")
     row = await desk.mail(forged, mail_from=ENGINEER, rcpts=(CRM,))
     assert row["outcome"] == "held"
-    await asyncio.sleep(0.3)
-    assert len(received(smtp_sink, JAN)) == 1
-    assert all("przelew" not in body_text(m) for m in smtp_sink.parsed())
+    # Routed: whatever it made the desk send is in the outbox by now (one transaction),
+    # sent or still to go; a pause before looking at the relay proves less on a loaded CI
+    # machine.
+    assert len(desk.mails_to(JAN)) == 1
+    assert all("przelew" not in body_text(m) for _, m in desk.outbox())
 
 
 async def test_a_signed_engineer_reply_is_relayed(desk: Desk, smtp_sink: Sink,

@@ -120,9 +120,11 @@ async def test_internal_note_is_recorded_and_never_sent(desk: Desk, smtp_sink: S
     note = engineer_reply(number, copy, "#wewnętrzne\nKlient ma zaległe faktury, uwaga.")
     row = await desk.mail(note, mail_from=ENGINEER, rcpts=(CRM,))
     assert row["outcome"] == "staff_note"
-    await asyncio.sleep(0.5)
-    assert len(received(smtp_sink, JAN)) == 1  # only the acknowledgement
-    assert all("faktury" not in body_text(m) for m in smtp_sink.parsed())
+    # Routed: whatever it made the desk send is in the outbox by now (one transaction),
+    # sent or still to go; a pause before looking at the relay proves less on a loaded CI
+    # machine.
+    assert len(desk.mails_to(JAN)) == 1  # only the acknowledgement
+    assert all("faktury" not in body_text(m) for _, m in desk.outbox())
     ticket = await desk.ticket(number)
     (entry,) = [m for m in ticket["messages"] if m["kind"] == "staff_note"]
     assert entry["from"] == ENGINEER
@@ -193,8 +195,10 @@ async def test_a_reply_to_a_closed_ticket_is_not_sent(desk: Desk, smtp_sink: Sin
     assert row["outcome"] == "closed_guidance"
     (notice,) = await arrive(smtp_sink, ENGINEER, 1)
     assert "zgłoszenie jest zamknięte" in body_text(notice)
-    await asyncio.sleep(0.3)
-    assert len(received(smtp_sink, JAN)) == 2
+    # Routed: whatever it made the desk send is in the outbox by now (one transaction),
+    # sent or still to go; a pause before looking at the relay proves less on a loaded CI
+    # machine.
+    assert len(desk.mails_to(JAN)) == 2
 
 
 async def test_customer_follow_ups_reach_the_desk(desk: Desk, smtp_sink: Sink) -> None:
@@ -233,9 +237,11 @@ async def test_a_body_address_in_another_domain_is_a_contact_and_gets_nothing(
     assert ack["Cc"] is None
     ticket = await desk.ticket(row["ticket"])
     assert ticket["reporter_email"] == "jan@example.com"
-    await asyncio.sleep(0.3)
-    assert received(smtp_sink, "ofiara@victim.example") == []
-    copy = received(smtp_sink, DESK)[-1]
+    # Routed: whatever it made the desk send is in the outbox by now (one transaction),
+    # sent or still to go; a pause before looking at the relay proves less on a loaded CI
+    # machine.
+    assert desk.mails_to("ofiara@victim.example") == []
+    copy = (await arrive(smtp_sink, DESK, 1))[-1]
     assert "ofiara@victim.example" in body_text(copy)  # a contact for staff
 
 
@@ -274,7 +280,7 @@ async def test_the_rating_window_closes_a_ticket_on_a_running_daemon(
         async def closed() -> bool:
             return (await desk.ticket(number))["status"] == "closed"
 
-        await wait_for(closed, timeout=10)
+        await wait_for(closed, timeout=30)
         ticket = await desk.ticket(number)
         assert ticket["closed_reason"] == "rating_window"
         last = (await arrive(smtp_sink, JAN, 4))[-1]

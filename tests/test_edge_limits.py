@@ -40,7 +40,9 @@ async def greeting(port: int, local: str | None = None) -> tuple[Dialog, str]:
 
 
 async def hung_up(dialog: Dialog) -> bool:
-    return await asyncio.wait_for(dialog.reader.read(), 5) == b""
+    # 20 s for a loaded CI machine, and still less than the shortest session timeout
+    # here (30 s): the hang-up seen is the one the test is about.
+    return await asyncio.wait_for(dialog.reader.read(), 20) == b""
 
 
 # --- connection caps ---------------------------------------------------------------------
@@ -204,7 +206,9 @@ async def test_large_message_is_spooled_while_it_arrives_and_stored_intact(tmp_p
         assert row.size == len(raw) and row.message_id == "<spooled@example.com>"
         stored = await raw_of(gw, row.id)
         assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(raw).hexdigest()
-        assert list(spool.glob("*")) == []  # the database holds it now
+        # The database holds it now, and the spool file goes: removed right after the
+        # 250 is sent (a loaded CI machine's client can look before that).
+        await wait_for(lambda: list(spool.glob("*")) == [])
         # The same message once more (spooled again) is recognised as a redelivery.
         again = await send(gw.port, "jan.kowalski@example.com", [INTAKE], raw)
         assert again == {} and len(await inbound_rows(gw)) == 1
@@ -287,7 +291,7 @@ async def test_no_auth_is_advertised_before_or_after_starttls(tmp_path) -> None:
     ca.configure_trust(context)
 
     def dialogue() -> tuple[str, str, int]:
-        with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=60) as client:
             before = client.ehlo("client.test")[1].decode()
             client.starttls(context=context)
             after = client.ehlo("client.test")[1].decode()

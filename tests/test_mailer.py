@@ -537,8 +537,10 @@ async def test_stop_finishes_the_send_in_hand(
     queued = await queue_mail(conn, store.utcnow())
     try:
         await mailer.start()
-        await asyncio.wait_for(sink.started.wait(), 2)
-        await mailer.stop(grace=5)
+        await asyncio.wait_for(sink.started.wait(), 30)
+        # A grace far beyond the relay's 0.3 s: on a loaded CI machine too, the send
+        # in hand is finished, not cut off.
+        await mailer.stop(grace=30)
         assert (await row(conn, queued.id)).status == "sent"
         assert len(sink.messages) == 1
     finally:
@@ -554,11 +556,10 @@ async def test_stop_is_bounded_and_a_cut_off_send_goes_again_on_start(
     try:
         mailer = Mailer(conn, relay(config), config)
         await mailer.start()
-        await asyncio.wait_for(sink.started.wait(), 2)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        await mailer.stop(grace=0.3)
-        assert loop.time() - began < 2
+        await asyncio.wait_for(sink.started.wait(), 30)
+        # The relay hangs until released below: a stop that returns at all did not wait
+        # for the send (no wall-clock assertion, which a loaded CI machine would fail).
+        await asyncio.wait_for(mailer.stop(grace=0.3), 30)
         assert (await row(conn, queued.id)).status == "sending"
 
         sink.hang = False

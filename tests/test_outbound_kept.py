@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -128,13 +129,13 @@ async def test_many_mails_go_over_the_kept_sessions_and_stop_quits_them(
         mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config)
         await mailer.start()
         try:
-            await wait_for(lambda: all_sent(conn), timeout=20)
+            await wait_for(lambda: all_sent(conn), timeout=30)
             assert relay.quits == 0  # still open for the next mail
         finally:
             await mailer.stop(grace=2)
         assert 1 <= relay.sessions <= connections
         assert sorted(raws(relay)) == sorted(q.raw for q in queued)  # each once
-        await wait_for(lambda: relay.quits == relay.sessions, timeout=5)
+        await wait_for(lambda: relay.quits == relay.sessions, timeout=30)
         assert [(await row(conn, q.id)).attempts for q in queued] == [1] * 12
 
 
@@ -146,7 +147,7 @@ async def test_a_refused_mail_is_reset_and_the_session_carries_the_next(
         mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config)
         await mailer.start()
         try:
-            await wait_for(lambda: len(relay.messages) == 2, timeout=10)
+            await wait_for(lambda: len(relay.messages) == 2, timeout=30)
         finally:
             await mailer.stop(grace=2)
         assert raws(relay) == [q.raw for q in others]
@@ -168,7 +169,7 @@ async def test_a_kept_session_the_relay_closed_costs_nothing(
         with caplog.at_level(logging.INFO, logger="gateway.mailer"):
             await mailer.start()
             try:
-                await wait_for(lambda: all_sent(conn), timeout=10)
+                await wait_for(lambda: all_sent(conn), timeout=30)
             finally:
                 await mailer.stop(grace=2)
     assert raws(relay) == [q.raw for q in queued]
@@ -189,12 +190,12 @@ async def test_sessions_the_relay_hung_up_between_mails_lose_nothing(
         try:
             first = await queue_mail(conn, store.utcnow(), ticket=400001)
             mailer.wake()
-            await wait_for(lambda: all_sent(conn), timeout=10)
+            await wait_for(lambda: all_sent(conn), timeout=30)
             relay.hang_up_all()  # the relay's idle timeout, while we wait for mail
             second = await queue_mail(conn, store.utcnow(), ticket=400002)
             mailer.wake()
-            await wait_for(lambda: len(relay.messages) == 2, timeout=10)
-            await wait_for(lambda: all_sent(conn), timeout=10)
+            await wait_for(lambda: len(relay.messages) == 2, timeout=30)
+            await wait_for(lambda: all_sent(conn), timeout=30)
         finally:
             await mailer.stop(grace=2)
     assert raws(relay) == [first.raw, second.raw]
@@ -212,12 +213,12 @@ async def test_an_idle_session_is_closed_with_quit_and_reopened_for_the_next_mai
         try:
             first = await queue_mail(conn, store.utcnow(), ticket=500001)
             mailer.wake()
-            await wait_for(lambda: relay.messages, timeout=10)
-            await wait_for(lambda: relay.quits == 1, timeout=5)
+            await wait_for(lambda: relay.messages, timeout=30)
+            await wait_for(lambda: relay.quits == 1, timeout=30)
             assert relay.sessions == 1
             second = await queue_mail(conn, store.utcnow(), ticket=500002)
             mailer.wake()
-            await wait_for(lambda: len(relay.messages) == 2, timeout=10)
+            await wait_for(lambda: len(relay.messages) == 2, timeout=30)
         finally:
             await mailer.stop(grace=2)
     assert raws(relay) == [first.raw, second.raw]
@@ -232,8 +233,8 @@ async def test_keep_alive_0_is_a_new_session_per_mail(
         mailer = Mailer(conn, SmtpRelay(config, local_hostname="gw.test"), config)
         await mailer.start()
         try:
-            await wait_for(lambda: all_sent(conn), timeout=10)
-            await wait_for(lambda: relay.quits == 3, timeout=5)
+            await wait_for(lambda: all_sent(conn), timeout=30)
+            await wait_for(lambda: relay.quits == 3, timeout=30)
         finally:
             await mailer.stop(grace=2)
     assert raws(relay) == [q.raw for q in queued]
@@ -261,21 +262,25 @@ async def test_a_kept_session_gone_silent_does_not_stop_mail_on_the_others(
     async with counting_relay(hang_session=1) as relay:
         config = relay_config(tmp_path, relay.port, connections=3, retry_first="1s",
                               retry_max="1s")
-        transport = SmtpRelay(config, local_hostname="gw.test", timeout=30, session_timeout=2)
+        # The session timeout bounds every mail: long enough that on a loaded CI machine
+        # the four others are surely through while the hung one still hangs.
+        transport = SmtpRelay(config, local_hostname="gw.test", timeout=30, session_timeout=10)
         mailer = Mailer(conn, transport, config)
         await mailer.start()
         try:
             first = await queue_mail(conn, store.utcnow(), ticket=700000)
             mailer.wake()
-            await wait_for(lambda: all_sent(conn), timeout=10)  # session 1 is kept
+            await wait_for(lambda: all_sent(conn), timeout=30)  # session 1 is kept
             burst = await queue_many(conn, 5, 700001)
             mailer.wake()
-            # Four leave on other sessions while one mail hangs on session 1.
-            await wait_for(lambda: len(relay.messages) == 5, timeout=20)
+            # Four leave on other sessions while one mail hangs on session 1 (waited for
+            # as marked: the relay records a mail before its 250 reaches the mailer).
+            await wait_for(lambda: len(relay.messages) == 5, timeout=30)
+            await wait_for(lambda: _statuses_are(conn, sent=5, sending=1), timeout=30)
             stuck = [r for r in await store.list_outbox(conn) if r.status == "sending"]
-            assert len(stuck) == 1
-            # Cut off after 2 s, retried after 1 s on a new session: sent once.
-            await wait_for(lambda: all_sent(conn), timeout=30)
+            assert len(stuck) == 1 and len(relay.messages) == 5
+            # Cut off after 10 s, retried after 1 s on a new session: sent once.
+            await wait_for(lambda: all_sent(conn), timeout=60)
         finally:
             await mailer.stop(grace=2)
     assert sorted(raws(relay)) == sorted(q.raw for q in [first, *burst])
@@ -298,7 +303,7 @@ async def test_a_row_committed_on_another_connection_wakes_the_idle_mailer(
             await asyncio.sleep(0.2)  # the mailer found nothing and is idle
             queued = [await queue_mail(other, store.utcnow(), ticket=800000 + n)
                       for n in range(3)]
-            await wait_for(lambda: len(relay.messages) == 3, timeout=10)
+            await wait_for(lambda: len(relay.messages) == 3, timeout=30)
         finally:
             await other.close()
             await mailer.stop(grace=2)
@@ -315,7 +320,7 @@ async def test_outbox_retry_from_the_cli_process_wakes_the_idle_mailer(
         queued = await queue_mail(conn, store.utcnow())
         await mailer.start()
         try:
-            await wait_for(lambda: _status_is(conn, queued.id, "failed"), timeout=10)
+            await wait_for(lambda: _status_is(conn, queued.id, "failed"), timeout=30)
             config_file = write_config(tmp_path, sink=relay)
             cli = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway", "outbox", "retry", str(queued.id),
@@ -324,11 +329,16 @@ async def test_outbox_retry_from_the_cli_process_wakes_the_idle_mailer(
             out, err = await asyncio.wait_for(cli.communicate(), 60)
             assert cli.returncode == 0, err.decode()
             assert b"queued again" in out
-            await wait_for(lambda: relay.messages, timeout=10)
-            await wait_for(lambda: _status_is(conn, queued.id, "sent"), timeout=10)
+            await wait_for(lambda: relay.messages, timeout=30)
+            await wait_for(lambda: _status_is(conn, queued.id, "sent"), timeout=30)
         finally:
             await mailer.stop(grace=2)
     assert raws(relay) == [queued.raw]
+
+
+async def _statuses_are(conn: aiosqlite.Connection, **counts: int) -> bool:
+    statuses = Counter(r.status for r in await store.list_outbox(conn))
+    return statuses == Counter(counts)
 
 
 async def _status_is(conn: aiosqlite.Connection, outbox_id: int, status: str) -> bool:

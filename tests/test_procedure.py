@@ -26,7 +26,7 @@ async def arrived(sink: Sink, count: int) -> list[EmailMessage]:
     same mail as the dispatcher in Cc)."""
     from email import message_from_bytes, policy
 
-    await wait_for(lambda: len(to_reporter(sink)) >= count, timeout=15)
+    await wait_for(lambda: len(to_reporter(sink)) >= count, timeout=30)
     return [message_from_bytes(raw, policy=policy.default) for raw in to_reporter(sink)]
 
 
@@ -51,7 +51,7 @@ async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_
     # The sender named a colleague in his own domain as the reporter: he is the
     # dispatcher and gets the same mail, shown in Cc.
     assert ack["Cc"] == JAN
-    await wait_for(lambda: len(sink.messages) >= 2, timeout=15)
+    await wait_for(lambda: len(sink.messages) >= 2, timeout=30)
     copies = [m for m in sink.parsed() if m["Message-ID"] != ack["Message-ID"]]
     assert [c["Subject"] for c in copies] == [ack["Subject"]] and copies[0]["Cc"] == JAN
 
@@ -100,7 +100,7 @@ async def test_the_procedure_from_report_to_closing(desk_with_relay: Desk, smtp_
     # The guidance answers the sender (it is about no open ticket): no copy to anyone.
     # (the dispatcher had five copies of the thread so far: this is his sixth mail)
     await wait_for(lambda: sum(1 for _, rcpts, _ in sink.messages if rcpts == [JAN]) == 6,
-                   timeout=15)
+                   timeout=30)
     guidance = sink.parsed()[-1]
     assert guidance["To"] == JAN and guidance["Cc"] is None
     assert INTAKE in body_text(guidance) and f"#{number}" in body_text(guidance)
@@ -147,4 +147,4 @@ async def test_relay_down_then_back_every_report_gets_one_ack(desk_with_relay: D
     async def all_sent() -> bool:
         return [o["status"] for o in await desk.cli_json("outbox", "list")] == ["sent"] * 3
 
-    await wait_for(all_sent, timeout=10)
+    await wait_for(all_sent, timeout=30)

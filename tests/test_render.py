@@ -1012,7 +1012,7 @@ def test_arbitrary_customer_text_never_adds_headers(subject, filename, refs, in_
     assert sent == clean_header_text(sent)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(original=evil_text)
 def test_reply_subject_survives_composition(original) -> None:
     subject = reply_subject(123456, original)
@@ -1024,7 +1024,7 @@ def test_reply_subject_survives_composition(original) -> None:
     assert {k.lower() for k in msg.keys()} <= TOP_HEADERS | {"content-transfer-encoding"}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(to=st.one_of(evil_text, st.emails()))
 def test_compose_raises_only_value_error_for_to(to) -> None:
     try:

@@ -12,7 +12,7 @@ import dkim
 import pytest
 import spf
 from dkim.canonicalization import CanonicalizationPolicy
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from conftest import make_mail
 from dns_server import DkimKey, DnsServer  # the fixtures come through conftest.py
@@ -481,7 +481,7 @@ def test_corpus_mail_all_get_a_verdict(zones: DnsServer) -> None:
         assert handled(verdict), (path, verdict)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from([
     b"From: ", b"jan@example.com", b", ", b"<", b">", b"\r\n", b"\n", b" ", b"\t", b";", b"=",
     b"Authentication-Results: ", b"mx.s4e.pl", b"(", b")", b"\"", b"dmarc=pass", b"dkim=pass",
@@ -513,7 +513,7 @@ def test_an_unexpected_error_is_none_and_logged_with_the_message_id(
 # --- the body hash, a piece at a time, against dkimpy's whole-body canonicalization ------
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=st.lists(st.sampled_from([b"a", b"b", b" ", b"\t", b"\r", b"\n", b"\r\n", b"  x"]),
                      max_size=60).map(b"".join),
        relaxed=st.booleans(), chunk=st.integers(1, 12),
@@ -534,8 +534,11 @@ def test_large_signed_message_is_verified_in_pieces(zones: DnsServer, dkim_key: 
     log = b"".join(b"2026-12-01 10:00:%02d cvd ERROR  backup  failed \t \r\n" % (i % 60)
                    for i in range(60_000))  # about 3 MB, blanks to canonicalize
     raw = dkim_key.sign(mail(body="Logi w treści.\n") + log, domain="example.com")
-    verdict = verify(raw, dns_config(zones))
+    # The budget of the checks also runs while the 3 MB body is hashed: on a loaded CI
+    # machine 2 s were used up before the SPF lookup (a temperror, not the mismatch).
+    config = dns_config(zones, timeout="60s")
+    verdict = verify(raw, config)
     assert verdict == Verdict(AuthResult.PASS, "dmarc=pass (dkim d=example.com aligned)",
                               "example.com")
     tampered = raw[:-30] + raw[-30:].replace(b"failed", b"passed")
-    assert "body hash mismatch" in verify(tampered, dns_config(zones)).reason
+    assert "body hash mismatch" in verify(tampered, config).reason

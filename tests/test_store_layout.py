@@ -160,16 +160,31 @@ async def test_a_transaction_cancelled_while_it_waits_for_the_lock_holds_nothing
     await store.migrate(db)
     other = sqlite3.connect(tmp_path / "gw.db", isolation_level=None,
                             check_same_thread=False)
+    # The order is the test's, not a timer's (a loaded CI machine once ran the 0.1 s
+    # timeout after the 0.3 s release): BEGIN is sent, the write is cancelled, and only
+    # then does the lock free.
+    began = asyncio.Event()
+    execute = db.execute
+
+    def noting_begin(sql: str, *args: object):  # noqa: ANN202 - aiosqlite's own type
+        if sql == "BEGIN IMMEDIATE":
+            began.set()
+        return execute(sql, *args)
+
+    db.execute = noting_begin  # type: ignore[method-assign]
     try:
         other.execute("BEGIN IMMEDIATE")
-        threading.Timer(0.3, lambda: other.execute("ROLLBACK")).start()
 
         async def write() -> None:
             async with store.Tx(db):
                 await db.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
 
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(write(), 0.1)
+        writing = asyncio.create_task(write())
+        await asyncio.wait_for(began.wait(), 30)
+        writing.cancel()  # as the timeout around the write does
+        other.execute("ROLLBACK")
+        with pytest.raises(asyncio.CancelledError):
+            await writing
         assert not db.in_transaction
         other.execute("BEGIN IMMEDIATE")  # the lock is free: nobody kept it
         other.execute("ROLLBACK")

@@ -41,7 +41,10 @@ async def page(request: pytest.FixtureRequest) -> AsyncIterator[Page]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = await browser.new_context(locale="pl-PL", accept_downloads=True)
-        context.set_default_timeout(15_000)
+        context.set_default_timeout(30_000)
+        # expect() has a default of its own (5 s): every one here waits for something
+        # to show, which after a form post on a loaded CI machine may take longer.
+        expect.set_options(timeout=30_000)
         tab = await context.new_page()
         try:
             yield tab
@@ -105,7 +108,7 @@ async def test_engineer_finds_reads_replies_and_changes_status(
         await expect(page.locator("p.done")).to_contain_text("Odpowiedź czeka na wysłanie")
 
         # the relay receives it from the running gateway's mailer
-        await wait_for(lambda: len(smtp_sink.messages) == 3, timeout=15)
+        await wait_for(lambda: len(smtp_sink.messages) == 3, timeout=30)
         mail = smtp_sink.parsed()[-1]
         assert smtp_sink.messages[-1][1] == [JAN]
         assert mail["Subject"] == f"[#{number}] Awaria serwera"
@@ -126,7 +129,7 @@ async def test_engineer_finds_reads_replies_and_changes_status(
 
     ticket = await desk.ticket(number)
     assert ticket["status"] == "in_progress"
-    await wait_for(lambda: len(smtp_sink.messages) == 4, timeout=15)
+    await wait_for(lambda: len(smtp_sink.messages) == 4, timeout=30)
     assert "Technik jest w drodze." in body_text(smtp_sink.parsed()[-1])
 
 

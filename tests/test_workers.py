@@ -79,7 +79,7 @@ async def daemon(tmp_path: Path, sink: Sink, workers: int | str = 2,
             env={**os.environ, **(env or {})})
     running = Daemon(proc, port, log, config)
     try:
-        await wait_for(lambda: _listening(port, proc), timeout=30)
+        await wait_for(lambda: _listening(port, proc), timeout=60)  # a loaded CI machine
         yield running
     finally:
         if proc.returncode is None:
@@ -129,6 +129,17 @@ def inbound_states(db: Path) -> Counter[str]:
         return Counter(s for (s,) in conn.execute("SELECT state FROM inbound"))
 
 
+def nothing_left_to_send(db: Path) -> bool:
+    """Every message processed and every outbox row sent: from then on the relay's
+    counts are final. Waited for instead of a pause, which on a loaded CI machine may
+    end before a late (doubled) mail would have come."""
+    with sqlite3.connect(db) as conn:
+        (unsent,), = conn.execute("SELECT count(*) FROM outbox WHERE status != 'sent'")
+        (open_,), = conn.execute(
+            "SELECT count(*) FROM inbound WHERE state NOT IN ('done', 'failed')")
+    return unsent == 0 and open_ == 0
+
+
 async def send_reports(port: int, numbers: range, parallel: int = 4) -> list[str]:
     """Send the reports over `parallel` connections; the Message-IDs answered 250."""
     accepted: list[str] = []
@@ -156,7 +167,7 @@ async def test_workers_process_every_report_once_and_the_smtp_process_only_accep
         accepted = await send_reports(gw.port, range(40))
         assert len(accepted) == 40
         await wait_for(lambda: sum(answers_by_report(smtp_sink).values()) >= 40, timeout=60)
-        await asyncio.sleep(0.5)  # nothing more arrives
+        await wait_for(lambda: nothing_left_to_send(tmp_path / "gw.db"), timeout=60)
     assert gw.proc.returncode == 0
     assert answers_by_report(smtp_sink) == Counter({m: 1 for m in accepted})
     assert sorted(email for _, email in tickets(tmp_path / "gw.db")) == sorted(
@@ -187,7 +198,7 @@ async def test_a_killed_worker_is_started_again_and_nothing_is_lost_or_doubled(
         # The worker is back: the daemon's children include a new worker process.
         await wait_for(lambda: len(gw.children() - {first[0]}) >= 1 and first[1] not in gw.children(),
                        timeout=30)
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: nothing_left_to_send(tmp_path / "gw.db"), timeout=60)
     assert gw.proc.returncode == 0
     assert len(accepted) == 60
     assert answers_by_report(smtp_sink) == Counter({m: 1 for m in accepted})
@@ -228,7 +239,7 @@ async def test_killing_the_daemon_stops_its_workers_and_a_new_one_resumes(
         await wait_for(lambda: inbound_states(tmp_path / "gw.db") == Counter({"done": 30}),
                        timeout=60)
         await wait_for(lambda: sum(answers_by_report(smtp_sink).values()) >= 30, timeout=60)
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: nothing_left_to_send(tmp_path / "gw.db"), timeout=60)
     assert len(accepted) == 30
     # At least once toward the relay (a kill between the relay's 250 and the mark may
     # send one again), but one ticket per report and never two different answers.
@@ -281,7 +292,7 @@ async def test_sigterm_with_a_backlog_leaves_nothing_half_done(tmp_path: Path,
         await wait_for(lambda: inbound_states(tmp_path / "gw.db") == Counter({"done": 40}),
                        timeout=60)
         await wait_for(lambda: sum(answers_by_report(smtp_sink).values()) >= 40, timeout=60)
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: nothing_left_to_send(tmp_path / "gw.db"), timeout=60)
     assert answers_by_report(smtp_sink) == Counter({m: 1 for m in accepted})
 
 

@@ -102,15 +102,15 @@ async def running_web(desk: Desk, web_config: WebConfig | None = None,
     port = sock.getsockname()[1]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60  # a loaded CI machine
+        while not (server.started or task.done()) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         assert server.started, "the web desk did not start"
         yield Web(f"http://127.0.0.1:{port}", desk, config, clock)
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 30)
         sock.close()
 
 

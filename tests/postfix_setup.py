@@ -111,7 +111,7 @@ async def inbox(desk: Desk) -> list[dict]:
     return await desk.cli_json("inbox", "list")
 
 
-async def wait_routed(desk: Desk, count: int = 1, timeout: float = 30.0) -> list[dict]:
+async def wait_routed(desk: Desk, count: int = 1, timeout: float = 90.0) -> list[dict]:
     """Until `count` inbound messages are stored and routed; the inbox rows."""
     async def routed():
         rows = await inbox(desk)
@@ -119,7 +119,7 @@ async def wait_routed(desk: Desk, count: int = 1, timeout: float = 30.0) -> list
     return await wait_for(routed, timeout=timeout, interval=0.2)
 
 
-async def wait_mail(sink: Sink, predicate, timeout: float = 30.0) -> EmailMessage:
+async def wait_mail(sink: Sink, predicate, timeout: float = 90.0) -> EmailMessage:
     """The first mail that reached the sink and satisfies predicate(mail_from, msg)."""
     def found():
         for (mail_from, _, _), msg in zip(sink.messages, sink.parsed(), strict=True):
@@ -129,7 +129,7 @@ async def wait_mail(sink: Sink, predicate, timeout: float = 30.0) -> EmailMessag
     return await wait_for(found, timeout=timeout, interval=0.2)
 
 
-async def wait_queue(postfix: Postfix, predicate, timeout: float = 30.0) -> list[dict]:
+async def wait_queue(postfix: Postfix, predicate, timeout: float = 90.0) -> list[dict]:
     """Until Postfix's queue (postqueue -j) satisfies predicate; the queue."""
     def check():
         queue = postfix.queued()

@@ -164,8 +164,18 @@ async def test_workers_process_every_report_once_and_the_smtp_process_only_accep
     async with daemon(tmp_path, smtp_sink, workers=2) as gw:
         pids = gw.worker_pids()
         assert len(pids) == 2 and set(pids) <= gw.children()
-        accepted = await send_reports(gw.port, range(40))
-        assert len(accepted) == 40
+        # Both workers are stopped while the mail comes in: the SMTP process accepts
+        # alone, and a backlog is there for both to share (a worker that has just
+        # finished would otherwise win every race for a light trickle of mail).
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            accepted = await send_reports(gw.port, range(40))
+            assert len(accepted) == 40
+            assert inbound_states(tmp_path / "gw.db") == Counter({"queued": 40})
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
         await wait_for(lambda: sum(answers_by_report(smtp_sink).values()) >= 40, timeout=60)
         await wait_for(lambda: nothing_left_to_send(tmp_path / "gw.db"), timeout=60)
     assert gw.proc.returncode == 0

@@ -99,10 +99,21 @@ def _text_body(target: int) -> bytes:
     return _crlf(text + "\n".join(lines) + "\n" + _SIGNATURE)
 
 
+# The reporter's address in the template (From and the report's e-mail field): each
+# message gets a customer of its own in its place, as in a real burst (a storage array
+# failing at many customers), so the per-address answer cap is the real one.
+_TEMPLATE_ADDRESS = b"jan.kowalski@example.com"
+
+
+def customer(n: int) -> bytes:
+    """Message n's reporter, as long as the template's address (sizes stay exact)."""
+    return b"k.%010d@example.com" % n
+
+
 @dataclass(frozen=True)
 class MessageTemplate:
     """A message as the bytes an MTA sends after DATA (dot-stuffed, no final CRLF),
-    with a unique Message-ID and Date spliced in per message."""
+    with a unique Message-ID, Date and reporter address spliced in per message."""
 
     label: str
     head: bytes      # trace headers, before Message-ID
@@ -110,9 +121,10 @@ class MessageTemplate:
     size: int        # of one complete message
 
     def make(self, tag: str, n: int) -> bytes:
+        tail = customer(n).join(self.tail.split(_TEMPLATE_ADDRESS))
         return b"".join((self.head, b"Message-ID: <", tag.encode("ascii"), b".",
                          str(n).encode("ascii"), b"@bench.example.com>\r\nDate: ",
-                         formatdate(localtime=False).encode("ascii"), b"\r\n", self.tail))
+                         formatdate(localtime=False).encode("ascii"), b"\r\n", tail))
 
 
 _RECEIVED = (

@@ -93,8 +93,7 @@ def start_node(workdir: Path, name: str, database: str, sink_port: int) -> Serve
         f'[storage]\ndatabase = "{database}"\nattachments = "{workdir}/att"\n'
         f'[outbound]\nrelay = "{HOST}:{sink_port}"\n'
         '[processing]\nworkers = "auto"\n'
-        f'[cluster]\nnode = "{name}"\n'
-        '[tickets]\nmax_auto_replies_per_hour = 1000000000\n')
+        f'[cluster]\nnode = "{name}"\n')
     server = ServerProcess(name, [sys.executable, "-m", "gateway", "serve", "--config",
                                   str(config)], port, cwd=workdir,
                            env={"PYTHONPATH": str(HERE.parent), "PATH": "/usr/bin:/bin"},

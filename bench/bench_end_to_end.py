@@ -109,9 +109,8 @@ def start_gateway(workdir: Path, port: int, sink_port: int, workers: str) -> Ser
         'max_connections = 1000\nmax_connections_per_ip = 1000\n'
         f'[storage]\ndatabase = "{workdir}/gw.db"\nattachments = "{workdir}/att"\n'
         f'[outbound]\nrelay = "{HOST}:{sink_port}"\n'
-        f'[processing]\nworkers = {workers}\n'
-        # one sender for all reports: the loop guard would stop answering it
-        '[tickets]\nmax_auto_replies_per_hour = 1000000000\n')
+        # Each report has a customer of its own (_load.customer): the default cap.
+        f'[processing]\nworkers = {workers}\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = ServerProcess("gateway", [sys.executable, "-m", "gateway", "serve", "--config",
                                        str(config)], port, cwd=workdir, env=env,

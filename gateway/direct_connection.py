@@ -9,7 +9,9 @@ same calls inline, so the same store code serves both processes.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,20 +23,47 @@ T = TypeVar("T")
 
 
 class DirectConnection:
-    """The subset of `aiosqlite.Connection` the gateway uses, run inline."""
+    """The subset of `aiosqlite.Connection` the gateway uses, run inline.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    With `lock_poll` (seconds) a statement that finds SQLite's write lock taken does
+    not sleep in SQLite's busy handler, which would block the event loop: it tries
+    again every `lock_poll` and lets the loop run in between (the mail process's relay
+    sessions go on sending while one of them waits to mark its mail), within the same
+    BUSY_TIMEOUT_MS."""
+
+    def __init__(self, db: sqlite3.Connection, *, lock_poll: float | None = None) -> None:
         self._conn = db
+        self._lock_poll = lock_poll
+        if lock_poll is not None:
+            db.execute("PRAGMA busy_timeout = 0")
 
     @property
     def in_transaction(self) -> bool:
         return self._conn.in_transaction
 
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> sqlite3.Cursor:
-        return self._conn.execute(sql, tuple(parameters))
+        if self._lock_poll is None:
+            return self._conn.execute(sql, tuple(parameters))
+        return await self._polling(lambda: self._conn.execute(sql, tuple(parameters)))
 
     async def execute_fetchall(self, sql: str, parameters: Iterable[Any] = ()) -> list[Any]:
-        return self._conn.execute(sql, tuple(parameters)).fetchall()
+        if self._lock_poll is None:
+            return self._conn.execute(sql, tuple(parameters)).fetchall()
+        return await self._polling(lambda: self._conn.execute(sql, tuple(parameters)).fetchall())
+
+    async def _polling(self, run: Callable[[], T]) -> T:
+        assert self._lock_poll is not None
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                return run()
+            except sqlite3.OperationalError as err:
+                # Plain SQLITE_BUSY only: the statement did nothing and may be tried
+                # again (not BUSY_SNAPSHOT and the like, which another try cannot mend).
+                if (getattr(err, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY
+                        or time.monotonic() >= deadline):
+                    raise
+            await asyncio.sleep(self._lock_poll)
 
     async def _execute(self, fn: Callable[..., T], *args: Any) -> T:
         """What aiosqlite's own methods go through (the intake writer calls it)."""
@@ -44,9 +73,11 @@ class DirectConnection:
         self._conn.close()
 
 
-async def connect_direct(path: Path, *, synchronous: str = "FULL") -> DirectConnection:
+async def connect_direct(path: Path, *, synchronous: str = "FULL",
+                         lock_poll: float | None = None) -> DirectConnection:
     """Like `store.connect` (autocommit mode, WAL, foreign keys, synchronous=FULL);
-    `synchronous="NORMAL"` for the commits a power cut may lose (see below)."""
+    `synchronous="NORMAL"` for the commits a power cut may lose (see below);
+    `lock_poll`: wait for the write lock without blocking the loop (DirectConnection)."""
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as err:
@@ -68,10 +99,13 @@ async def connect_direct(path: Path, *, synchronous: str = "FULL") -> DirectConn
     except sqlite3.Error as err:
         db.close()
         raise StoreError(f"{path}: cannot use database: {err}") from None
-    return DirectConnection(db)
+    return DirectConnection(db, lock_poll=lock_poll)
 
 
 CHECKPOINT_SECONDS = 1.0
+# How often the mail process tries for the write lock (intake: every 0.5 ms).
+MAILER_LOCK_POLL_SECONDS = 0.001
+WORKER_LOCK_POLL_SECONDS = 0.0005
 
 
 class Checkpointer:

@@ -36,6 +36,7 @@ from gateway.store.dialect import is_postgres
 from gateway.store.notify import CommitWatch
 from gateway.store.postgres import OUTBOX_CHANNEL
 from gateway.config import OutboundConfig, parse_duration, parse_hostport
+from gateway.group_write import GroupWriter
 from gateway.errors import ConfigError, GatewayError
 from gateway.processor import is_environmental
 from gateway.store import OutboxRow
@@ -523,6 +524,9 @@ class Mailer:
         # The first worker polls; the others look only when there is work (a row was
         # claimed, or wake()): idle, the outbox costs one query per poll, not N.
         self._helpers = [asyncio.Event() for _ in range(self._sessions - 1)]
+        # The sessions' sent marks, several to one write (one turn at the write lock).
+        self._sent_marks: GroupWriter[int] = GroupWriter(
+            lambda ids: store.mark_outbox_sent_many(self._conn, ids, self._clock()))
 
     def wake(self) -> None:
         """New rows are due: look now instead of at the next poll."""
@@ -559,6 +563,7 @@ class Mailer:
         tasks, self._tasks = self._tasks, []
         if tasks:
             await self._finish(tasks, grace)
+        await self._sent_marks.drain()
         if self._commits:
             await self._commits.stop()
         if isinstance(self._transport, ClosingTransport):
@@ -707,8 +712,7 @@ class Mailer:
                           one_line(row.message_id), row.id)
             await self._retry(row, one_line(f"{type(err).__name__}: {err}"))
         else:
-            await self._persist(row, lambda: store.mark_outbox_sent(self._conn, row.id,
-                                                                    self._clock()))
+            await self._persist(row, lambda: self._sent_marks.add(row.id))
             log.info("%s outbox %d sent to %s", one_line(row.message_id), row.id,
                      _describe(row))
             self._report(RESULT_SENT)

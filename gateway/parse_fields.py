@@ -120,6 +120,13 @@ def _label_pattern(label: str) -> str:
     return "".join(out)
 
 
+_LABEL_PREFIX = (
+    r"^[ \t]*(?:[-*•·▪●◦‣+]+[ \t]*)?"  # a bullet
+    r"(?P<num>\(?(?:\d{1,2}|[a-h])[ \t]*[.)][ \t]*)?"  # "1." "1)" "a)"
+)
+_DEVICE_LABEL_STARTS = "ns"  # _DEVICE_LABEL's words: numer, nr, serial, s/n, sn
+
+
 def _build_label_regex() -> tuple[re.Pattern[str], dict[str, tuple[str, bool]]]:
     entries = [(label, key) for key, labels in _LABELS.items() for label in labels]
     entries.sort(key=lambda e: -len(e[0]))
@@ -129,16 +136,25 @@ def _build_label_regex() -> tuple[re.Pattern[str], dict[str, tuple[str, bool]]]:
         groups[f"g{n}"] = (key, len(label) >= LONG_LABEL)
         alternatives.append(f"(?P<g{n}>{_label_pattern(label)})")
     pattern = (
-        r"^[ \t]*(?:[-*•·▪●◦‣+]+[ \t]*)?"  # a bullet
-        r"(?P<num>\(?(?:\d{1,2}|[a-h])[ \t]*[.)][ \t]*)?"  # "1." "1)" "a)"
-        r"(?:" + "|".join(alternatives) + r")(?![a-z0-9])"
+        _LABEL_PREFIX
+        + r"(?:" + "|".join(alternatives) + r")(?![a-z0-9])"
         # "(mail, telefon)", but not an area code: "Telefon (0-12) 421 11 22"
         r"(?:[ \t]*\((?![ \t]*[+\d])[^)\n]{0,80}\))?"
     )
     return re.compile(pattern), groups
 
 
+def _build_label_start() -> re.Pattern[str]:
+    """What a labelled line begins with: the prefix, then a first letter of a label.
+    Most lines of a report (prose, log lines) fail here, before the hundred
+    alternatives of the label regex are each tried at their start."""
+    firsts = {label[0] for labels in _LABELS.values() for label in labels}
+    return re.compile(_LABEL_PREFIX + "[" + re.escape("".join(sorted(
+        firsts | set(_DEVICE_LABEL_STARTS)))) + "]")
+
+
 _LABEL_LINE, _LABEL_GROUPS = _build_label_regex()
+_LABEL_START = _build_label_start()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +165,7 @@ class _Hit:
 
 def _match_label(line: str, folded: str) -> _Hit | None:
     """`folded`: fold(line), same length, so offsets found in it cut the original line."""
-    if len(line) > 1000 or not folded.strip():
+    if len(line) > 1000 or not _LABEL_START.match(folded):
         return None
     match = _LABEL_LINE.match(folded)
     if not match or match.lastgroup not in _LABEL_GROUPS:

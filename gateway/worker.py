@@ -35,7 +35,13 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from gateway.config import Config
-from gateway.direct_connection import CHECKPOINT_SECONDS, Checkpointer, connect_direct
+from gateway.direct_connection import (
+    CHECKPOINT_SECONDS,
+    MAILER_LOCK_POLL_SECONDS,
+    WORKER_LOCK_POLL_SECONDS,
+    Checkpointer,
+    connect_direct,
+)
 from gateway.intake_signal import IntakeSignal
 from gateway.mailer import Mailer, make_transport
 from gateway.cluster import cluster_of
@@ -115,14 +121,16 @@ class Worker:
         except OSError:  # the daemon is gone: the watch loop stops this worker
             pass
 
-    async def _connect(self, *, synchronous: str = "FULL") -> aiosqlite.Connection:
+    async def _connect(self, *, synchronous: str = "FULL",
+                       lock_poll: float | None = None) -> aiosqlite.Connection:
         storage = self.spec.config.storage
         conn: Any
         if storage.postgres:
             conn = await connect_postgres(storage.postgres, application_name=(
                 f"s4e-gateway {self.spec.name}"), synchronous="on" if synchronous == "FULL" else "off")
         else:
-            conn = await connect_direct(storage.sqlite_path, synchronous=synchronous)
+            conn = await connect_direct(storage.sqlite_path, synchronous=synchronous,
+                                        lock_poll=lock_poll)
         self._conns.append(conn)
         # The store's functions are typed for aiosqlite; DirectConnection has the part
         # of its interface they use.
@@ -133,7 +141,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        work_conn = await self._connect()
+        work_conn = await self._connect(lock_poll=WORKER_LOCK_POLL_SECONDS)
         self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer)
         context.offload = inline
 
@@ -147,7 +155,10 @@ class Worker:
         if spec.role == MAIL:
             # NORMAL: a mark lost to a power cut sends a mail again (at least once); the
             # processing that queued it committed with FULL.
-            self.mailer = Mailer(await self._connect(synchronous="NORMAL"), make_transport(
+            # The relay sessions share one connection: one waiting for the write lock
+            # must not stop the others' sends (lock_poll).
+            self.mailer = Mailer(await self._connect(synchronous="NORMAL",
+                                                     lock_poll=MAILER_LOCK_POLL_SECONDS), make_transport(
                 cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
                 on_result=lambda result: self._send("sent", result), cluster=cluster_of(cfg))
             await self.mailer.start()
@@ -159,7 +170,8 @@ class Worker:
         else:
             self.processor = Processor(work_conn, stages, on_processed=self._processed,
                                        attachments=context.attachments, slot=spec.slot,
-                                       claims=await self._connect(synchronous="NORMAL"),
+                                       claims=await self._connect(synchronous="NORMAL",
+                                                                  lock_poll=WORKER_LOCK_POLL_SECONDS),
                                        cluster=cluster_of(cfg), batch=batch,
                                        peers=cfg.processing.worker_count)
             await self.processor.start()

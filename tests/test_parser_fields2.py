@@ -175,3 +175,39 @@ def test_two_reports_in_one_mail_are_noted(shape: str, body: str, keys: str | No
         assert notes == [f"two reports in one mail? fields given twice with different values ({keys}): "
                          "only the first of each was read"]
         assert report.fields.serial_number in (None, "SRV-A")
+
+
+def test_the_label_prefilter_turns_away_only_lines_the_label_regex_would() -> None:
+    """_LABEL_START is a quick test before the label regex's hundred alternatives: it
+    may let through lines the regex refuses, never refuse one the regex takes. Every
+    label (bare, bulleted, numbered) passes it, and over every line of tests/data and
+    the shared corpus the label regex alone finds exactly what the two together find."""
+    from pathlib import Path
+
+    from gateway import parse_fields
+    from gateway.parse_text import fold
+
+    for labels in parse_fields._LABELS.values():
+        for label in labels:
+            for line in (label, f"  - {label}:", f"3. {label}", f"(b) {label}"):
+                assert parse_fields._LABEL_START.match(fold(line)), line
+    root = Path(__file__).parent
+    files = [*(root / "data").rglob("*.eml"), *(root.parent.parent / "shared" / "corpus").rglob("*")]
+    lines = {"5. numer seryjny / commcell id: 2A9F4", "s/n: X1", "sn lub ccid: 1", "Nr seryjny 12"}
+    for path in files:
+        if path.is_file():
+            lines.update(path.read_bytes().decode("utf-8", "replace").splitlines())
+    from tests.conftest import REPORT_BODY
+    lines.update(REPORT_BODY.splitlines())
+    assert len(lines) > 3_000
+    taken = 0
+    for line in lines:
+        folded = fold(line)
+        unfiltered = parse_fields._LABEL_LINE.match(folded) if len(line) <= 1000 else None
+        found = parse_fields._match_label(line, folded)
+        if unfiltered is None or unfiltered.lastgroup not in parse_fields._LABEL_GROUPS:
+            assert found is None, line
+        else:
+            assert parse_fields._LABEL_START.match(folded), line
+            taken += 1
+    assert taken > 50

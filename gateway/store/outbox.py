@@ -276,9 +276,9 @@ async def auto_replies_since(conn: aiosqlite.Connection, addresses: Iterable[str
         return 0
     one = ("SELECT count(*) AS n FROM (SELECT 1 FROM outbox WHERE rcpt_key = ? AND auto = 1"
            " AND created_at >= ? AND inbound_id IS NOT NULL LIMIT ?) AS answered")
-    rows = await conn.execute_fetchall(
+    rows = list(await conn.execute_fetchall(
         f"SELECT max(n) FROM ({' UNION ALL '.join([one] * len(wanted))}) AS counts",
-        tuple(v for key in wanted for v in (key, iso(since), at_most)))
+        tuple(v for key in wanted for v in (key, iso(since), at_most))))
     return int(rows[0][0] or 0) if rows else 0
 
 

@@ -522,11 +522,18 @@ _RATING_FRACTION = re.compile(r"^[ \t]*([1-5])[ \t]*/[ \t]*5[ \t]*[.!]?[ \t]*$",
 _RATING_LONE = re.compile(r"^[ \t]*([1-5])[ \t]*[.!]?[ \t]*$")
 
 
+# Every word of _RATING_WORD holds one of these: a text without any cannot match
+# _RATING_LABEL, whose search tries its alternatives at every position (~0.25 ms for
+# a 5 KB report, against ~0.01 ms for these substring tests).
+_RATING_STEMS = ("ocen", "rat", "score")
+
+
 def find_rating(text: str) -> int | None:
     """A 1-5 service rating: "Ocena: 4", "Rating 4/5", "4/5" on a line, or a lone digit
     as the whole first line."""
     folded = fold(text)
-    for pattern in (_RATING_LABEL, _RATING_FRACTION):
+    labelled = any(stem in folded for stem in _RATING_STEMS)
+    for pattern in (_RATING_LABEL, _RATING_FRACTION) if labelled else (_RATING_FRACTION,):
         match = pattern.search(folded)
         if match:
             return int(match.group(1))

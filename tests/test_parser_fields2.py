@@ -211,3 +211,16 @@ def test_the_label_prefilter_turns_away_only_lines_the_label_regex_would() -> No
             assert parse_fields._LABEL_START.match(folded), line
             taken += 1
     assert taken > 50
+
+
+def test_every_rating_word_holds_a_stem_the_quick_test_looks_for() -> None:
+    """find_rating skips _RATING_LABEL when no stem is in the text: each of its words
+    must hold one, or a rating would go unread."""
+    import re
+
+    from gateway import parse_fields
+
+    words = re.findall(r"[a-z]+(?: [a-z]+)?", parse_fields._RATING_WORD.replace("(?: na)?", " na"))
+    assert {"ocena", "rating", "rate", "score"} <= set(words)
+    for word in words:
+        assert any(stem in word for stem in parse_fields._RATING_STEMS), word

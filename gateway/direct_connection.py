@@ -42,14 +42,16 @@ class DirectConnection:
         return self._conn.in_transaction
 
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> sqlite3.Cursor:
+        params = tuple(parameters)
         if self._lock_poll is None:
-            return self._conn.execute(sql, tuple(parameters))
-        return await self._polling(lambda: self._conn.execute(sql, tuple(parameters)))
+            return self._conn.execute(sql, params)
+        return await self._polling(lambda: self._conn.execute(sql, params))
 
     async def execute_fetchall(self, sql: str, parameters: Iterable[Any] = ()) -> list[Any]:
+        params = tuple(parameters)
         if self._lock_poll is None:
-            return self._conn.execute(sql, tuple(parameters)).fetchall()
-        return await self._polling(lambda: self._conn.execute(sql, tuple(parameters)).fetchall())
+            return self._conn.execute(sql, params).fetchall()
+        return await self._polling(lambda: self._conn.execute(sql, params).fetchall())
 
     async def _polling(self, run: Callable[[], T]) -> T:
         assert self._lock_poll is not None
@@ -58,10 +60,7 @@ class DirectConnection:
             try:
                 return run()
             except sqlite3.OperationalError as err:
-                # Plain SQLITE_BUSY only: the statement did nothing and may be tried
-                # again (not BUSY_SNAPSHOT and the like, which another try cannot mend).
-                if (getattr(err, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY
-                        or time.monotonic() >= deadline):
+                if not _busy(err) or time.monotonic() >= deadline:
                     raise
             await asyncio.sleep(self._lock_poll)
 
@@ -71,6 +70,18 @@ class DirectConnection:
 
     async def close(self) -> None:
         self._conn.close()
+
+
+# SQLITE_BUSY_SNAPSHOT: a read transaction's snapshot is stale; trying again cannot mend it.
+_BUSY_SNAPSHOT = 517
+
+
+def _busy(err: sqlite3.OperationalError) -> bool:
+    """What SQLite's busy handler would have waited out: SQLITE_BUSY and its extended
+    codes (BUSY_RECOVERY while another process rebuilds the WAL index after a crash;
+    Python gives the extended code), the statement having done nothing."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY and code != _BUSY_SNAPSHOT
 
 
 async def connect_direct(path: Path, *, synchronous: str = "FULL",
@@ -103,7 +114,9 @@ async def connect_direct(path: Path, *, synchronous: str = "FULL",
 
 
 CHECKPOINT_SECONDS = 1.0
-# How often the mail process tries for the write lock (intake: every 0.5 ms).
+# How often the mail process and the processing workers try for the write lock while
+# another connection holds it (asyncio's timers round a sleep up to the selector's
+# 1 ms, so a worker's 0.5 ms is about 1 ms too; intake tries every 0.5 ms on its thread).
 MAILER_LOCK_POLL_SECONDS = 0.001
 WORKER_LOCK_POLL_SECONDS = 0.0005
 

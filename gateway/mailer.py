@@ -576,8 +576,9 @@ class Mailer:
     async def _finish(tasks: list[asyncio.Task[None]], grace: float) -> None:
         _, pending = await asyncio.wait(tasks, timeout=grace)
         if pending:
-            log.warning("outbox: %d send(s) still in progress after %.0fs; cut off, they go "
-                        "again on the next start", len(pending), grace)
+            log.warning("outbox: %d send(s) still in progress after %.0fs; cut off, those "
+                        "the relay had not accepted go again on the next start",
+                        len(pending), grace)
             for task in pending:
                 task.cancel()
         for result in await asyncio.gather(*tasks, return_exceptions=True):

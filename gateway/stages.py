@@ -149,11 +149,13 @@ async def _prepare_and_record(conn: aiosqlite.Connection, ctx: Context,
     while pos < len(ready):
         first, recorded = pos, []
         await hold_back(intake)
-        hold = _hold(intake, intake_mark)
-        intake_mark = intake.writes_done() if intake is not None else 0
         try:
             async with Tx(conn):
                 opened = loop.time()
+                # Chosen once the lock is ours: a BEGIN that waited behind intake
+                # makes this transaction a short one.
+                hold = _hold(intake, intake_mark)
+                intake_mark = intake.writes_done() if intake is not None else 0
                 while pos < len(ready) and (pos == first or loop.time() - opened < hold):
                     i, prepared = ready[pos]
                     pos += 1

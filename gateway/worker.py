@@ -162,7 +162,7 @@ class Worker:
                 cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
                 on_result=lambda result: self._send("sent", result), cluster=cluster_of(cfg))
             await self.mailer.start()
-            jobs = TimedJobs(await self._connect(), context, interval=spec.housekeeping_seconds,
+            jobs = TimedJobs(await self._connect(lock_poll=MAILER_LOCK_POLL_SECONDS), context, interval=spec.housekeeping_seconds,
                              on_status=lambda text: self._send("status", text))
             tasks.append(loop.create_task(jobs.run(), name="timed jobs"))
             if not cfg.storage.postgres:  # PostgreSQL checkpoints on its own

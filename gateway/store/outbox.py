@@ -149,6 +149,8 @@ async def mark_outbox_sent(conn: aiosqlite.Connection, outbox_id: int, now: date
 async def mark_outbox_sent_many(conn: aiosqlite.Connection, outbox_ids: list[int],
                                 now: datetime) -> None:
     """Several sends' marks in one statement (one turn at the write lock)."""
+    if not outbox_ids:
+        return
     marks = ", ".join("?" * len(outbox_ids))
     async with gated(conn):
         await conn.execute(

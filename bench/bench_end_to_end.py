@@ -265,7 +265,7 @@ async def bare_rate(args: argparse.Namespace, template: MessageTemplate) -> floa
 
 async def main(args: argparse.Namespace) -> int:
     template = _load.message_5k()
-    modes = {"workers": '"auto"', "inline": "0"}
+    modes = {m: w for m, w in {"workers": '"auto"', "inline": "0"}.items() if m in args.modes}
     best: dict[str, list[float]] = {m: [] for m in modes}
     p99s: dict[str, list[float]] = {m: [] for m in modes}
     bares: list[float] = []
@@ -300,8 +300,8 @@ async def main(args: argparse.Namespace) -> int:
         print(f"{mode:7s}: highest sustained {rate:.0f} reports/s (rounds: "
               f"{', '.join(f'{b:.0f}' for b in best[mode])}), "
               f"{rate / bare:.2f}x bare intake")
-    workers_rate = statistics.median(best["workers"])
-    inline_rate = statistics.median(best["inline"])
+    workers_rate = statistics.median(best["workers"]) if best.get("workers") else 0.0
+    inline_rate = statistics.median(best["inline"]) if best.get("inline") else 0.0
     if inline_rate:
         print(f"workers / inline: {workers_rate / inline_rate:.2f}x")
     print(f"goal >= {GOAL_RATE:.0f}/s: {'MET' if workers_rate >= GOAL_RATE else 'MISSED'}; "
@@ -325,6 +325,8 @@ def parse_args() -> argparse.Namespace:
     sink = sub.add_parser("sink", help="(internal) the relay sink process")
     sink.add_argument("--port", type=int, required=True)
     sink.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["workers", "inline"],
+                        help="comma list of workers, inline (default both)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[50, 100, 150, 200, 250, 300, 350, 400, 500])

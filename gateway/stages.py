@@ -81,13 +81,17 @@ async def process_message(conn: aiosqlite.Connection, ctx: Context, row: Inbound
 
 
 # The longest a batch's transaction stays open for more reports: SQLite has one write
-# lock, and intake's 250 waits behind it. While intake is writing (SQLite, the intake
-# signal) the short bound: 2 ms against 8 gave intake 1.18x the messages/s at 20
-# sessions and 1.15x for a lone sender (bench_intake --compare-path). When it is not,
-# the long one: every transaction starts by re-reading the pages other connections
-# changed, and with 2 ms throughout a backlog of 10,000 took 83 s against 53.
+# lock, and intake's 250 waits behind it. With processing workers (SQLite: the intake
+# signal says when intake writes) 2 ms while intake is writing: against 8 ms it gave
+# intake 1.18x the messages/s at 20 sessions and 1.15x for a lone sender
+# (bench_intake --compare-path). While intake is quiet, up to 50 ms, ended the moment
+# intake asks for the lock: each commit costs ~3 ms (WAL pages and fsync) and each
+# transaction first re-reads the pages other connections changed, so a backlog goes
+# fastest in few, long transactions. Without the signal (inline processing behind the
+# in-process write gate, PostgreSQL) 8 ms throughout.
 BATCH_HOLD_SECONDS = 0.008
 BATCH_HOLD_INTAKE_SECONDS = 0.002
+BATCH_HOLD_QUIET_SECONDS = 0.05
 # The most stored bytes prepared at once (each message parsed, its attachments decoded,
 # waits in memory for its transaction): a burst of reports with large log archives is
 # taken in chunks.
@@ -96,10 +100,21 @@ BATCH_BYTES = 16 * 1024 * 1024
 
 def _hold(intake: IntakeSignal | None, mark: int) -> float:
     """How long the next transaction may stay open: short while intake is writing
-    (it wrote since `mark`, the count of its writes when we last looked, or waits now)."""
-    if intake is not None and (intake.waiting() or intake.writes_done() != mark):
+    (it wrote since `mark`, the count of its writes when we last looked, or waits now),
+    long while it is quiet."""
+    if intake is None:
+        return BATCH_HOLD_SECONDS
+    if intake.waiting() or intake.writes_done() != mark:
         return BATCH_HOLD_INTAKE_SECONDS
-    return BATCH_HOLD_SECONDS
+    return BATCH_HOLD_QUIET_SECONDS
+
+
+def _room(intake: IntakeSignal | None, hold: float, held: float) -> bool:
+    """Whether a transaction open for `held` seconds takes one more report. A long one
+    (intake was quiet) ends as soon as intake wants the lock."""
+    if held >= hold:
+        return False
+    return not (hold > BATCH_HOLD_INTAKE_SECONDS and intake is not None and intake.waiting())
 
 
 async def process_batch(conn: aiosqlite.Connection, ctx: Context, rows: list[InboundRow],
@@ -156,7 +171,8 @@ async def _prepare_and_record(conn: aiosqlite.Connection, ctx: Context,
                 # makes this transaction a short one.
                 hold = _hold(intake, intake_mark)
                 intake_mark = intake.writes_done() if intake is not None else 0
-                while pos < len(ready) and (pos == first or loop.time() - opened < hold):
+                while pos < len(ready) and (
+                        pos == first or _room(intake, hold, loop.time() - opened)):
                     i, prepared = ready[pos]
                     pos += 1
                     try:

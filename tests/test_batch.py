@@ -368,3 +368,32 @@ async def test_a_worker_holds_back_for_the_intake_write_under_way_only(
         with signal.writing():  # ...the next already waiting (a steady stream)
             pass  # one of them finished: the worker's turn
         await asyncio.wait_for(waiting, 30)
+
+
+@pytest.mark.sqlite_only  # the signal is SQLite's; no database is used
+def test_a_transaction_is_long_while_intake_is_quiet_and_yields_when_it_asks() -> None:
+    """The hold of a batch's transaction (SQLite workers): long while intake is quiet,
+    ended the moment intake asks for the lock; short while intake keeps writing."""
+    from gateway.intake_signal import IntakeSignal
+    from gateway.stages import (
+        BATCH_HOLD_INTAKE_SECONDS,
+        BATCH_HOLD_QUIET_SECONDS,
+        BATCH_HOLD_SECONDS,
+        _hold,
+        _room,
+    )
+
+    assert _hold(None, 0) == BATCH_HOLD_SECONDS  # no signal: inline or PostgreSQL
+    signal = IntakeSignal()
+    mark = signal.writes_done()
+    hold = _hold(signal, mark)
+    assert hold == BATCH_HOLD_QUIET_SECONDS > BATCH_HOLD_SECONDS
+    assert _room(signal, hold, 0.010) and not _room(signal, hold, hold)
+    with signal.writing():  # intake wants the lock: the long transaction ends now
+        assert not _room(signal, hold, 0.001)
+        assert _hold(signal, mark) == BATCH_HOLD_INTAKE_SECONDS
+    # It wrote since we looked: the next transaction is a short one, kept to its bound.
+    short = _hold(signal, mark)
+    assert short == BATCH_HOLD_INTAKE_SECONDS
+    assert _room(signal, short, 0.001) and not _room(signal, short, short)
+    assert _hold(signal, signal.writes_done()) == BATCH_HOLD_QUIET_SECONDS

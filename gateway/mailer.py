@@ -526,7 +526,7 @@ class Mailer:
         self._helpers = [asyncio.Event() for _ in range(self._sessions - 1)]
         # The sessions' sent marks, several to one write (one turn at the write lock).
         self._sent_marks: GroupWriter[int] = GroupWriter(
-            lambda ids: store.mark_outbox_sent_many(self._conn, ids, self._clock()))
+            lambda ids: store.mark_outbox_sent(self._conn, ids, self._clock()))
 
     def wake(self) -> None:
         """New rows are due: look now instead of at the next poll."""

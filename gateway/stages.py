@@ -280,13 +280,14 @@ async def look_up(conn: aiosqlite.Connection, ctx: Context, row: InboundRow,
     since = ctx.clock() - timedelta(hours=1)
     # The cap counts answers per sender and per recipient: this From and the e-mail
     # its report names, each without a +tag.
+    policy = ctx.policy()
     replies = await store.auto_replies_since(
         conn, {answer_address(report, row), (report.fields.reporter_email or "").lower()}, since,
-        at_most=ctx.policy().max_auto_replies_per_hour)
+        at_most=policy.max_auto_replies_per_hour)
     return Situation(report=report, mail_from=row.mail_from, to_intake=ctx.intake in rcpts,
                      to_crm=ctx.crm in rcpts, named_ref=named_ref, ticket=view,
                      authorised=authorised, own_mail=own, duplicate_of=duplicate,
-                     auto_replies_last_hour=replies, policy=ctx.policy(),
+                     auto_replies_last_hour=replies, policy=policy,
                      is_participant=participant, verdict=verdict, staff_sender=staff_sender)
 
 

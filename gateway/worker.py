@@ -37,8 +37,7 @@ import aiosqlite
 from gateway.config import Config
 from gateway.direct_connection import (
     CHECKPOINT_SECONDS,
-    MAILER_LOCK_POLL_SECONDS,
-    WORKER_LOCK_POLL_SECONDS,
+    LOCK_POLL_SECONDS,
     Checkpointer,
     connect_direct,
 )
@@ -121,8 +120,10 @@ class Worker:
         except OSError:  # the daemon is gone: the watch loop stops this worker
             pass
 
-    async def _connect(self, *, synchronous: str = "FULL",
-                       lock_poll: float | None = None) -> aiosqlite.Connection:
+    async def _connect(self, *, synchronous: str = "FULL") -> aiosqlite.Connection:
+        """A connection of this process. With SQLite it waits for the write lock without
+        blocking the loop (lock_poll): in the mail process one relay session waiting to
+        mark its mail must not stop the others' sends."""
         storage = self.spec.config.storage
         conn: Any
         if storage.postgres:
@@ -130,7 +131,7 @@ class Worker:
                 f"s4e-gateway {self.spec.name}"), synchronous="on" if synchronous == "FULL" else "off")
         else:
             conn = await connect_direct(storage.sqlite_path, synchronous=synchronous,
-                                        lock_poll=lock_poll)
+                                        lock_poll=LOCK_POLL_SECONDS)
         self._conns.append(conn)
         # The store's functions are typed for aiosqlite; DirectConnection has the part
         # of its interface they use.
@@ -141,7 +142,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        work_conn = await self._connect(lock_poll=WORKER_LOCK_POLL_SECONDS)
+        work_conn = await self._connect()
         self.context = context = await make_context(work_conn, cfg, wake_mailer=self._wake_mailer)
         context.offload = inline
 
@@ -155,14 +156,11 @@ class Worker:
         if spec.role == MAIL:
             # NORMAL: a mark lost to a power cut sends a mail again (at least once); the
             # processing that queued it committed with FULL.
-            # The relay sessions share one connection: one waiting for the write lock
-            # must not stop the others' sends (lock_poll).
-            self.mailer = Mailer(await self._connect(synchronous="NORMAL",
-                                                     lock_poll=MAILER_LOCK_POLL_SECONDS), make_transport(
+            self.mailer = Mailer(await self._connect(synchronous="NORMAL"), make_transport(
                 cfg.outbound, local_hostname=cfg.smtp.hostname), cfg.outbound,
                 on_result=lambda result: self._send("sent", result), cluster=cluster_of(cfg))
             await self.mailer.start()
-            jobs = TimedJobs(await self._connect(lock_poll=MAILER_LOCK_POLL_SECONDS), context, interval=spec.housekeeping_seconds,
+            jobs = TimedJobs(await self._connect(), context, interval=spec.housekeeping_seconds,
                              on_status=lambda text: self._send("status", text))
             tasks.append(loop.create_task(jobs.run(), name="timed jobs"))
             if not cfg.storage.postgres:  # PostgreSQL checkpoints on its own
@@ -170,8 +168,7 @@ class Worker:
         else:
             self.processor = Processor(work_conn, stages, on_processed=self._processed,
                                        attachments=context.attachments, slot=spec.slot,
-                                       claims=await self._connect(synchronous="NORMAL",
-                                                                  lock_poll=WORKER_LOCK_POLL_SECONDS),
+                                       claims=await self._connect(synchronous="NORMAL"),
                                        cluster=cluster_of(cfg), batch=batch,
                                        peers=cfg.processing.worker_count)
             await self.processor.start()

@@ -90,7 +90,7 @@ async def test_outbox_rows_carry_named_states_and_json_keeps_the_words(
         auto=True, raw=b"Subject: x\r\n\r\nx\r\n", now=NOW)
     row = await store.claim_due_outbox(conn, NOW)
     assert row is not None and row.id == outbox_id and row.status is OutboxStatus.SENDING
-    await store.mark_outbox_sent(conn, outbox_id, NOW)
+    await store.mark_outbox_sent(conn, [outbox_id], NOW)
     sent = await store.get_outbox(conn, outbox_id)
     assert sent is not None and sent.status is OutboxStatus.SENT
     assert json.loads(json.dumps(sent.as_json()))["status"] == "sent"

@@ -142,13 +142,9 @@ async def read_outbox_raw(conn: aiosqlite.Connection, outbox_id: int) -> bytes:
     return bytes(rows[0][0])
 
 
-async def mark_outbox_sent(conn: aiosqlite.Connection, outbox_id: int, now: datetime) -> None:
-    await mark_outbox_sent_many(conn, [outbox_id], now)
-
-
-async def mark_outbox_sent_many(conn: aiosqlite.Connection, outbox_ids: list[int],
-                                now: datetime) -> None:
-    """Several sends' marks in one statement (one turn at the write lock)."""
+async def mark_outbox_sent(conn: aiosqlite.Connection, outbox_ids: list[int],
+                           now: datetime) -> None:
+    """Sends' marks, several in one statement (one turn at the write lock)."""
     if not outbox_ids:
         return
     marks = ", ".join("?" * len(outbox_ids))

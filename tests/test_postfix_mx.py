@@ -19,9 +19,10 @@ from gateway.config import SmtpConfig
 from tests.conftest import (CRM, INTAKE, Desk, Sink, body_text, make_mail,
                             sink_server, wait_for)
 from tests.postfix_instance import MX_HOSTNAME, RECIPE, Postfix, read_main_cf, skip_reason
-from tests.postfix_setup import (CUSTOMER, REPORT_BODY, customer, deferred_because,
+from tests.postfix_setup import (CUSTOMER, REPORT_BODY, customer,
                                  free_port, gateway_config_with, inbox, report,
-                                 running_gateway, running_postfix, wait_mail, wait_queue,
+                                 running_gateway, running_postfix, wait_deferred, wait_mail,
+                                 wait_queue,
                                  wait_routed, write_gateway_config)
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
@@ -119,7 +120,7 @@ async def test_postfix_mx_queues_while_the_gateway_is_stopped_and_delivers_after
     async with running_postfix(mx.postfix):
         # The gateway is not running: Postfix accepts and keeps the mail.
         assert await customer(mx.postfix, CUSTOMER, [INTAKE], report()) == {}
-        await wait_queue(mx.postfix, deferred_because("Connection refused"))
+        await wait_deferred(mx.postfix, "Connection refused")
 
         async with running_gateway(mx.config_file) as desk:
             await asyncio.to_thread(mx.postfix.flush)  # postqueue -f
@@ -140,7 +141,7 @@ async def test_postfix_mx_defers_on_the_gateways_451_and_retries(
         big = report(body=REPORT_BODY + "wiersz logu\n" * 20_000)
         assert await customer(mx.postfix, CUSTOMER, [INTAKE], big) == {}
 
-        await wait_queue(mx.postfix, deferred_because("451 4.3.0"))
+        await wait_deferred(mx.postfix, "451 4.3.0")
         assert await inbox(desk) == []  # nothing half-stored
 
         await conn.execute("PRAGMA max_page_count = 1073741823")  # room again

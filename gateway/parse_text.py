@@ -121,6 +121,7 @@ _ATTRIBUTION_END = re.compile(
     r"(?:wrote|writes|pisze|napisal\(a\)|napisala|napisal|schrieb|a ecrit|escribio|skrev|schreef)\s*:\s*$"
 )
 _UNDERSCORES = re.compile(r"^_{8,}$")
+
 # Lotus Notes/Domino: `-----"Jan" <jan@x.pl> wrote: -----`, "Jan/Firma wrote on 10.03.2025
 # 08:00:", "----- Forwarded by Jan/Firma on ... -----" (and their Polish forms).
 _NOTES_REPLY = re.compile(
@@ -148,6 +149,12 @@ class SplitText:
     new: str  # the new text: quoted lines and history removed
     history: str  # from the first history marker on ("" if none)
     kind: str  # "", "reply", "forward" (a forward marker) or "header" (Od:/From: block)
+
+
+def _ends_attribution(text: str) -> bool:
+    """`_ATTRIBUTION_END` found in `text`. Its search tries the alternation at every
+    position; only a text ending in ":" can match, and most lines do not."""
+    return text.rstrip().endswith(":") and _ATTRIBUTION_END.search(text) is not None
 
 
 def _folded_lines(lines: list[str]) -> list[str]:
@@ -179,11 +186,11 @@ def _is_attribution(line: str, following: list[str]) -> bool:
     if len(line) >= 400:
         return False
     if _ATTRIBUTION_START.match(line):
-        if _ATTRIBUTION_END.search(line):
+        if _ends_attribution(line):
             return True
-        if following and _ATTRIBUTION_END.search(line + " " + following[0]):
+        if following and _ends_attribution(line + " " + following[0]):
             return True
-    if _ATTRIBUTION_END.search(line):
+    if _ends_attribution(line):
         # "pon., 10 mar 2025 o 08:00 Jan <jan@x.pl> napisał(a):" (Gmail, Yahoo in Polish):
         # a date or an address in a short line ending so is an attribution.
         return bool((following and following[0].startswith(">"))
@@ -225,14 +232,14 @@ def _attribution_above_quote(folded: list[str], i: int) -> int:
     """Lines to skip when line i attributes the `>` quote right below it (0 if it does not):
     the quote is dropped line by line, so text written below it (bottom-posting) stays."""
     line = folded[i]
-    if not (_ATTRIBUTION_START.match(line) or _ATTRIBUTION_END.search(line)):
+    if not (_ATTRIBUTION_START.match(line) or _ends_attribution(line)):
         return 0
     following = _next_lines(folded, i + 1, 2)
     if not _is_attribution(line, following):
         return 0
     if following and following[0].startswith(">"):
         return 1
-    if len(following) > 1 and following[1].startswith(">") and _ATTRIBUTION_END.search(following[0]):
+    if len(following) > 1 and following[1].startswith(">") and _ends_attribution(following[0]):
         return 2  # wrapped: "On ... Jan Kowalski <jan@x.pl>" / "wrote:"
     return 0
 

@@ -224,3 +224,30 @@ def test_every_rating_word_holds_a_stem_the_quick_test_looks_for() -> None:
     assert {"ocena", "rating", "rate", "score"} <= set(words)
     for word in words:
         assert any(stem in word for stem in parse_fields._RATING_STEMS), word
+
+
+def test_the_attribution_prefilter_answers_as_the_attribution_regex() -> None:
+    """_ends_attribution skips the regex for a text not ending in ":" (after white space):
+    over every line of tests/data and the shared corpus, folded, and over endings in
+    white space of every kind the regex's \\s knows, it answers exactly as the regex."""
+    from pathlib import Path
+
+    from gateway import parse_text
+
+    root = Path(__file__).parent
+    files = [*(root / "data").rglob("*.eml"), *(root.parent.parent / "shared" / "corpus").rglob("*")]
+    lines = set()
+    for path in files:
+        if path.is_file():
+            lines.update(path.read_bytes().decode("utf-8", "replace").splitlines())
+    spaces = [chr(c) for c in range(0x3000 + 1) if chr(c).isspace()]
+    for ending in ("wrote:", "napisal(a) :", "pisze :", "schrieb:", "wrote"):
+        lines.update(f"On Monday Jan {ending}{space}" for space in spaces)
+        lines.update(f"Jan {ending}{space}:{space}" for space in spaces)
+    matched = 0
+    for line in lines:
+        folded = parse_text.fold(line)
+        expected = parse_text._ATTRIBUTION_END.search(folded) is not None
+        assert parse_text._ends_attribution(folded) == expected, line
+        matched += expected
+    assert matched > 100

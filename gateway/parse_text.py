@@ -121,7 +121,6 @@ _ATTRIBUTION_END = re.compile(
     r"(?:wrote|writes|pisze|napisal\(a\)|napisala|napisal|schrieb|a ecrit|escribio|skrev|schreef)\s*:\s*$"
 )
 _UNDERSCORES = re.compile(r"^_{8,}$")
-
 # Lotus Notes/Domino: `-----"Jan" <jan@x.pl> wrote: -----`, "Jan/Firma wrote on 10.03.2025
 # 08:00:", "----- Forwarded by Jan/Firma on ... -----" (and their Polish forms).
 _NOTES_REPLY = re.compile(

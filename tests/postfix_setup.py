@@ -131,16 +131,16 @@ async def wait_mail(sink: Sink, predicate, timeout: float = 90.0) -> EmailMessag
 
 async def wait_queue(postfix: Postfix, predicate, timeout: float = 90.0) -> list[dict]:
     """Until Postfix's queue (postqueue -j) satisfies predicate; the queue."""
-    seen: list[list[dict]] = [[]]
+    queue: list[dict] = []
 
     def check():
-        seen[0] = postfix.queued()
-        return (seen[0],) if predicate(seen[0]) else None  # an empty queue is a result too
+        nonlocal queue
+        queue = postfix.queued()
+        return (queue,) if predicate(queue) else None  # an empty queue is a result too
     try:
-        (queue,) = await wait_for(lambda: asyncio.to_thread(check), timeout=timeout,
-                                  interval=0.3)
+        await wait_for(lambda: asyncio.to_thread(check), timeout=timeout, interval=0.3)
     except AssertionError as err:
-        raise AssertionError(f"{err}; the queue: {seen[0]}\n{postfix.log()[-3000:]}") from None
+        raise AssertionError(f"{err}; the queue: {queue}\n{postfix.log()[-3000:]}") from None
     return queue
 
 
@@ -148,8 +148,8 @@ async def wait_deferred(postfix: Postfix, text: str, timeout: float = 90.0) -> l
     """Until Postfix keeps the one message after a delivery attempt deferred with a
     reason containing `text` (its log says so; the file is out of the active queue).
     Usually the file is then in the deferred queue; when the queue manager's next scan
-    finds it still locked by the delivery agent, Postfix puts it back into the incoming
-    queue to cool down for 60 s (qmgr_active_feed), where a flush still finds it."""
+    finds it locked ("skipped, still being delivered"), Postfix puts it back into the
+    incoming queue to cool down for 60 s (qmgr_active_feed), where a flush still finds it."""
     def kept(queue: list[dict]) -> bool:
         return (len(queue) == 1 and queue[0]["queue_name"] != "active"
                 and any("status=deferred" in line and text in line

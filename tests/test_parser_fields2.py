@@ -3,6 +3,8 @@ addresses, the area code after a phone label. Each case is a real-shaped report.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.parser import parse_report
@@ -177,13 +179,19 @@ def test_two_reports_in_one_mail_are_noted(shape: str, body: str, keys: str | No
         assert report.fields.serial_number in (None, "SRV-A")
 
 
+def _corpus_lines() -> set[str]:
+    """Every line of tests/data's messages and of the shared corpus, as text."""
+    root = Path(__file__).parent
+    files = [*(root / "data").rglob("*.eml"), *(root.parent.parent / "shared" / "corpus").rglob("*")]
+    return {line for path in files if path.is_file()
+            for line in path.read_bytes().decode("utf-8", "replace").splitlines()}
+
+
 def test_the_label_prefilter_turns_away_only_lines_the_label_regex_would() -> None:
     """_LABEL_START is a quick test before the label regex's hundred alternatives: it
     may let through lines the regex refuses, never refuse one the regex takes. Every
     label (bare, bulleted, numbered) passes it, and over every line of tests/data and
     the shared corpus the label regex alone finds exactly what the two together find."""
-    from pathlib import Path
-
     from gateway import parse_fields
     from gateway.parse_text import fold
 
@@ -191,12 +199,8 @@ def test_the_label_prefilter_turns_away_only_lines_the_label_regex_would() -> No
         for label in labels:
             for line in (label, f"  - {label}:", f"3. {label}", f"(b) {label}"):
                 assert parse_fields._LABEL_START.match(fold(line)), line
-    root = Path(__file__).parent
-    files = [*(root / "data").rglob("*.eml"), *(root.parent.parent / "shared" / "corpus").rglob("*")]
-    lines = {"5. numer seryjny / commcell id: 2A9F4", "s/n: X1", "sn lub ccid: 1", "Nr seryjny 12"}
-    for path in files:
-        if path.is_file():
-            lines.update(path.read_bytes().decode("utf-8", "replace").splitlines())
+    lines = {"5. numer seryjny / commcell id: 2A9F4", "s/n: X1", "sn lub ccid: 1", "Nr seryjny 12",
+             *_corpus_lines()}
     from tests.conftest import REPORT_BODY
     lines.update(REPORT_BODY.splitlines())
     assert len(lines) > 3_000
@@ -230,16 +234,9 @@ def test_the_attribution_prefilter_answers_as_the_attribution_regex() -> None:
     """_ends_attribution skips the regex for a text not ending in ":" (after white space):
     over every line of tests/data and the shared corpus, folded, and over endings in
     white space of every kind the regex's \\s knows, it answers exactly as the regex."""
-    from pathlib import Path
-
     from gateway import parse_text
 
-    root = Path(__file__).parent
-    files = [*(root / "data").rglob("*.eml"), *(root.parent.parent / "shared" / "corpus").rglob("*")]
-    lines = set()
-    for path in files:
-        if path.is_file():
-            lines.update(path.read_bytes().decode("utf-8", "replace").splitlines())
+    lines = _corpus_lines()
     spaces = [chr(c) for c in range(0x3000 + 1) if chr(c).isspace()]
     for ending in ("wrote:", "napisal(a) :", "pisze :", "schrieb:", "wrote"):
         lines.update(f"On Monday Jan {ending}{space}" for space in spaces)
